@@ -1,0 +1,193 @@
+"""create_app(cfg): routes, the request middleware, and every long-lived
+resource as a cleanup_ctx (database, key cache, usage writer, client session)
+so teardown runs only if setup ran, after in-flight handlers finish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .auth import KeyCache
+from .config import Config
+from .context import CTX, GATEWAY, Gateway, RequestContext
+from .errors import GatewayError, NotFound, Protocol, render
+from .metrics import Metrics
+from .protocols.base import Endpoint
+from .protocols.openai import ChatCompletions
+from .proxy import handle_json
+from .routing import Router
+from .store.schema import connect_async
+from .store.usage import UsageWriter
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Long-lived tasks kept by name so they are not garbage collected mid-run.
+TASKS = web.AppKey("tasks", dict[str, "asyncio.Task[None]"])
+STARTED = web.AppKey("started", float)
+
+
+def error_shape(path: str) -> Protocol:
+    if path.startswith("/v1/messages"):
+        return Protocol.ANTHROPIC
+    if path.startswith(("/v1/assets", "/v1/asset-groups")):
+        return Protocol.ENVELOPE
+    return Protocol.OPENAI
+
+
+def _endpoint_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id and timing for every request; for /v1, exactly one usage
+    row per request, whatever happens (errors, client gone: 499)."""
+    t0 = perf_counter()
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    if not request.path.startswith("/v1/"):
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["x-request-id"] = request_id
+        return resp
+
+    gw = request.app[GATEWAY]
+    writer = gw.writer
+    assert writer is not None
+    await writer.wait_for_room()
+    ctx = RequestContext(request_id, t0, endpoint=_endpoint_label(request), errors=error_shape(request.path))
+    request[CTX] = ctx
+    gw.in_flight += 1
+    try:
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            if e.status == 404:
+                raise NotFound(f"Unknown endpoint {request.method} {request.path}.", code="unknown_endpoint") from None
+            raise GatewayError(e.reason, code="http_error", status=e.status) from None
+        if not ctx.status:
+            ctx.status = resp.status
+    except GatewayError as e:
+        ctx.status = e.status
+        if ctx.error_type is None or not ctx.error_type.startswith("upstream"):
+            ctx.error_type = e.code
+        resp = render(e, ctx.errors)
+    except asyncio.CancelledError:
+        ctx.status, ctx.error_type = 499, "client_disconnected"
+        raise
+    except Exception:
+        log.exception("unhandled error in %s", ctx.endpoint)
+        ctx.status, ctx.error_type = 500, "internal_error"
+        resp = render(GatewayError("Internal gateway error."), ctx.errors)
+    finally:
+        gw.in_flight -= 1
+        writer.record(ctx.row(perf_counter()))
+    if not resp.prepared:
+        resp.headers["x-request-id"] = request_id
+        if ctx.overhead_ms is None:
+            resp.headers["x-gateway-overhead-ms"] = f"{(perf_counter() - t0) * 1000:.3f}"
+    return resp
+
+
+def endpoint_handler(endpoint: Endpoint) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await handle_json(request, endpoint)
+
+    return handler
+
+
+def _model_object(gw: Gateway, name: str, created: int) -> dict[str, object]:
+    m = gw.config.model(name)
+    return {"id": name, "object": "model", "created": created, "owned_by": m.owned_by if m else "gateway"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    key = request[CTX].key = gw.keys.authenticate(request)
+    created = int(request.app[STARTED])
+    data = [_model_object(gw, n, created) for n in sorted(key.models)]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    key = request[CTX].key = gw.keys.authenticate(request)
+    name = request.match_info["model"]
+    if name not in key.models:
+        raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
+    request[CTX].model = name
+    body = orjson.dumps(_model_object(gw, name, int(request.app[STARTED])))
+    return web.Response(body=body, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ready = gw.writer is not None and gw.session is not None
+    return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+
+
+def create_app(cfg: Config) -> web.Application:
+    """The gateway as an aiohttp application, for one worker process."""
+    app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
+    metrics = Metrics()
+    gw = Gateway(config=cfg, router=Router(cfg), keys=KeyCache(cfg), metrics=metrics)
+    app[GATEWAY] = gw
+    app[STARTED] = time.time()
+    app[TASKS] = {}
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        db = await connect_async(cfg.database.path)
+        await gw.keys.refresh(db)
+        writer = UsageWriter(
+            db, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
+            on_wait=metrics.backpressure.inc,
+        )
+        gw.writer = writer
+        tasks = app[TASKS]
+        tasks["usage-writer"] = asyncio.create_task(writer.run(), name="usage-writer")
+        tasks["key-refresh"] = asyncio.create_task(
+            gw.keys.run(db, cfg.server.key_refresh_ms / 1000), name="key-refresh"
+        )
+        yield
+        tasks.pop("key-refresh").cancel()
+        await writer.close(cfg.server.graceful_timeout_s)
+        await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
+        await db.close()
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        gw.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+        yield
+        await gw.session.close()
+
+    app.cleanup_ctx.extend([database, client_session])
+
+    def refresh_gauges() -> None:
+        metrics.in_flight.set(gw.in_flight)
+        metrics.queue_depth.set(len(gw.writer) if gw.writer is not None else 0)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics.handler(refresh_gauges))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    for endpoint in (ChatCompletions(),):
+        app.router.add_post(endpoint.path, endpoint_handler(endpoint))
+    return app

@@ -1,0 +1,369 @@
+"""Configuration: TOML loaded once into frozen, typed objects.
+
+Every field is validated at load time; a bad file raises ConfigError with a
+message naming the field (``upstreams[1].base_url: ...``). Secrets are never
+in the file: the file names environment variables and load_config reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+UPSTREAM_KINDS = ("openai", "anthropic", "ark", "volcengine", "gateway")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending field."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_mb: float = 32.0
+    graceful_timeout_s: float = 30.0
+    key_refresh_ms: int = 1000
+    log_requests: bool = False
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    path: Path = Path("gateway.db")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageConfig:
+    flush_interval_ms: int = 200
+    batch_max: int = 1000
+    queue_max: int = 20000
+    retention_days: int = 90
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    token_env: str = "GATEWAY_ADMIN_TOKEN"
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    kind: str
+    base_url: str
+    api_key_env: str | None = None
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    region: str = "cn-beijing"
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 300.0
+    idle_timeout_s: float = 300.0
+    # Secrets resolved from the environment; kept out of repr so they never
+    # reach a log line through an f-string of the config.
+    api_key: str | None = field(default=None, repr=False)
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    upstream: str
+    model: str
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens, per image, per 1M video tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float | None = None
+    image: float = 0.0
+    video: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    routes: tuple[Route, ...]
+    price: Price = Price()
+    owned_by: str = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    name: str
+    models: tuple[str, ...] = ("*",)
+    ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    usage: UsageConfig = UsageConfig()
+    admin: AdminConfig = AdminConfig()
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    groups: tuple[GroupConfig, ...] = (GroupConfig("default"),)
+    platforms: Mapping[str, str] = field(default_factory=dict)
+    source: Path | None = None
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def group(self, name: str) -> GroupConfig | None:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        return None
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the field on error and
+    a final check that no unknown key was left over."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table")
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+        v = self._get(key, None)
+        if v is None:
+            if required:
+                raise ConfigError(f"{self._path(key)}: required")
+            return default
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{self._path(key)}: expected a non-empty string")
+        return v
+
+    def num(self, key: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+        v = self._get(key, default)
+        ok = isinstance(v, int) if integer else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok or not math.isfinite(v):
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{self._path(key)}: expected {kind}, got {v!r}")
+        if v < minimum:
+            raise ConfigError(f"{self._path(key)}: must be >= {minimum}, got {v!r}")
+        return v
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self._path(key)}: expected true or false")
+        return v
+
+    def array(self, key: str) -> list[Any]:
+        v = self._get(key, [])
+        if not isinstance(v, list):
+            raise ConfigError(f"{self._path(key)}: expected an array")
+        return v
+
+    def sub(self, key: str) -> _Table:
+        v = self._get(key, {})
+        return _Table(v, self._path(key))
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.seen)
+        if extra:
+            raise ConfigError(f"{self._path(extra[0])}: unknown key")
+
+
+def _env(name: str | None, where: str, env: Mapping[str, str]) -> str | None:
+    if name is None:
+        return None
+    value = env.get(name)
+    if not value:
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+    return value
+
+
+def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
+    kind = t.text("kind", required=True)
+    if kind not in UPSTREAM_KINDS:
+        raise ConfigError(f"{t.where}.kind: must be one of {', '.join(UPSTREAM_KINDS)}")
+    base_url = t.text("base_url", required=True).rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{t.where}.base_url: must start with http:// or https://")
+    api_key_env = t.text("api_key_env")
+    access_key_env = t.text("access_key_env")
+    secret_key_env = t.text("secret_key_env")
+    if kind == "volcengine" and (access_key_env is None or secret_key_env is None):
+        raise ConfigError(f"{t.where}.access_key_env: volcengine needs access_key_env and secret_key_env")
+    u = UpstreamConfig(
+        name=t.text("name", required=True),
+        kind=kind,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        access_key_env=access_key_env,
+        secret_key_env=secret_key_env,
+        region=t.text("region", "cn-beijing"),
+        timeout_s=float(t.num("timeout_s", 600.0)),
+        connect_timeout_s=float(t.num("connect_timeout_s", 10.0)),
+        first_byte_timeout_s=float(t.num("first_byte_timeout_s", 300.0)),
+        idle_timeout_s=float(t.num("idle_timeout_s", 300.0)),
+        api_key=_env(api_key_env, f"{t.where}.api_key_env", env),
+        access_key=_env(access_key_env, f"{t.where}.access_key_env", env),
+        secret_key=_env(secret_key_env, f"{t.where}.secret_key_env", env),
+    )
+    t.done()
+    return u
+
+
+def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
+    name = t.text("name", required=True)
+    routes = []
+    raw_routes = t.array("routes")
+    if not raw_routes:
+        raise ConfigError(f"{t.where}.routes: at least one route is required")
+    for i, raw in enumerate(raw_routes):
+        r = _Table(raw, f"{t.where}.routes[{i}]")
+        up = r.text("upstream", required=True)
+        if up not in upstreams:
+            raise ConfigError(f"{r.where}.upstream: unknown upstream {up!r}")
+        weight = float(r.num("weight", 1.0))
+        if weight <= 0:
+            raise ConfigError(f"{r.where}.weight: must be > 0")
+        routes.append(Route(up, r.text("model", name), weight, int(r.num("priority", 0, minimum=-1e9, integer=True))))
+        r.done()
+    p = t.sub("price")
+    cached = p.data.get("cached_input")
+    price = Price(
+        input=float(p.num("input", 0.0)),
+        output=float(p.num("output", 0.0)),
+        cached_input=None if cached is None else float(p.num("cached_input", 0.0)),
+        image=float(p.num("image", 0.0)),
+        video=float(p.num("video", 0.0)),
+    )
+    p.done()
+    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"))
+    t.done()
+    return m
+
+
+def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a Config."""
+    env = os.environ if env is None else env
+    base_dir = base_dir or Path.cwd()
+    root = _Table(data, "")
+
+    s = root.sub("server")
+    server = ServerConfig(
+        host=s.text("host", "127.0.0.1"),
+        port=int(s.num("port", 8080, integer=True)),
+        workers=int(s.num("workers", 1, minimum=1, integer=True)),
+        max_body_mb=float(s.num("max_body_mb", 32.0)),
+        graceful_timeout_s=float(s.num("graceful_timeout_s", 30.0)),
+        key_refresh_ms=int(s.num("key_refresh_ms", 1000, minimum=50, integer=True)),
+        log_requests=s.flag("log_requests", False),
+    )
+    if server.port > 65535:
+        raise ConfigError("server.port: must be <= 65535")
+    s.done()
+
+    d = root.sub("database")
+    db_path = Path(d.text("path", "gateway.db"))
+    database = DatabaseConfig(db_path if db_path.is_absolute() else base_dir / db_path)
+    d.done()
+
+    u = root.sub("usage")
+    usage = UsageConfig(
+        flush_interval_ms=int(u.num("flush_interval_ms", 200, minimum=1, integer=True)),
+        batch_max=int(u.num("batch_max", 1000, minimum=1, integer=True)),
+        queue_max=int(u.num("queue_max", 20000, minimum=1, integer=True)),
+        retention_days=int(u.num("retention_days", 90, integer=True)),
+    )
+    u.done()
+
+    a = root.sub("admin")
+    token_env = a.text("token_env", "GATEWAY_ADMIN_TOKEN")
+    admin = AdminConfig(token_env, env.get(token_env) or None)
+    a.done()
+
+    upstreams = []
+    for i, raw in enumerate(root.array("upstreams")):
+        upstreams.append(_upstream(_Table(raw, f"upstreams[{i}]"), env))
+    names = [x.name for x in upstreams]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"upstreams[{i}].name: duplicate upstream {n!r}")
+
+    models = []
+    for i, raw in enumerate(root.array("models")):
+        models.append(_model(_Table(raw, f"models[{i}]"), set(names)))
+    mnames = [m.name for m in models]
+    for i, n in enumerate(mnames):
+        if n in mnames[:i]:
+            raise ConfigError(f"models[{i}].name: duplicate model {n!r}")
+
+    groups = []
+    for i, raw in enumerate(root.array("groups")):
+        g = _Table(raw, f"groups[{i}]")
+        gm = g.array("models") or ["*"]
+        if not all(isinstance(x, str) and x for x in gm):
+            raise ConfigError(f"groups[{i}].models: expected an array of strings")
+        groups.append(GroupConfig(g.text("name", required=True), tuple(gm), float(g.num("ratio", 1.0))))
+        g.done()
+    if not groups:
+        groups = [GroupConfig("default")]
+    if "default" not in {g.name for g in groups}:
+        raise ConfigError("groups: a group named 'default' is required")
+
+    p = root.sub("platforms")
+    platforms: dict[str, str] = {}
+    for k in list(p.data):
+        up = p.text(k, required=True)
+        if up not in names:
+            raise ConfigError(f"platforms.{k}: unknown upstream {up!r}")
+        platforms[k] = up
+    p.done()
+    root.done()
+    return Config(server, database, usage, admin, tuple(upstreams), tuple(models), tuple(groups), platforms)
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file; relative paths in it are relative to it."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    cfg = parse_config(data, env=env, base_dir=path.resolve().parent)
+    return replace(cfg, source=path.resolve())

@@ -1,0 +1,113 @@
+"""Per-process state (``Gateway``, under one AppKey) and per-request state
+(``RequestContext``, which becomes exactly one usage row)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .auth import KeyCache, KeyInfo
+from .config import Config, ModelConfig
+from .errors import Protocol as ErrorShape
+from .metrics import Metrics
+from .protocols.base import Usage
+from .routing import Router
+
+if TYPE_CHECKING:
+    from .store.usage import UsageWriter
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Everything a request handler needs; built by ``create_app``.
+
+    ``config`` and ``router`` are replaced together on reload; a request reads
+    them once at its start and keeps its own reference, so a reload never
+    changes a request midway.
+    """
+
+    config: Config
+    router: Router
+    keys: KeyCache
+    metrics: Metrics
+    writer: UsageWriter | None = None
+    session: aiohttp.ClientSession | None = None
+    in_flight: int = 0
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one /v1 request did; turned into its usage row at the end."""
+
+    request_id: str
+    t0: float
+    ts: float = field(default_factory=time.time)
+    endpoint: str = ""
+    errors: ErrorShape = ErrorShape.OPENAI
+    key: KeyInfo | None = None
+    model: str | None = None
+    model_cfg: ModelConfig | None = None
+    upstream: str | None = None
+    status: int = 0
+    stream: bool = False
+    usage: Usage | None = None
+    t_upstream: float | None = None  # request sent upstream (last attempt)
+    t_head: float | None = None  # upstream response head received
+    ttfb_ms: float | None = None
+    overhead_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error_type: str | None = None
+
+    def cost(self) -> float:
+        u, m = self.usage, self.model_cfg
+        if u is None or m is None:
+            return 0.0
+        p = m.price
+        cached_price = p.input if p.cached_input is None else p.cached_input
+        cached = min(u.cached_tokens, u.input_tokens)
+        per_token = (u.input_tokens - cached) * p.input + cached * cached_price + u.output_tokens * p.output
+        total = (per_token + u.video_tokens * p.video) / 1e6 + u.images * p.image
+        return total * (self.key.ratio if self.key else 1.0)
+
+    def row(self, now: float) -> tuple[object, ...]:
+        u = self.usage or Usage()
+        k = self.key
+        upstream_ms = None
+        if self.t_upstream is not None:
+            upstream_ms = ((self.t_head or now) - self.t_upstream) * 1000
+        return (
+            self.ts,
+            self.request_id,
+            k.workspace_id if k else None,
+            k.id if k else None,
+            self.endpoint,
+            self.model,
+            self.upstream,
+            self.status,
+            int(self.stream),
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_tokens,
+            u.reasoning_tokens,
+            u.images,
+            u.video_tokens,
+            self.cost(),
+            (now - self.t0) * 1000,
+            self.ttfb_ms,
+            upstream_ms,
+            self.overhead_ms,
+            self.bytes_in,
+            self.bytes_out,
+            self.error_type,
+        )
+
+
+CTX = web.RequestKey("ctx", RequestContext)

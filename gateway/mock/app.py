@@ -1,0 +1,197 @@
+"""A local mock upstream that speaks the real provider wire formats.
+
+Used by ``gateway demo``, the tests and the bench. It records every request it
+receives (method, path, query, headers, body) so tests can assert what went
+upstream, and it is steered per request by headers the gateway forwards:
+
+- ``x-mock-chunks: N``      content chunks in a stream (default 5)
+- ``x-mock-delay-ms: N``    pause between stream chunks
+- ``x-mock-head-delay-ms``  pause before the response head
+- ``x-mock-status: N``      answer with this status and an error body
+- ``x-mock-fail: midstream|garbage|stall|gzip``  misbehave on purpose
+- ``x-mock-cached: N``, ``x-mock-reasoning: N``   usage details to report
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class MockState:
+    """What the mock saw; shared with tests through ``MOCK``."""
+
+    api_key: str | None = None
+    requests: list[Recorded] = field(default_factory=list)
+    disconnects: int = 0
+    completed_streams: int = 0
+    record: bool = True
+
+
+MOCK = web.AppKey("mock", MockState)
+
+WORDS = ("Hello", " from", " the", " mock", " upstream", ".", " It", " streams", " one", " word", " per", " chunk")
+
+
+def count_prompt_tokens(obj: dict[str, Any]) -> int:
+    n = 0
+    for m in obj.get("messages") or ():
+        c = m.get("content") if isinstance(m, dict) else None
+        if isinstance(c, str):
+            n += len(c.split())
+        elif isinstance(c, list):
+            n += sum(len(str(p.get("text", "")).split()) for p in c if isinstance(p, dict))
+    return max(n, 1)
+
+
+def _int(request: web.Request, name: str, default: int = 0) -> int:
+    try:
+        return int(request.headers.get(name, default))
+    except ValueError:
+        return default
+
+
+def openai_error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "mock_error", "param": None, "code": f"mock_{status}"}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def _check(request: web.Request, *, anthropic: bool = False) -> tuple[bytes, web.Response | None]:
+    """Record the request, then apply the auth check and the steering headers
+    that act before the body (status, head delay)."""
+    state = request.app[MOCK]
+    body = await request.read()
+    if state.record:
+        state.requests.append(
+            Recorded(request.method, request.path, request.query_string, dict(request.headers), body)
+        )
+    if state.api_key is not None:
+        got = request.headers.get("x-api-key") if anthropic else None
+        if got is None:
+            auth = request.headers.get("Authorization", "")
+            got = auth[7:] if auth.startswith("Bearer ") else None
+        if got != state.api_key:
+            return body, openai_error(401, "Incorrect API key provided.")
+    delay = _int(request, "x-mock-head-delay-ms")
+    if delay:
+        await asyncio.sleep(delay / 1000)
+    status = _int(request, "x-mock-status")
+    if status:
+        return body, openai_error(status, f"Mock failure {status}.")
+    if request.headers.get("x-mock-fail") == "garbage":
+        return body, web.Response(status=200, body=b"<html>not json", content_type="application/json")
+    return body, None
+
+
+def chat_usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]:
+    cached = _int(request, "x-mock-cached")
+    reasoning = _int(request, "x-mock-reasoning")
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
+    }
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    raw, early = await _check(request)
+    if early is not None:
+        return early
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return openai_error(400, "We could not parse the JSON body of your request.")
+    model = obj.get("model", "mock")
+    n = _int(request, "x-mock-chunks", 5)
+    prompt = count_prompt_tokens(obj)
+    created = int(time.time())
+    cid = f"chatcmpl-mock{id(request) & 0xFFFFFF:x}"
+    if obj.get("stream") is not True:
+        text = "".join(WORDS[i % len(WORDS)] for i in range(n))
+        body = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                 "logprobs": None, "finish_reason": "stop"}
+            ],
+            "usage": chat_usage(request, prompt, n),
+            "system_fingerprint": "fp_mock",
+        }
+        data = orjson.dumps(body)
+        if request.headers.get("x-mock-fail") == "gzip":
+            return web.Response(body=gzip.compress(data), headers={"Content-Encoding": "gzip"},
+                                content_type="application/json")
+        return web.Response(body=data, content_type="application/json")
+
+    so = obj.get("stream_options")
+    include_usage = isinstance(so, dict) and so.get("include_usage") is True
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    delay = _int(request, "x-mock-delay-ms") / 1000
+    fail = request.headers.get("x-mock-fail")
+    state = request.app[MOCK]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        c: dict[str, Any] = {
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            c["usage"] = None
+        return b"data: " + orjson.dumps(c) + b"\n\n"
+
+    try:
+        await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+        for i in range(n):
+            if delay:
+                await asyncio.sleep(delay)
+            if fail == "midstream" and i == n // 2:
+                # Die without finishing the chunked body.
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            if fail == "stall" and i == n // 2:
+                await asyncio.sleep(3600)
+            await resp.write(chunk({"content": WORDS[i % len(WORDS)]}))
+        await resp.write(chunk({}, "stop"))
+        if include_usage:
+            u = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "system_fingerprint": "fp_mock", "choices": [], "usage": chat_usage(request, prompt, n)}
+            await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except (asyncio.CancelledError, ConnectionError):
+        state.disconnects += 1
+        raise
+    state.completed_streams += 1
+    return resp
+
+
+def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.Application:
+    """The mock upstream; ``api_key`` set means requests must carry it."""
+    app = web.Application(client_max_size=1024**3)
+    app[MOCK] = MockState(api_key=api_key, record=record)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app

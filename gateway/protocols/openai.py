@@ -1,0 +1,114 @@
+"""OpenAI Chat Completions: body preparation and usage reading."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..errors import Protocol as ErrorShape
+from .base import Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, event_data, last_object
+
+
+def chat_usage(u: dict[str, Any] | None) -> Usage:
+    if not u:
+        return Usage()
+    pd = u.get("prompt_tokens_details") or {}
+    cd = u.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=as_int(u.get("prompt_tokens")),
+        output_tokens=as_int(u.get("completion_tokens")),
+        cached_tokens=as_int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0,
+        reasoning_tokens=as_int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0,
+    )
+
+
+class TailUsage:
+    """Relays every chunk untouched; usage is the last ``"usage": {...}`` in
+    the final 64 KiB (where OpenAI puts it, in bodies and in streams)."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = Tail()
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._tail.add(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def finish(self) -> Usage:
+        return chat_usage(last_object(self._tail.bytes(), b"usage"))
+
+
+class HiddenUsageChunk:
+    """For a stream where the gateway switched ``include_usage`` on: passes
+    complete events through as they arrive and drops the usage-only chunk
+    (empty ``choices``) that the client did not ask for."""
+
+    __slots__ = ("_events", "_usage")
+
+    def __init__(self) -> None:
+        self._events = SSEEvents()
+        self._usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        complete, events = self._events.split(chunk)
+        if b'"usage"' not in complete:
+            return complete
+        kept = []
+        dropped = False
+        for ev in events:
+            data = event_data(ev)
+            if b'"usage"' in data and data.startswith(b"{"):
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    self._usage = obj["usage"]
+                    if not obj.get("choices"):
+                        dropped = True
+                        continue
+            kept.append(ev)
+        if not dropped:
+            return complete
+        sep = b"\r\n\r\n" if complete.endswith(b"\r\n\r\n") else b"\n\n"
+        return b"".join(e + sep for e in kept)
+
+    def finish(self) -> Usage:
+        return chat_usage(self._usage)
+
+    def flush(self) -> bytes:
+        return self._events.pending
+
+
+class ChatCompletions:
+    name = "chat"
+    path = "/v1/chat/completions"
+    errors = ErrorShape.OPENAI
+
+    def prepare(self, raw: bytes, obj: dict[str, Any], upstream_model: str, public_model: str) -> Prepared:
+        stream = obj.get("stream") is True
+        change = upstream_model != public_model
+        hide = False
+        if stream:
+            so = obj.get("stream_options")
+            if not (isinstance(so, dict) and so.get("include_usage") is True):
+                hide = True
+                change = True
+        if not change:
+            return Prepared(raw, stream)
+        obj = dict(obj)
+        obj["model"] = upstream_model
+        if hide:
+            so = obj.get("stream_options")
+            obj["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+        return Prepared(orjson.dumps(obj), stream, hide)
+
+    def reader(self, prepared: Prepared, sse: bool) -> UsageReader:
+        if sse and prepared.hide_usage_chunk:
+            return HiddenUsageChunk()
+        return TailUsage()

@@ -1,0 +1,277 @@
+"""The one pass-through path shared by every model endpoint.
+
+    authenticate -> read body -> parse model -> resolve model for the key
+    -> route -> for each target: strip + inject headers, forward
+    -> relay (chunk by chunk, usage read by the protocol's reader)
+
+Nothing here awaits the database; the usage row is recorded by the
+middleware from the RequestContext this path fills in.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .auth import KeyInfo
+from .config import ModelConfig
+from .context import CTX, GATEWAY, Gateway, RequestContext
+from .errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from .protocols.base import Endpoint, Prepared
+from .routing import Target
+
+log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+# Never forwarded upstream: the client's credential, and what aiohttp sets.
+STRIP_REQUEST = HOP_BY_HOP | {"authorization", "x-api-key", "cookie", "host", "content-length", "accept-encoding"}
+STRIP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# Bodies up to this size with a Content-Length are answered in one write.
+SMALL_BODY = 256 * 1024
+
+
+def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
+    named = headers.get("Connection")
+    drop = STRIP_REQUEST
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in drop or lk.startswith("proxy-"):
+            continue
+        out.add(k, v)
+    # Usage is read from the bytes, so ask for them uncompressed.
+    out["Accept-Encoding"] = "identity"
+    for k, v in target.credential:
+        out[k] = v
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    named = headers.get("Connection")
+    drop = STRIP_RESPONSE
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk not in drop and not lk.startswith("proxy-"):
+            out.add(k, v)
+    out["x-request-id"] = request_id
+    return out
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 before reading past ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
+
+
+def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
+    """The JSON object of a request body and its ``model``."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    model = obj.get("model")
+    if model is None:
+        raise BadRequest("Missing required parameter: 'model'.", code="missing_model", param="model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string.", code="invalid_model", param="model")
+    return obj, model
+
+
+def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
+    m = gw.config.model(model)
+    if m is None:
+        raise NotFound(f"The model '{model}' does not exist.", code="model_not_found", param="model")
+    if model not in key.models:
+        raise Forbidden(f"This key may not use the model '{model}'.", code="model_not_allowed", param="model")
+    return m
+
+
+async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """A model endpoint whose body is a JSON object with a ``model``."""
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    raw = await read_body(request, gw.config.server.max_body_bytes)
+    ctx.bytes_in = len(raw)
+    obj, model = parse_json_body(raw)
+    ctx.stream = obj.get("stream") is True
+    ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
+    ctx.model = model
+    return await forward(request, gw, ctx, endpoint, model_cfg, raw, obj)
+
+
+async def forward(
+    request: web.Request,
+    gw: Gateway,
+    ctx: RequestContext,
+    endpoint: Endpoint,
+    model_cfg: ModelConfig,
+    raw: bytes,
+    obj: dict[str, Any],
+) -> web.StreamResponse:
+    """Try the model's targets in order until one answers; relay its answer.
+
+    A connect error, timeout, 5xx or 429 moves on to the next target as long
+    as nothing has been sent to the client yet.
+    """
+    targets = gw.router.plan(model_cfg.name)
+    if not targets:
+        raise ServiceUnavailable(f"No healthy upstream for model '{model_cfg.name}'.")
+    session = gw.session
+    assert session is not None
+    path = request.path[3:]  # after /v1
+    query = request.query_string
+    failure: Exception | None = None
+    for i, target in enumerate(targets):
+        last = i == len(targets) - 1
+        up = target.upstream
+        prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
+        url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
+        ctx.upstream = up.name
+        ctx.t_upstream = perf_counter()
+        try:
+            resp = await session.request(
+                request.method, url, data=prepared.body,
+                headers=upstream_headers(request.headers, target), timeout=target.timeout,
+            )
+        except TimeoutError:
+            failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
+            ctx.error_type = "upstream_timeout"
+            continue
+        except aiohttp.ClientError as e:
+            log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
+            failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
+            ctx.error_type = "upstream_unreachable"
+            continue
+        try:
+            if (resp.status >= 500 or resp.status == 429) and not last:
+                ctx.error_type = f"upstream_{resp.status}"
+                continue
+            if resp.status in (401, 403):
+                log.error("upstream %s rejected the gateway's credential (%d)", up.name, resp.status)
+                raise BadGateway(
+                    f"Upstream '{up.name}' rejected the gateway's credential (HTTP {resp.status}).",
+                    code="upstream_auth_failed",
+                )
+            ctx.error_type = None
+            return await relay(request, ctx, endpoint, prepared, resp, target)
+        finally:
+            resp.release()
+    assert failure is not None
+    raise failure
+
+
+def _overhead(ctx: RequestContext, now: float) -> float:
+    assert ctx.t_upstream is not None and ctx.t_head is not None
+    return ((ctx.t_upstream - ctx.t0) + (now - ctx.t_head)) * 1000
+
+
+async def relay(
+    request: web.Request,
+    ctx: RequestContext,
+    endpoint: Endpoint,
+    prepared: Prepared,
+    resp: aiohttp.ClientResponse,
+    target: Target,
+) -> web.StreamResponse:
+    """Send the upstream answer to the client as it arrives."""
+    ctx.t_head = perf_counter()
+    ctx.status = status = resp.status
+    headers = response_headers(resp.headers, ctx.request_id)
+    sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    reader = endpoint.reader(prepared, sse)
+    length = resp.content_length
+
+    if not sse and length is not None and length <= SMALL_BODY:
+        body = await resp.read()
+        reader.feed(body)
+        ctx.usage = reader.finish()
+        now = perf_counter()
+        ctx.overhead_ms = overhead = _overhead(ctx, now)
+        ctx.ttfb_ms = (now - ctx.t0) * 1000
+        ctx.bytes_out = len(body)
+        headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
+        return web.Response(status=status, body=body, headers=headers)
+
+    # Streaming (or large) body: idle timeout between chunks from now on.
+    conn = resp.connection
+    if conn is not None and conn.protocol is not None:
+        conn.protocol.read_timeout = target.upstream.idle_timeout_s
+    out = web.StreamResponse(status=status, headers=headers)
+    if length is not None and not sse:
+        out.content_length = length
+    ctx.overhead_ms = overhead = _overhead(ctx, perf_counter())
+    out.headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
+    await out.prepare(request)
+    content = resp.content
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except TimeoutError:
+                ctx.status, ctx.error_type = 504, "upstream_idle_timeout"
+                break
+            except aiohttp.ClientError:
+                ctx.status, ctx.error_type = 502, "upstream_disconnected"
+                break
+            if not chunk:
+                chunk = reader.flush()
+                if chunk:
+                    await _write(ctx, out, chunk)
+                break
+            data = reader.feed(chunk)
+            if data:
+                await _write(ctx, out, data)
+    except ConnectionError:
+        ctx.status, ctx.error_type = 499, "client_disconnected"
+        resp.close()
+        return out
+    finally:
+        ctx.usage = reader.finish()
+    if ctx.error_type is not None:
+        resp.close()
+        if out.content_length is not None and request.transport is not None:
+            # A fixed-length body cannot end early: the client must see a cut.
+            request.transport.close()
+            return out
+    try:
+        await out.write_eof()
+    except ConnectionError:
+        ctx.status, ctx.error_type = 499, "client_disconnected"
+    return out
+
+
+async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes) -> None:
+    if ctx.ttfb_ms is None:
+        ctx.ttfb_ms = (perf_counter() - ctx.t0) * 1000
+    ctx.bytes_out += len(data)
+    await out.write(data)
+

@@ -1,0 +1,123 @@
+"""Running the gateway: start an app on a socket, stop it gracefully.
+
+Shutdown order on SIGTERM/SIGINT: stop accepting, let in-flight requests
+and streams finish (up to ``server.graceful_timeout_s``), then the app's
+cleanup contexts run: client session closed, usage queue flushed, database
+closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Config, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
+from .mock.app import create_mock_app
+
+log = logging.getLogger("gateway")
+
+MOCK_MODELS = ("mock-gpt", "mock-gpt-mini")
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini")
+
+
+def embedded_config(mock_base_url: str, env: Mapping[str, str] | None = None,
+                    db_path: Path = Path("gateway.db")) -> Config:
+    """The configuration used when no file is given: SQLite next to the
+    working directory, the bundled mock upstream, and OpenAI when
+    ``OPENAI_API_KEY`` is set."""
+    env = os.environ if env is None else env
+    upstreams = [UpstreamConfig(name="mock", kind="openai", base_url=mock_base_url)]
+    models = [
+        ModelConfig(m, (Route("mock", m),), Price(input=1.0, output=2.0, cached_input=0.5), owned_by="mock")
+        for m in MOCK_MODELS
+    ]
+    if env.get("OPENAI_API_KEY"):
+        upstreams.append(UpstreamConfig(
+            name="openai", kind="openai", base_url="https://api.openai.com/v1",
+            api_key_env="OPENAI_API_KEY", api_key=env["OPENAI_API_KEY"],
+        ))
+        models += [ModelConfig(m, (Route("openai", m),), owned_by="openai") for m in OPENAI_MODELS]
+    return Config(
+        database=DatabaseConfig(db_path.resolve()),
+        upstreams=tuple(upstreams),
+        models=tuple(models),
+        groups=(GroupConfig("default"),),
+    )
+
+
+@dataclass
+class Running:
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_app(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
+                    reuse_port: bool = False) -> Running:
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
+    await site.start()
+    server = site._server
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return Running(runner, bound)
+
+
+async def start_mock(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> Running:
+    return await start_app(create_mock_app(api_key, record=False), host, port, shutdown_timeout=1.0)
+
+
+async def start_gateway(cfg: Config, *, port: int | None = None) -> Running:
+    return await start_app(
+        create_app(cfg), cfg.server.host, cfg.server.port if port is None else port,
+        shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1,
+    )
+
+
+async def run_until_signal(
+    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT. With no config: the embedded default."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    mock = None
+    if cfg is None:
+        mock = await start_mock()
+        cfg = embedded_config(mock.url + "/v1")
+    gw = await start_gateway(cfg)
+    log.info(
+        "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",
+        cfg.server.host, gw.port, ", ".join(u.name for u in cfg.upstreams),
+        ", ".join(m.name for m in cfg.models), cfg.server.workers,
+    )
+    if on_ready is not None:
+        on_ready(cfg, gw)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests, flushing usage")
+    await gw.runner.cleanup()
+    if mock is not None:
+        await mock.runner.cleanup()
+    log.info("stopped")
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine on uvloop."""
+    import uvloop
+
+    uvloop.run(coro)

@@ -1,0 +1,1 @@
+"""Persistent state: SQLite schema and migrations, the usage writer, queries."""

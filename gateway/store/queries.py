@@ -1,0 +1,176 @@
+"""Workspace, key and usage queries on a synchronous sqlite3 connection.
+
+Used by the CLI directly and by the admin API through a worker thread; never
+on the request path (the key cache and the usage writer cover that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+KEY_PREFIX = "gw-"
+PREFIX_SHOWN = 10
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+class ConflictError(ValueError):
+    pass
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def new_key() -> str:
+    # 32 random bytes: 256 bits of entropy, 43 url-safe characters.
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _json_list(v: list[str] | None) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
+def create_workspace(conn: sqlite3.Connection, name: str, group: str = "default") -> dict[str, Any]:
+    try:
+        cur = conn.execute(
+            "INSERT INTO workspaces (name, default_group, created_at) VALUES (?, ?, ?)",
+            (name, group, time.time()),
+        )
+    except sqlite3.IntegrityError:
+        raise ConflictError(f"workspace {name!r} already exists") from None
+    return get_workspace(conn, int(cur.lastrowid or 0))
+
+
+def get_workspace(conn: sqlite3.Connection, ws_id: int) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM workspaces WHERE id = ?", (ws_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"workspace {ws_id} not found")
+    return _workspace(row)
+
+
+def find_workspace(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM workspaces WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"workspace {name!r} not found")
+    return _workspace(row)
+
+
+def list_workspaces(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [_workspace(r) for r in conn.execute("SELECT * FROM workspaces ORDER BY id")]
+
+
+def _workspace(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
+    return d
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    spend_limit: float | None = None
+    expires_at: float | None = None
+
+
+def create_key(
+    conn: sqlite3.Connection,
+    workspace_id: int,
+    *,
+    name: str = "",
+    group: str | None = None,
+    models: list[str] | None = None,
+    limits: KeyLimits = KeyLimits(),
+) -> tuple[dict[str, Any], str]:
+    """Create a key; returns its row and the plaintext, which is not stored."""
+    get_workspace(conn, workspace_id)
+    plaintext = new_key()
+    cur = conn.execute(
+        """INSERT INTO api_keys (workspace_id, name, prefix, key_hash, group_name, allowed_models,
+               rpm, tpm, max_concurrency, spend_limit, expires_at, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            workspace_id,
+            name,
+            plaintext[:PREFIX_SHOWN],
+            hash_key(plaintext),
+            group,
+            _json_list(models),
+            limits.rpm,
+            limits.tpm,
+            limits.max_concurrency,
+            limits.spend_limit,
+            limits.expires_at,
+            time.time(),
+        ),
+    )
+    return get_key(conn, int(cur.lastrowid or 0)), plaintext
+
+
+_KEY_COLUMNS = """k.id, k.workspace_id, w.name AS workspace, k.name, k.prefix, k.group_name,
+    k.allowed_models, k.rpm, k.tpm, k.max_concurrency, k.spend_limit, k.expires_at,
+    k.revoked_at, k.created_at"""
+
+
+def get_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
+    row = conn.execute(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id WHERE k.id = ?",
+        (key_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"key {key_id} not found")
+    return _key(row)
+
+
+def list_keys(conn: sqlite3.Connection, workspace_id: int | None = None) -> list[dict[str, Any]]:
+    sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id"
+    args: tuple[Any, ...] = ()
+    if workspace_id is not None:
+        sql += " WHERE k.workspace_id = ?"
+        args = (workspace_id,)
+    return [_key(r) for r in conn.execute(sql + " ORDER BY k.id", args)]
+
+
+def _key(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
+    return d
+
+
+def revoke_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
+    cur = conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+    )
+    key = get_key(conn, key_id)
+    if cur.rowcount == 0 and key["revoked_at"] is None:
+        raise NotFoundError(f"key {key_id} not found")
+    return key
+
+
+USAGE_GROUPS = {"model": "model", "key": "key_id", "workspace": "workspace_id", "upstream": "upstream"}
+
+
+def usage_summary(conn: sqlite3.Connection, *, since: float = 0.0, by: str = "model") -> list[dict[str, Any]]:
+    col = USAGE_GROUPS[by]
+    rows = conn.execute(
+        f"""SELECT {col} AS {by}, COUNT(*) AS requests,
+                SUM(status >= 400) AS errors,
+                SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens,
+                SUM(cached_tokens) AS cached_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
+                SUM(images) AS images, SUM(video_tokens) AS video_tokens,
+                ROUND(SUM(cost), 6) AS cost, ROUND(AVG(latency_ms), 3) AS avg_latency_ms
+            FROM usage_events WHERE ts >= ? GROUP BY {col} ORDER BY requests DESC""",
+        (since,),
+    )
+    return [dict(r) for r in rows]

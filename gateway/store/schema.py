@@ -1,0 +1,144 @@
+"""Schema, versioned: MIGRATIONS[i] takes the database from version i to i+1.
+
+Applied by both the server (aiosqlite) and the CLI (sqlite3) through the same
+statements; ``PRAGMA user_version`` holds the current version. Append only:
+never edit a migration that has shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('keys_generation', 0);
+
+    CREATE TABLE workspaces (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        default_group TEXT NOT NULL DEFAULT 'default',
+        allowed_models TEXT,               -- JSON array or NULL (no narrowing)
+        monthly_spend_limit REAL,
+        monthly_token_limit INTEGER,
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+        name TEXT NOT NULL DEFAULT '',
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,      -- hex SHA-256 of the plaintext
+        group_name TEXT,                    -- NULL: the workspace's default group
+        allowed_models TEXT,                -- JSON array or NULL
+        rpm INTEGER,
+        tpm INTEGER,
+        max_concurrency INTEGER,
+        spend_limit REAL,
+        expires_at REAL,
+        revoked_at REAL,
+        created_at REAL NOT NULL
+    );
+
+    -- Any change to keys or workspaces bumps a counter that every worker
+    -- polls, so a revocation made by any process reaches all key caches.
+    CREATE TRIGGER api_keys_ins AFTER INSERT ON api_keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+    CREATE TRIGGER api_keys_upd AFTER UPDATE ON api_keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+    CREATE TRIGGER api_keys_del AFTER DELETE ON api_keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+    CREATE TRIGGER workspaces_ins AFTER INSERT ON workspaces BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+    CREATE TRIGGER workspaces_upd AFTER UPDATE ON workspaces BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+
+    CREATE TABLE usage_events (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,                   -- unix seconds, request start
+        request_id TEXT NOT NULL,
+        workspace_id INTEGER,
+        key_id INTEGER,
+        endpoint TEXT NOT NULL,
+        model TEXT,
+        upstream TEXT,
+        status INTEGER NOT NULL,
+        stream INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        images INTEGER NOT NULL DEFAULT 0,
+        video_tokens INTEGER NOT NULL DEFAULT 0,
+        cost REAL NOT NULL DEFAULT 0,
+        latency_ms REAL NOT NULL,
+        ttfb_ms REAL,
+        upstream_ms REAL,
+        overhead_ms REAL,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        error_type TEXT
+    );
+    CREATE INDEX usage_ts ON usage_events (ts);
+    CREATE INDEX usage_ws_ts ON usage_events (workspace_id, ts);
+    CREATE INDEX usage_key_ts ON usage_events (key_id, ts);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A synchronous connection, migrated to the current schema (CLI, admin)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for p in PRAGMAS:
+        conn.execute(p)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: schema version {version} is newer than this gateway ({SCHEMA_VERSION})")
+    for i in range(version, SCHEMA_VERSION):
+        # BEGIN IMMEDIATE makes a racing process (another worker, the CLI)
+        # wait, then see the new version, rather than migrate twice.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == i:
+                for stmt in _statements(MIGRATIONS[i]):
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return conn
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return [s for s in out if s.strip(" ;\n")]
+
+
+async def connect_async(path: Path) -> aiosqlite.Connection:
+    """An aiosqlite connection on a database migrated by ``connect``."""
+    connect(path).close()
+    db = await aiosqlite.connect(path, timeout=10.0, isolation_level=None)
+    for p in PRAGMAS:
+        await db.execute(p)
+    return db
