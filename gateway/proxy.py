@@ -10,6 +10,7 @@ middleware from the RequestContext this path fills in.
 
 from __future__ import annotations
 
+import io
 import logging
 from time import perf_counter
 from typing import Any
@@ -45,6 +46,7 @@ STRIP_REQUEST = HOP_BY_HOP | {"authorization", "x-api-key", "cookie", "host", "c
 STRIP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Bodies up to this size with a Content-Length are answered in one write.
 SMALL_BODY = 256 * 1024
+LARGE_BODY = 1024 * 1024
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
@@ -159,7 +161,7 @@ async def forward(
         ctx.t_upstream = perf_counter()
         try:
             resp = await session.request(
-                request.method, url, data=prepared.body,
+                request.method, url, data=_payload(prepared.body),
                 headers=upstream_headers(request.headers, target), timeout=target.timeout,
             )
         except TimeoutError:
@@ -187,6 +189,12 @@ async def forward(
             resp.release()
     assert failure is not None
     raise failure
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    # aiohttp warns that one large bytes write may hold the loop; a file-like
+    # payload is written in pieces. A fresh one per attempt replays the body.
+    return io.BytesIO(body) if len(body) > LARGE_BODY else body
 
 
 def _overhead(ctx: RequestContext, now: float) -> float:
@@ -258,8 +266,11 @@ async def relay(
         ctx.usage = reader.finish()
     if ctx.error_type is not None:
         resp.close()
-        if out.content_length is not None and request.transport is not None:
-            # A fixed-length body cannot end early: the client must see a cut.
+        cut = ctx.error_type == "upstream_disconnected" or out.content_length is not None
+        if cut and request.transport is not None:
+            # Mirror the upstream's failure: the client sees a truncated body
+            # rather than a clean end it would take for a complete answer.
+            # (An idle timeout ends the stream cleanly instead.)
             request.transport.close()
             return out
     try:

@@ -45,8 +45,9 @@ class TailUsage:
 
 class HiddenUsageChunk:
     """For a stream where the gateway switched ``include_usage`` on: passes
-    complete events through as they arrive and drops the usage-only chunk
-    (empty ``choices``) that the client did not ask for."""
+    complete events through as they arrive, drops the usage-only chunk (empty
+    ``choices``) that the client did not ask for, and the ``"usage":null``
+    that include_usage adds to every other chunk."""
 
     __slots__ = ("_events", "_usage")
 
@@ -56,8 +57,11 @@ class HiddenUsageChunk:
 
     def feed(self, chunk: bytes) -> bytes:
         complete, events = self._events.split(chunk)
+        if b'"usage":null' in complete:
+            complete = complete.replace(b',"usage":null', b"")
         if b'"usage"' not in complete:
             return complete
+        events = [e.replace(b',"usage":null', b"") for e in events]
         kept = []
         dropped = False
         for ev in events:

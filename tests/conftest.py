@@ -1,0 +1,208 @@
+"""The one place tests build gateways and fake upstreams.
+
+Everything runs on real sockets: the mock upstream (gateway.mock.app) and the
+gateway itself are started with the same ``start_app`` the CLI uses, with a
+real SQLite file in ``tmp_path``. Tests never reach into app internals; they
+talk HTTP, read the database, and look at what the mock upstream recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import Config, load_config
+from gateway.mock.app import MOCK, MockState, create_mock_app
+from gateway.server import Running, start_app, start_gateway
+from gateway.store import queries
+from gateway.store.schema import connect
+
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+
+
+@dataclass
+class Upstream:
+    """A running mock upstream and what it recorded."""
+
+    running: Running
+    state: MockState
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def base_url(self) -> str:
+        return self.running.url + "/v1"
+
+
+@dataclass
+class Gateway:
+    """A running gateway built from a TOML config written to tmp_path."""
+
+    running: Running
+    config: Config
+    db_path: Path
+    _conn: sqlite3.Connection | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self.db_path)
+        return self._conn
+
+    def create_key(self, workspace: str = "acme", **kw: Any) -> str:
+        """A new key (plaintext) in ``workspace``, created if missing.
+        Keyword arguments: name, group, models, and KeyLimits fields."""
+        try:
+            ws = queries.find_workspace(self.conn, workspace)
+        except queries.NotFoundError:
+            ws = queries.create_workspace(self.conn, workspace)
+        limit_fields = {k: kw.pop(k) for k in list(kw) if k in queries.KeyLimits.__slots__}
+        _, plaintext = queries.create_key(self.conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
+        return plaintext
+
+    async def key(self, workspace: str = "acme", **kw: Any) -> str:
+        """Like create_key, then waits until the running gateway knows it."""
+        plaintext = self.create_key(workspace, **kw)
+        await self.wait_key_live(plaintext)
+        return plaintext
+
+    async def wait_key_live(self, plaintext: str, timeout: float = 5.0) -> None:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                headers = {"Authorization": f"Bearer {plaintext}", "x-request-id": "keycheck"}
+                async with s.get(self.url + "/v1/models", headers=headers) as r:
+                    if r.status == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise AssertionError("key never became live")
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        """Usage rows, less those of wait_key_live's own polling."""
+        sql = "SELECT * FROM usage_events WHERE request_id != 'keycheck' ORDER BY id"
+        return [dict(r) for r in self.conn.execute(sql)]
+
+    async def wait_usage(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The usage rows once at least ``n`` are written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.usage_rows()
+            if len(rows) >= n or time.monotonic() > deadline:
+                return rows
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        await self.running.runner.cleanup()
+
+
+def config_toml(upstream_url: str, extra: str = "", *, api_key_env: str = "MOCK_UPSTREAM_KEY") -> str:
+    """A small config: one mock upstream and a few models on it."""
+    return f"""
+[server]
+host = "127.0.0.1"
+port = 0
+max_body_mb = 1
+graceful_timeout_s = 10
+key_refresh_ms = 100
+
+[database]
+path = "gateway.db"
+
+[usage]
+flush_interval_ms = 20
+batch_max = 500
+queue_max = 10000
+
+[[upstreams]]
+name = "mock"
+kind = "openai"
+base_url = "{upstream_url}"
+api_key_env = "{api_key_env}"
+connect_timeout_s = 2
+first_byte_timeout_s = 10
+idle_timeout_s = 10
+
+[[models]]
+name = "gpt-test"
+routes = [{{ upstream = "mock", model = "gpt-test" }}]
+price = {{ input = 1.0, output = 2.0, cached_input = 0.5 }}
+
+[[models]]
+name = "renamed"
+routes = [{{ upstream = "mock", model = "upstream-name" }}]
+
+[[models]]
+name = "org/model-with-slash"
+routes = [{{ upstream = "mock", model = "org/model-with-slash" }}]
+
+[[groups]]
+name = "default"
+models = ["*"]
+ratio = 1.0
+
+[[groups]]
+name = "cheap"
+models = ["gpt-*"]
+ratio = 0.5
+{extra}
+"""
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """The bundled mock upstream, requiring UPSTREAM_KEY."""
+    app = create_mock_app(UPSTREAM_KEY)
+    running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
+    yield Upstream(running, app[MOCK])
+    await running.runner.cleanup()
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[GatewayFactory]:
+    """Start gateways from TOML text; all are stopped at the end of the test."""
+    started: list[Gateway] = []
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+
+    async def make(toml: str, name: str = "gateway.toml") -> Gateway:
+        path = tmp_path / name
+        path.write_text(toml)
+        cfg = load_config(path)
+        running = await start_gateway(cfg)
+        gw = Gateway(running, cfg, cfg.database.path)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop()
+        if gw._conn is not None:
+            gw._conn.close()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
+    """A gateway in front of the mock upstream with the default test config."""
+    return await make_gateway(config_toml(upstream.base_url))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
