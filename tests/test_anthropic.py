@@ -58,9 +58,12 @@ async def test_messages_pass_through_with_x_api_key(
     assert row["cost"] == pytest.approx((8 * 3.0 + 7 * 0.3 + 5 * 15.0) / 1e6)
 
 
-async def test_bearer_auth_and_renamed_model(pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+async def test_bearer_auth_and_renamed_model(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     key = await pgateway.key()
-    async with http.post(pgateway.url + MSG, json=body("claude-renamed"), headers={"Authorization": f"Bearer {key}"}) as r:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.post(pgateway.url + MSG, json=body("claude-renamed"), headers=headers) as r:
         assert r.status == 200
     sent = orjson.loads(upstream.state.requests[-1].body)
     assert sent["model"] == "claude-upstream-name" and sent["messages"] == body()["messages"]

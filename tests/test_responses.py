@@ -28,7 +28,9 @@ def events(raw: bytes) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-async def test_response_pass_through_and_usage(gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+async def test_response_pass_through_and_usage(
+    gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     key = await gateway.key()
     raw = b'{"model": "gpt-test", "input": "tell me a story", "openai_extra": [1]}'
     headers = {**auth(key), "OpenAI-Beta": "responses=v1", "x-mock-cached": "2", "x-mock-reasoning": "3"}
