@@ -14,7 +14,7 @@ import pytest
 
 from gateway.mock.images import IMAGE_FORMS, tiny_png
 
-from .conftest import Gateway, Upstream
+from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
@@ -201,3 +201,21 @@ async def test_bad_edit_bodies(
     assert upstream.state.requests == []
     (row,) = await pgateway.wait_usage(1)
     assert row["status"] == status and row["error_type"] == code and row["endpoint"] == EDIT
+
+
+async def test_edit_multipart_of_several_megabytes(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """Above the proxy's large-body threshold the form is sent upstream in
+    pieces; still the same bytes, with the client's Content-Type."""
+    toml = config_toml(upstream.base_url, PROTOCOL_MODELS.format(url=upstream.base_url))
+    gw = await make_gateway(toml.replace("max_body_mb = 1", "max_body_mb = 8"))
+    key = await gw.key()
+    big = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    raw = form([("model", "gpt-image-test"), ("prompt", "p")], [("image", "big.png", big)])
+    async with http.post(gw.url + EDIT, data=io.BytesIO(raw), headers={**auth(key), **multipart()}) as r:
+        assert r.status == 200
+    sent = upstream.state.requests[-1]
+    assert sent.body == raw and sent.headers["Content-Type"] == f"multipart/form-data; boundary={BOUNDARY}"
+    (got,) = upstream.running.runner.app[IMAGE_FORMS]
+    assert got.files[0]["sha256"] == sha(big)
