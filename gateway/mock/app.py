@@ -10,6 +10,9 @@ upstream, and it is steered per request by headers the gateway forwards:
 - ``x-mock-status: N``      answer with this status and an error body
 - ``x-mock-fail: midstream|garbage|stall|gzip``  misbehave on purpose
 - ``x-mock-cached: N``, ``x-mock-reasoning: N``   usage details to report
+
+Anthropic Messages, Responses and Images live in gateway.mock.anthropic,
+.responses and .images (each documents its own extra headers).
 """
 
 from __future__ import annotations
