@@ -32,9 +32,10 @@ from .errors import (
     ServiceUnavailable,
 )
 from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
-
-__all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
 from .routing import Target
+
+# parse_json_body now lives in protocols.base; still importable from here.
+__all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
 
 log = logging.getLogger("gateway.proxy")
 
