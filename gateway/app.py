@@ -20,8 +20,11 @@ from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
 from .metrics import Metrics
+from .protocols.anthropic import Messages
 from .protocols.base import Endpoint
+from .protocols.images import ImageEdits, ImageGenerations
 from .protocols.openai import ChatCompletions
+from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
 from .routing import Router
 from .store.schema import connect_async
@@ -188,6 +191,9 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/metrics", metrics.handler(refresh_gauges))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
-    for endpoint in (ChatCompletions(),):
+    endpoints: tuple[Endpoint, ...] = (
+        ChatCompletions(), Messages(), Responses(), ResponsesCompact(), ImageGenerations(), ImageEdits(),
+    )
+    for endpoint in endpoints:
         app.router.add_post(endpoint.path, endpoint_handler(endpoint))
     return app

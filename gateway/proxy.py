@@ -16,7 +16,6 @@ from time import perf_counter
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -26,15 +25,17 @@ from .config import ModelConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
-    BadRequest,
     Forbidden,
     GatewayTimeout,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
 )
-from .protocols.base import Endpoint, Prepared
+from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
 from .routing import Target
+
+# parse_json_body now lives in protocols.base; still importable from here.
+__all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -91,22 +92,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
 
 
-def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
-    """The JSON object of a request body and its ``model``."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    model = obj.get("model")
-    if model is None:
-        raise BadRequest("Missing required parameter: 'model'.", code="missing_model", param="model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string.", code="invalid_model", param="model")
-    return obj, model
-
-
 def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
     m = gw.config.model(model)
     if m is None:
@@ -117,13 +102,14 @@ def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
 
 
 async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    """A model endpoint whose body is a JSON object with a ``model``."""
+    """A model endpoint whose body names a ``model`` (JSON, or a form where
+    the endpoint's ``parse`` accepts one)."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
     raw = await read_body(request, gw.config.server.max_body_bytes)
     ctx.bytes_in = len(raw)
-    obj, model = parse_json_body(raw)
+    obj, model = endpoint.parse(request.headers.get("Content-Type", ""), raw)
     ctx.stream = obj.get("stream") is True
     ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
     ctx.model = model
@@ -216,6 +202,9 @@ async def relay(
     headers = response_headers(resp.headers, ctx.request_id)
     sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     reader = endpoint.reader(prepared, sse)
+    if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+        # Asked for identity, got compressed: relay as sent, read a copy.
+        reader = Decompressed(reader)
     length = resp.content_length
 
     if not sse and length is not None and length <= SMALL_BODY:
@@ -263,8 +252,10 @@ async def relay(
         resp.close()
         return out
     finally:
-        ctx.usage = reader.finish()
-    if ctx.error_type is not None:
+        ctx.usage = usage = reader.finish()
+    if ctx.error_type is None and usage.error is not None:
+        ctx.error_type = usage.error  # relayed in full, but not a clean answer
+    elif ctx.error_type is not None:
         resp.close()
         cut = ctx.error_type == "upstream_disconnected" or out.content_length is not None
         if cut and request.transport is not None:

@@ -206,3 +206,41 @@ async def gateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+# The mock upstream a second time as an Anthropic-kind account (credential
+# sent as x-api-key), with models for the Messages, Responses and Images tests.
+PROTOCOL_MODELS = """
+[[upstreams]]
+name = "mock-anthropic"
+kind = "anthropic"
+base_url = "{url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+connect_timeout_s = 2
+first_byte_timeout_s = 10
+idle_timeout_s = 10
+
+[[models]]
+name = "claude-test"
+routes = [{{ upstream = "mock-anthropic", model = "claude-test" }}]
+price = {{ input = 3.0, output = 15.0, cached_input = 0.3 }}
+
+[[models]]
+name = "claude-renamed"
+routes = [{{ upstream = "mock-anthropic", model = "claude-upstream-name" }}]
+
+[[models]]
+name = "gpt-image-test"
+routes = [{{ upstream = "mock", model = "gpt-image-test" }}]
+price = {{ input = 5.0, output = 40.0, image = 0.01 }}
+
+[[models]]
+name = "image-renamed"
+routes = [{{ upstream = "mock", model = "gpt-image-upstream" }}]
+"""
+
+
+@pytest.fixture
+async def pgateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
+    """A gateway with the default test models plus PROTOCOL_MODELS."""
+    return await make_gateway(config_toml(upstream.base_url, PROTOCOL_MODELS.format(url=upstream.base_url)))

@@ -10,6 +10,9 @@ upstream, and it is steered per request by headers the gateway forwards:
 - ``x-mock-status: N``      answer with this status and an error body
 - ``x-mock-fail: midstream|garbage|stall|gzip``  misbehave on purpose
 - ``x-mock-cached: N``, ``x-mock-reasoning: N``   usage details to report
+
+Anthropic Messages, Responses and Images live in gateway.mock.anthropic,
+.responses and .images (each documents its own extra headers).
 """
 
 from __future__ import annotations
@@ -194,4 +197,9 @@ def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.A
     app = web.Application(client_max_size=1024**3)
     app[MOCK] = MockState(api_key=api_key, record=record)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    from . import anthropic, images, responses  # they build on this module
+
+    anthropic.register(app)
+    responses.register(app)
+    images.register(app)
     return app

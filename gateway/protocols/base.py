@@ -4,6 +4,8 @@ bytes as they pass without keeping the whole response.
 A protocol module describes one family of endpoints:
 - ``prepare``: the body to send upstream (the client's bytes unless the model
   name or a streaming option must change) and any per-request state;
+- ``parse``: the request body as an object and its ``model`` (JSON for most
+  endpoints; multipart/form-data where the protocol allows it), or BadRequest;
 - ``reader``: a UsageReader fed every response chunk in order. ``feed`` returns
   the bytes to send to the client (normally the same object, untouched) and
   ``flush`` returns bytes held back (a partial event) at the end, and
@@ -13,11 +15,13 @@ A protocol module describes one family of endpoints:
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
+from ..errors import BadRequest
 from ..errors import Protocol as ErrorShape
 
 TAIL_BYTES = 64 * 1024
@@ -31,6 +35,10 @@ class Usage:
     reasoning_tokens: int = 0
     images: int = 0
     video_tokens: int = 0
+    # Why a stream that relayed fine is still not a clean answer (the
+    # upstream sent an error event, or ended before its usage event); it
+    # becomes the usage row's error_type.
+    error: str | None = None
 
 
 class UsageReader(Protocol):
@@ -59,9 +67,44 @@ class Endpoint(Protocol):
     path: str
     errors: ErrorShape
 
+    def parse(self, content_type: str, raw: bytes) -> tuple[dict[str, Any], str]: ...
+
     def prepare(self, raw: bytes, obj: dict[str, Any], upstream_model: str, public_model: str) -> Prepared: ...
 
     def reader(self, prepared: Prepared, sse: bool) -> UsageReader: ...
+
+
+def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
+    """The JSON object of a request body and its ``model``."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    return obj, check_model(obj.get("model"))
+
+
+def check_model(model: Any) -> str:
+    if model is None:
+        raise BadRequest("Missing required parameter: 'model'.", code="missing_model", param="model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string.", code="invalid_model", param="model")
+    return model
+
+
+class JsonBody:
+    """``parse`` and ``prepare`` of an endpoint whose body is a JSON object:
+    the client's bytes go upstream unless the model name must change."""
+
+    def parse(self, content_type: str, raw: bytes) -> tuple[dict[str, Any], str]:
+        return parse_json_body(raw)
+
+    def prepare(self, raw: bytes, obj: dict[str, Any], upstream_model: str, public_model: str) -> Prepared:
+        stream = obj.get("stream") is True
+        if upstream_model == public_model:
+            return Prepared(raw, stream)
+        return Prepared(orjson.dumps({**obj, "model": upstream_model}), stream)
 
 
 def as_int(v: Any) -> int:
@@ -187,3 +230,108 @@ def event_name(event: bytes) -> bytes:
         if line.startswith(b"event:"):
             return line[6:].strip()
     return b""
+
+
+class EventScanner:
+    """Finds the complete SSE events that mention one of ``markers`` as the
+    bytes pass, without holding the stream back or keeping it.
+
+    Only the bytes after the last event boundary are kept (at most ``limit``;
+    a longer event is skipped, so a multi-megabyte image event costs nothing),
+    and only chunks that contain a marker are split and parsed. Markers are a
+    cheap pre-filter (e.g. ``b'"usage"'``); callers check the parsed event.
+    ``feed`` returns the ``data:`` objects of the matching events, in order.
+    """
+
+    __slots__ = ("_limit", "_markers", "_pending", "_skip")
+
+    def __init__(self, *markers: bytes, limit: int = TAIL_BYTES) -> None:
+        self._markers = markers
+        self._limit = limit
+        self._pending = b""
+        self._skip = False
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        data = self._pending + chunk if self._pending else chunk
+        end = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
+        if end < 0:
+            if len(data) > self._limit:
+                self._pending, self._skip = b"", True
+            else:
+                self._pending = data
+            return []
+        cut = end + (2 if data[end : end + 2] == b"\n\n" else 4)
+        complete, rest = data[:cut], data[cut:]
+        skip, self._skip = self._skip, len(rest) > self._limit
+        self._pending = b"" if self._skip else rest
+        markers = self._markers
+        if not any(m in complete for m in markers):
+            return []
+        events = re.split(rb"\r?\n\r?\n", complete)[:-1]
+        if skip:
+            events = events[1:]  # the end of an event whose start was dropped
+        found = []
+        for ev in events:
+            if not any(m in ev for m in markers):
+                continue
+            try:
+                obj = orjson.loads(event_data(ev))
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                found.append(obj)
+        return found
+
+
+class Counter:
+    """Counts occurrences of byte strings across chunk boundaries."""
+
+    __slots__ = ("_carry", "_needles", "_overlap", "count")
+
+    def __init__(self, *needles: bytes) -> None:
+        self._needles = needles
+        self._overlap = max(len(n) for n in needles) - 1
+        self._carry = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes) -> None:
+        carry = self._carry
+        data = carry + chunk
+        # What lies wholly in the carry was counted with the previous chunk.
+        self.count += sum(data.count(n) - carry.count(n) for n in self._needles)
+        self._carry = data[-self._overlap :] if self._overlap else b""
+
+
+class Decompressed:
+    """Wraps a pure pass-through reader for an upstream that compressed its
+    answer although asked for identity: the client gets the bytes as sent,
+    the reader sees them decompressed (in bounded pieces, so a small
+    compressed chunk cannot make a large allocation)."""
+
+    __slots__ = ("_inner", "_z")
+
+    PIECE = 256 * 1024
+
+    def __init__(self, inner: UsageReader) -> None:
+        self._inner = inner
+        self._z: Any = zlib.decompressobj(47)  # gzip or zlib header, detected
+
+    def feed(self, chunk: bytes) -> bytes:
+        z = self._z
+        if z is None:
+            return chunk
+        data = chunk
+        try:
+            while data:
+                self._inner.feed(z.decompress(data, self.PIECE))
+                data = z.unconsumed_tail
+        except zlib.error:
+            self._z = None  # not what it claimed to be: read no further
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def finish(self) -> Usage:
+        self._inner.flush()
+        return self._inner.finish()

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..errors import Protocol as ErrorShape
-from .base import Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, event_data, last_object
+from .base import JsonBody, Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, event_data, last_object
 
 
 def chat_usage(u: dict[str, Any] | None) -> Usage:
@@ -89,7 +89,7 @@ class HiddenUsageChunk:
         return self._events.pending
 
 
-class ChatCompletions:
+class ChatCompletions(JsonBody):
     name = "chat"
     path = "/v1/chat/completions"
     errors = ErrorShape.OPENAI
