@@ -98,6 +98,7 @@ class FastMock(asyncio.Protocol):
         self.interval = interval
         self.transport: asyncio.Transport | None = None
         self.busy = False
+        self.streaming: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -142,7 +143,7 @@ class FastMock(asyncio.Protocol):
             t.write(b"".join(_chunk(e) for e in evs) + b"0\r\n\r\n")
             return True
         self.busy = True
-        asyncio.ensure_future(self.stream(evs))
+        self.streaming = asyncio.ensure_future(self.stream(evs))
         return False
 
     async def stream(self, evs: list[bytes]) -> None:
