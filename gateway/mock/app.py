@@ -194,4 +194,8 @@ def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.A
     app = web.Application(client_max_size=1024**3)
     app[MOCK] = MockState(api_key=api_key, record=record)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    from . import ark, volcengine  # they import this module's helpers
+
+    ark.setup(app)
+    volcengine.setup(app)
     return app
