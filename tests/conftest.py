@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.config import Config, load_config
 from gateway.mock.app import MOCK, MockState, create_mock_app
@@ -34,6 +35,7 @@ class Upstream:
 
     running: Running
     state: MockState
+    app: web.Application | None = None
 
     @property
     def url(self) -> str:
@@ -167,7 +169,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     """The bundled mock upstream, requiring UPSTREAM_KEY."""
     app = create_mock_app(UPSTREAM_KEY)
     running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
-    yield Upstream(running, app[MOCK])
+    yield Upstream(running, app[MOCK], app)
     await running.runner.cleanup()
 
 

@@ -109,7 +109,7 @@ def task_body(t: ArkTask) -> dict[str, Any]:
     }
     if status == "succeeded":
         tokens = _steer_int(s, "tokens", 108900)
-        body["content"] = {"video_url": f"https://mock.invalid/videos/{t.id}.mp4"}
+        body["content"] = {"video_url": f"https://mock.invalid/videos/{t.created_at}-{t.polls}.mp4"}
         body["usage"] = {"completion_tokens": tokens, "total_tokens": tokens}
     elif status == "failed":
         body["error"] = {"code": "OutputVideoSensitiveContentDetected", "message": "Mock generation failed."}
