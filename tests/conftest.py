@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway.config import Config, load_config
 from gateway.mock.app import MOCK, MockState, create_mock_app
+from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.server import Running, start_app, start_gateway
 from gateway.store import queries
 from gateway.store.schema import connect
@@ -181,6 +182,8 @@ async def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Async
     """Start gateways from TOML text; all are stopped at the end of the test."""
     started: list[Gateway] = []
     monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
+    monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
 
     async def make(toml: str, name: str = "gateway.toml") -> Gateway:
         path = tmp_path / name

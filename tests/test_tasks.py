@@ -74,14 +74,6 @@ JIMENG = "volc"
     return config_toml(upstream.base_url, extra).replace('path = "gateway.db"', f'path = "{db}"')
 
 
-@pytest.fixture(autouse=True)
-def volc_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
-
-    monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
-    monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
-
-
 def ark(upstream: Upstream) -> ArkState:
     assert upstream.app is not None
     return upstream.app[ARK]
@@ -110,6 +102,16 @@ async def poll_until_done(http: aiohttp.ClientSession, gw: Gateway, key: str, ta
             return data  # type: ignore[no-any-return]
         await asyncio.sleep(0.01)
     raise AssertionError("task never finished")
+
+
+async def keys(gw: Gateway, *workspaces: str) -> list[str]:
+    """Keys in several workspaces, all created before any traffic: a
+    synchronous write from the test while the gateway's usage writer holds
+    its transaction (waiting on this same loop) would stall both."""
+    made = [gw.create_key(ws) for ws in workspaces]
+    for k in made:
+        await gw.wait_key_live(k)
+    return made
 
 
 def billing_rows(gw: Gateway) -> list[dict[str, Any]]:
@@ -304,8 +306,7 @@ async def test_other_workspace_gets_404(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     gw = await make_gateway(tasks_toml(upstream, poller=False))
-    key = await gw.key("acme")
-    other = await gw.key("globex")
+    key, other = await keys(gw, "acme", "globex")
     task = await create(http, gw, key)
     upstream_id = next(iter(ark(upstream).tasks))
     status, data = await poll(http, gw, other, task["id"])
@@ -388,7 +389,7 @@ price = {{ video = 20.0 }}
 """
     outer_toml = config_toml(upstream.base_url, outer_extra).replace('path = "gateway.db"', 'path = "outer.db"')
     outer = await make_gateway(outer_toml, name="outer.toml")
-    key = await outer.key()
+    key, other = await keys(outer, "acme", "globex")
 
     task = await create(http, outer, key, model="video-remote", provider_options={"mock": {"queued_polls": 1}})
     assert task["provider"] == "gateway"
@@ -413,6 +414,5 @@ price = {{ video = 20.0 }}
     await asyncio.sleep(0.1)
     assert [r["request_id"] for r in billing_rows(outer)] == [task["id"], elsewhere["id"]]
     # Another workspace of the outer gateway cannot claim it afterwards.
-    other = await outer.key("globex")
     status, _ = await poll(http, outer, other, elsewhere["id"], "?model=video-remote")
     assert status == 404

@@ -110,7 +110,7 @@ def verify(request: web.Request, body: bytes, state: VolcState) -> tuple[str, st
         ";".join(names),
         payload_hash,
     ))
-    scope = "/".join(credential)
+    scope = "/".join(credential[1:])
     string_to_sign = f"HMAC-SHA256\n{x_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
     key = state.secret_key.encode()
     for step in (date, region, service, "request"):
