@@ -5,14 +5,23 @@ restarts, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from gateway.config import load_config
 from gateway.mock.ark import ARK, ArkState
+from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
+from gateway.store import queries
+from gateway.store.schema import connect
 
 from .conftest import UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
 
@@ -416,3 +425,56 @@ price = {{ video = 20.0 }}
     # Another workspace of the outer gateway cannot claim it afterwards.
     status, _ = await poll(http, outer, other, elsewhere["id"], "?model=video-remote")
     assert status == 404
+
+
+async def test_killed_mid_cycle_loses_no_task_and_bills_once(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A gateway process SIGKILLed while its poller has a poll in flight;
+    a new gateway on the same database finishes and bills the task once."""
+    toml = tasks_toml(upstream)
+    path = tmp_path / "gateway.toml"
+    path.write_text(toml)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "MOCK_VOLC_AK": MOCK_ACCESS_KEY,
+           "MOCK_VOLC_SK": MOCK_SECRET_KEY}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        break
+            await asyncio.sleep(0.05)
+        conn = connect(load_config(path).database.path)
+        _, key = queries.create_key(conn, queries.create_workspace(conn, "acme")["id"])
+        conn.close()
+        body = {"model": "seedance", "prompt": "p",
+                "provider_options": {"mock": {"queued_polls": 2, "running_polls": 2, "get_delay_ms": 300}}}
+        for _ in range(100):
+            async with http.post(url + TASKS, json=body, headers=auth(key)) as r:
+                if r.status == 200:
+                    task = await r.json()
+                    break
+            await asyncio.sleep(0.05)
+        state = ark(upstream)
+        while state.gets == 0:  # the poller's first poll is in flight
+            await asyncio.sleep(0.01)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+    gw = await make_gateway(toml)  # same database
+    assert billing_rows(gw) == []
+    rows = await wait_billing(gw)
+    assert len(rows) == 1 and rows[0]["request_id"] == task["id"]
+    status, data = await poll(http, gw, key, task["id"])
+    assert status == 200 and data["status"] == "succeeded"
+    await asyncio.sleep(0.2)
+    assert len(billing_rows(gw)) == 1
