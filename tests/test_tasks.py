@@ -478,3 +478,31 @@ async def test_killed_mid_cycle_loses_no_task_and_bills_once(
     assert status == 200 and data["status"] == "succeeded"
     await asyncio.sleep(0.2)
     assert len(billing_rows(gw)) == 1
+
+
+async def test_rejected_upstream_credential_and_poller_switch(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WRONG_ARK_KEY", "sk-not-the-upstream-key")
+    toml = tasks_toml(upstream, poller=False).replace(
+        'name = "ark2"\nkind = "ark"\nbase_url = "' + upstream.url + '/api/v3"\napi_key_env = "MOCK_UPSTREAM_KEY"',
+        'name = "ark2"\nkind = "ark"\nbase_url = "' + upstream.url + '/api/v3"\napi_key_env = "WRONG_ARK_KEY"',
+    )
+    assert "WRONG_ARK_KEY" in toml
+    gw = await make_gateway(toml)
+    key = await gw.key()
+    # ark2 (first by priority) refuses the gateway's key: the next route takes it.
+    task = await create(http, gw, key)
+    assert task_row(gw, task["id"])["upstream"] == "ark"
+    # With the poller switched off, nothing polls an unpolled task.
+    await asyncio.sleep(0.3)
+    assert ark(upstream).gets == 0 and task_row(gw, task["id"])["status"] == "queued"
+
+    only_bad = toml.replace('{ upstream = "ark", model = "doubao-seedance-2-0", priority = 1 }',
+                            '{ upstream = "ark2", model = "doubao-seedance-2-0", priority = 1 }')
+    gw2 = await make_gateway(only_bad.replace('"gateway.db"', '"bad.db"'), name="bad.toml")
+    key2 = await gw2.key()
+    async with http.post(gw2.url + TASKS, json={"model": "seedance", "prompt": "x"}, headers=auth(key2)) as r:
+        data = await r.json()
+        assert r.status == 502 and data["error"]["code"] == "upstream_auth_failed"
+        assert "ark2" in data["error"]["message"] and "sk-not" not in str(data)
