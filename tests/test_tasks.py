@@ -193,6 +193,10 @@ async def test_race_20_clients_and_poller_bill_exactly_once(
     assert len(http_rows) >= 21
     assert all(r["video_tokens"] == 0 and r["cost"] == 0 for r in http_rows)
     assert task_row(gw, task["id"])["billed"] == 1
+    async with http.get(gw.url + "/metrics") as r:
+        metrics = await r.text()
+    assert f'gateway_tokens_total{{kind="video",model="seedance"}} {float(TOKENS)}' in metrics
+    assert BILLING not in metrics  # a billing event is not a request
 
 
 async def test_poller_alone_completes_and_bills(

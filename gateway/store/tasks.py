@@ -166,9 +166,10 @@ class TaskStore:
     async def progress(self, t: TaskRow, status: str, next_poll_at: float, now: float) -> bool:
         """Record a non-final status and when to poll next."""
         n = await self._write(
+            # A late answer saying "queued" never moves a running task back.
             f"UPDATE video_tasks SET status = ?, updated_at = ?, next_poll_at = ?, attempts = attempts + 1 "
-            f"WHERE id = ? AND {_ACTIVE_SQL}",
-            (status, now, next_poll_at, t.id),
+            f"WHERE id = ? AND {_ACTIVE_SQL} AND (? = 'running' OR status = 'queued')",
+            (status, now, next_poll_at, t.id, status),
         )
         return n == 1
 

@@ -126,7 +126,7 @@ class VideoTasks:
             usage = snap.usage or {"video_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             row = self.billing_row(t, usage, now)
             if await self.store.succeed(t, snap.video or {}, usage, now, row):
-                self.gw.metrics.observe_rows([row])
+                self.gw.metrics.observe_billing(t.model, row[COLUMNS.index("video_tokens")], row[COLUMNS.index("cost")])
                 log.info("video task %s succeeded and was billed", t.id)
         elif snap.status in ("failed", "cancelled"):
             await self.store.finish(t, snap.status, snap.error, now)
