@@ -510,3 +510,23 @@ async def test_rejected_upstream_credential_and_poller_switch(
         data = await r.json()
         assert r.status == 502 and data["error"]["code"] == "upstream_auth_failed"
         assert "ark2" in data["error"]["message"] and "sk-not" not in str(data)
+
+
+async def test_two_workers_on_one_database_bill_once(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """Two gateways (as two worker processes would) on one database, both
+    with pollers, their clients polling the same tasks."""
+    toml = tasks_toml(upstream)
+    gw1 = await make_gateway(toml)
+    gw2 = await make_gateway(toml)
+    key = await gw1.key()
+    await gw2.wait_key_live(key)
+    tasks = [await create(http, gw, key, provider_options={"mock": {"queued_polls": 3, "running_polls": 3}})
+             for gw in (gw1, gw2, gw1)]
+    polls = [poll_until_done(http, gw, key, t["id"]) for t in tasks for gw in (gw1, gw2) for _ in range(5)]
+    for r in await asyncio.gather(*polls):
+        assert r["status"] == "succeeded" and r["usage"]["video_tokens"] == TOKENS
+    await asyncio.sleep(0.3)
+    rows = billing_rows(gw1)
+    assert sorted(r["request_id"] for r in rows) == sorted(t["id"] for t in tasks)

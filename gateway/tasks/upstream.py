@@ -55,8 +55,15 @@ async def call(
     """Send one request; transport failures and a rejected credential raise."""
     try:
         async with session.request(method, url, data=body, headers=headers, timeout=timeout(up)) as resp:
-            raw = await resp.content.read(MAX_ANSWER)
             status = resp.status
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise bad_answer(up, f"more than {MAX_ANSWER} bytes")
+                chunks.append(chunk)
+            raw = b"".join(chunks)
     except TimeoutError:
         raise GatewayTimeout(f"Upstream '{up.name}' timed out.") from None
     except aiohttp.ClientError as e:

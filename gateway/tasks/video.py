@@ -240,8 +240,9 @@ class GatewayVideo:
         if upstream_model != req.model:
             body = orjson.dumps({**req.obj, "model": upstream_model})
         answer = await call(session, up, "POST", up.base_url + "/video/tasks", headers=bearer(up), body=body)
-        obj = _ok(up, answer)
-        task_id = obj.get("id")
+        if answer.status >= 300:
+            raise upstream_error(up, answer)
+        task_id = answer.obj.get("id") if isinstance(answer.obj, dict) else None
         if not isinstance(task_id, str) or not task_id:
             raise bad_answer(up, "no task id")
         return task_id
