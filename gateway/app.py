@@ -29,6 +29,7 @@ from .proxy import handle_json
 from .routing import Router
 from .store.schema import connect_async
 from .store.usage import UsageWriter
+from .tasks import handlers as tasks
 
 log = logging.getLogger("gateway")
 
@@ -143,8 +144,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
-def create_app(cfg: Config) -> web.Application:
-    """The gateway as an aiohttp application, for one worker process."""
+def create_app(cfg: Config, *, poller: bool | None = None) -> web.Application:
+    """The gateway as an aiohttp application, for one worker process.
+    ``poller`` runs the background video task poller here (default: the
+    config's ``tasks.poller``)."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
     metrics = Metrics()
     gw = Gateway(config=cfg, router=Router(cfg), keys=KeyCache(cfg), metrics=metrics)
@@ -181,6 +184,7 @@ def create_app(cfg: Config) -> web.Application:
         await gw.session.close()
 
     app.cleanup_ctx.extend([database, client_session])
+    tasks.setup(app, gw, poller=cfg.tasks.poller if poller is None else poller)
 
     def refresh_gauges() -> None:
         metrics.in_flight.set(gw.in_flight)

@@ -65,6 +65,10 @@ class UpstreamConfig:
     access_key_env: str | None = None
     secret_key_env: str | None = None
     region: str = "cn-beijing"
+    # The provider account this upstream belongs to (default: its own name).
+    # An Ark upstream and a Volcengine assets upstream of one account share
+    # it, so a video task naming an asset goes to that account.
+    account: str | None = None
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 300.0
@@ -111,6 +115,17 @@ class GroupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TasksConfig:
+    """Video task polling (see docs/tasks.md)."""
+
+    poll_interval_s: float = 5.0
+    max_backoff_s: float = 60.0
+    max_concurrency: int = 8
+    timeout_s: float = 86400.0
+    poller: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -120,6 +135,7 @@ class Config:
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = (GroupConfig("default"),)
     platforms: Mapping[str, str] = field(default_factory=dict)
+    tasks: TasksConfig = TasksConfig()
     source: Path | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -233,6 +249,7 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
         access_key_env=access_key_env,
         secret_key_env=secret_key_env,
         region=t.text("region", "cn-beijing"),
+        account=t.text("account"),
         timeout_s=float(t.num("timeout_s", 600.0)),
         connect_timeout_s=float(t.num("connect_timeout_s", 10.0)),
         first_byte_timeout_s=float(t.num("first_byte_timeout_s", 300.0)),
@@ -350,10 +367,24 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         up = p.text(k, required=True)
         if up not in names:
             raise ConfigError(f"platforms.{k}: unknown upstream {up!r}")
+        if upstreams[names.index(up)].kind not in ("volcengine", "gateway"):
+            raise ConfigError(f"platforms.{k}: upstream {up!r} must be of kind volcengine or gateway")
         platforms[k] = up
     p.done()
+
+    tk = root.sub("tasks")
+    tasks = TasksConfig(
+        poll_interval_s=float(tk.num("poll_interval_s", 5.0, minimum=0.01)),
+        max_backoff_s=float(tk.num("max_backoff_s", 60.0, minimum=0.01)),
+        max_concurrency=int(tk.num("max_concurrency", 8, minimum=1, integer=True)),
+        timeout_s=float(tk.num("timeout_s", 86400.0, minimum=0.1)),
+        poller=tk.flag("poller", True),
+    )
+    tk.done()
     root.done()
-    return Config(server, database, usage, admin, tuple(upstreams), tuple(models), tuple(groups), platforms)
+    return Config(
+        server, database, usage, admin, tuple(upstreams), tuple(models), tuple(groups), platforms, tasks=tasks
+    )
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:

@@ -128,6 +128,13 @@ class Metrics:
         for name, c in cost.items():
             self.cost.labels(name).inc(c)
 
+    def observe_billing(self, model: str, video_tokens: int, cost: float) -> None:
+        """A video task billed (not a request: only its tokens and cost)."""
+        if video_tokens:
+            self.tokens.labels(model, "video").inc(video_tokens)
+        if cost:
+            self.cost.labels(model).inc(cost)
+
     def observe_flush(self, n: int, seconds: float) -> None:
         self.events_written.inc(n)
         self.flush_seconds.observe(seconds)

@@ -18,9 +18,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.config import Config, load_config
 from gateway.mock.app import MOCK, MockState, create_mock_app
+from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.server import Running, start_app, start_gateway
 from gateway.store import queries
 from gateway.store.schema import connect
@@ -34,6 +36,7 @@ class Upstream:
 
     running: Running
     state: MockState
+    app: web.Application | None = None
 
     @property
     def url(self) -> str:
@@ -167,7 +170,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     """The bundled mock upstream, requiring UPSTREAM_KEY."""
     app = create_mock_app(UPSTREAM_KEY)
     running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
-    yield Upstream(running, app[MOCK])
+    yield Upstream(running, app[MOCK], app)
     await running.runner.cleanup()
 
 
@@ -179,6 +182,8 @@ async def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Async
     """Start gateways from TOML text; all are stopped at the end of the test."""
     started: list[Gateway] = []
     monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
+    monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
 
     async def make(toml: str, name: str = "gateway.toml") -> Gateway:
         path = tmp_path / name

@@ -197,9 +197,12 @@ def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.A
     app = web.Application(client_max_size=1024**3)
     app[MOCK] = MockState(api_key=api_key, record=record)
     app.router.add_post("/v1/chat/completions", chat_completions)
-    from . import anthropic, images, responses  # they build on this module
+    # The protocol mocks import this module's helpers, hence the late import.
+    from . import anthropic, ark, images, responses, volcengine
 
     anthropic.register(app)
     responses.register(app)
     images.register(app)
+    ark.setup(app)
+    volcengine.setup(app)
     return app

@@ -87,6 +87,51 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_ws_ts ON usage_events (workspace_id, ts);
     CREATE INDEX usage_key_ts ON usage_events (key_id, ts);
     """,
+    # Video tasks and material assets (gateway/tasks). The upstream's task id
+    # and upstream name never leave the database; ``billed`` flips once, in
+    # the same transaction that writes the billing usage row.
+    """
+    CREATE TABLE video_tasks (
+        id TEXT PRIMARY KEY,                -- public id
+        workspace_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        model TEXT NOT NULL,                -- public model name
+        upstream TEXT NOT NULL,
+        upstream_model TEXT NOT NULL,
+        upstream_task_id TEXT NOT NULL,
+        status TEXT NOT NULL,               -- queued|running|succeeded|failed|cancelled
+        ratio REAL NOT NULL DEFAULT 1.0,    -- the creating key's group ratio
+        video TEXT,                         -- JSON {url, duration, resolution, ratio}
+        usage TEXT,                         -- JSON {video_tokens, completion_tokens, total_tokens}
+        error TEXT,                         -- JSON {code, message}
+        billed INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        next_poll_at REAL,                  -- NULL once finished
+        attempts INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (upstream, upstream_task_id)
+    );
+    CREATE INDEX video_tasks_due ON video_tasks (next_poll_at) WHERE next_poll_at IS NOT NULL;
+
+    CREATE TABLE asset_groups (
+        id TEXT NOT NULL,                   -- the upstream's group id, shown as is
+        upstream TEXT NOT NULL,
+        workspace_id INTEGER NOT NULL,
+        platform TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (upstream, id)
+    );
+    CREATE TABLE assets (
+        id TEXT NOT NULL,                   -- the upstream's asset id, shown as is
+        upstream TEXT NOT NULL,
+        workspace_id INTEGER NOT NULL,
+        platform TEXT NOT NULL,
+        group_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (upstream, id)
+    );
+    CREATE INDEX assets_id ON assets (id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,249 @@
+"""Video task and asset ownership tables, on a connection of their own.
+
+Task state is not on the hot chat path, and its one guarantee must hold in
+the database itself, whoever races (client polls, the background poller,
+other worker processes): a task is billed at most once, and a finished task
+never changes again.
+
+- Every write that moves a task is an UPDATE guarded by
+  ``status IN ('queued', 'running')``, so the first writer of a final state
+  wins and later ones change nothing.
+- ``succeed`` is the compare-and-swap that bills: in one ``BEGIN IMMEDIATE``
+  transaction it flips ``billed`` 0 -> 1 and inserts the billing usage row.
+  Only the transaction whose UPDATE matched a row inserts; a crash before
+  COMMIT leaves the task unbilled and unfinished, so the next poll bills it.
+- One asyncio lock serialises this connection's statements, so one
+  coroutine's transaction never interleaves with another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .schema import connect_async
+from .usage import INSERT as INSERT_USAGE
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+_ACTIVE_SQL = "status IN ('queued', 'running')"
+
+_COLUMNS = (
+    "id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id, status, ratio, "
+    "video, usage, error, billed, created_at, updated_at, next_poll_at, attempts"
+)
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """One video task as stored."""
+
+    id: str
+    workspace_id: int
+    key_id: int
+    model: str
+    upstream: str
+    upstream_model: str
+    upstream_task_id: str
+    status: str
+    ratio: float = 1.0
+    video: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    billed: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_poll_at: float | None = None
+    attempts: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+
+def _dumps(v: dict[str, Any] | None) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
+def _loads(v: str | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    obj = orjson.loads(v)
+    return obj if isinstance(obj, dict) else None
+
+
+def _row(r: Sequence[Any]) -> TaskRow:
+    return TaskRow(
+        id=r[0], workspace_id=r[1], key_id=r[2], model=r[3], upstream=r[4], upstream_model=r[5],
+        upstream_task_id=r[6], status=r[7], ratio=r[8], video=_loads(r[9]), usage=_loads(r[10]),
+        error=_loads(r[11]), billed=bool(r[12]), created_at=r[13], updated_at=r[14], next_poll_at=r[15],
+        attempts=r[16],
+    )
+
+
+class TaskStore:
+    """Task and asset ownership state; see the module docstring for the
+    ordering guarantees."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> TaskStore:
+        return cls(await connect_async(path))
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def _one(self, sql: str, args: Sequence[Any]) -> Any:
+        async with self._lock, self._db.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def _write(self, sql: str, args: Sequence[Any]) -> int:
+        async with self._lock, self._db.execute(sql, args) as cur:
+            return cur.rowcount
+
+    # ------------------------------------------------------------- tasks
+
+    async def insert(self, t: TaskRow) -> None:
+        await self._write(
+            f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+            (t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id,
+             t.status, t.ratio, _dumps(t.video), _dumps(t.usage), _dumps(t.error), int(t.billed),
+             t.created_at, t.updated_at, t.next_poll_at, t.attempts),
+        )
+
+    async def adopt(self, t: TaskRow) -> TaskRow | None:
+        """Insert a task first seen by its upstream id, unless a row for that
+        upstream task exists already; returns the row that is stored (None
+        if the public id is taken by another upstream's task)."""
+        await self._write(
+            f"INSERT OR IGNORE INTO video_tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+            (t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id,
+             t.status, t.ratio, None, None, None, 0, t.created_at, t.updated_at, t.next_poll_at, 0),
+        )
+        return await self.find_upstream(t.upstream, t.upstream_task_id)
+
+    async def get(self, task_id: str) -> TaskRow | None:
+        r = await self._one(f"SELECT {_COLUMNS} FROM video_tasks WHERE id = ?", (task_id,))
+        return None if r is None else _row(r)
+
+    async def find_upstream(self, upstream: str, upstream_task_id: str) -> TaskRow | None:
+        r = await self._one(
+            f"SELECT {_COLUMNS} FROM video_tasks WHERE upstream = ? AND upstream_task_id = ?",
+            (upstream, upstream_task_id),
+        )
+        return None if r is None else _row(r)
+
+    async def due(self, now: float, limit: int) -> list[TaskRow]:
+        """Unfinished tasks whose next poll time has come, oldest first."""
+        async with self._lock, self._db.execute(
+            f"SELECT {_COLUMNS} FROM video_tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ? "
+            f"AND {_ACTIVE_SQL} ORDER BY next_poll_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            return [_row(r) for r in await cur.fetchall()]
+
+    async def claim(self, t: TaskRow, lease_until: float) -> bool:
+        """Move a due task's next poll time forward, so that another poller
+        (another worker) skips it while this one polls it."""
+        n = await self._write(
+            "UPDATE video_tasks SET next_poll_at = ? WHERE id = ? AND next_poll_at = ?",
+            (lease_until, t.id, t.next_poll_at),
+        )
+        return n == 1
+
+    async def progress(self, t: TaskRow, status: str, next_poll_at: float, now: float) -> bool:
+        """Record a non-final status and when to poll next."""
+        n = await self._write(
+            # A late answer saying "queued" never moves a running task back.
+            f"UPDATE video_tasks SET status = ?, updated_at = ?, next_poll_at = ?, attempts = attempts + 1 "
+            f"WHERE id = ? AND {_ACTIVE_SQL} AND (? = 'running' OR status = 'queued')",
+            (status, now, next_poll_at, t.id, status),
+        )
+        return n == 1
+
+    async def reschedule(self, t: TaskRow, next_poll_at: float) -> bool:
+        """Poll again later (after a failed poll), leaving the status alone."""
+        n = await self._write(
+            f"UPDATE video_tasks SET next_poll_at = ?, attempts = attempts + 1 WHERE id = ? AND {_ACTIVE_SQL}",
+            (next_poll_at, t.id),
+        )
+        return n == 1
+
+    async def finish(self, t: TaskRow, status: str, error: dict[str, Any] | None, now: float) -> bool:
+        """Move an unfinished task to failed or cancelled (never billed)."""
+        assert status in ("failed", "cancelled")
+        n = await self._write(
+            f"UPDATE video_tasks SET status = ?, error = ?, updated_at = ?, next_poll_at = NULL "
+            f"WHERE id = ? AND {_ACTIVE_SQL}",
+            (status, _dumps(error), now, t.id),
+        )
+        return n == 1
+
+    async def succeed(
+        self, t: TaskRow, video: dict[str, Any], usage: dict[str, Any], now: float, billing_row: tuple[Any, ...]
+    ) -> bool:
+        """The billing compare-and-swap: True for the one caller that moved
+        the task to succeeded, which also wrote ``billing_row``."""
+        async with self._lock:
+            db = self._db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(
+                    f"UPDATE video_tasks SET status = 'succeeded', billed = 1, video = ?, usage = ?, error = NULL, "
+                    f"updated_at = ?, next_poll_at = NULL WHERE id = ? AND billed = 0 AND {_ACTIVE_SQL}",
+                    (_dumps(video), _dumps(usage), now, t.id),
+                ) as cur:
+                    won = cur.rowcount == 1
+                if won:
+                    await db.execute(INSERT_USAGE, billing_row)
+                await db.execute("COMMIT")
+            except BaseException:
+                # After a cancelled COMMIT there may be nothing to roll back.
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            return won
+
+    # ------------------------------------------------------------ assets
+
+    async def add_group(self, group_id: str, upstream: str, workspace_id: int, platform: str) -> None:
+        await self._write(
+            "INSERT OR IGNORE INTO asset_groups (id, upstream, workspace_id, platform, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (group_id, upstream, workspace_id, platform, time.time()),
+        )
+
+    async def group_owner(self, upstream: str, group_id: str) -> int | None:
+        r = await self._one("SELECT workspace_id FROM asset_groups WHERE upstream = ? AND id = ?", (upstream, group_id))
+        return None if r is None else int(r[0])
+
+    async def add_asset(self, asset_id: str, upstream: str, workspace_id: int, platform: str, group_id: str) -> None:
+        await self._write(
+            "INSERT OR IGNORE INTO assets (id, upstream, workspace_id, platform, group_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (asset_id, upstream, workspace_id, platform, group_id, time.time()),
+        )
+
+    async def asset_owner(self, upstream: str, asset_id: str) -> int | None:
+        r = await self._one("SELECT workspace_id FROM assets WHERE upstream = ? AND id = ?", (upstream, asset_id))
+        return None if r is None else int(r[0])
+
+    async def asset_upstreams(self, asset_id: str, workspace_id: int) -> list[str]:
+        """The upstreams on which this workspace owns an asset with this id."""
+        async with self._lock, self._db.execute(
+            "SELECT upstream FROM assets WHERE id = ? AND workspace_id = ? ORDER BY upstream",
+            (asset_id, workspace_id),
+        ) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]

@@ -1,0 +1,1 @@
+"""Video tasks and material assets: providers, store access, poller, handlers."""

@@ -1,0 +1,282 @@
+"""HTTP handlers for video tasks and assets, and ``setup`` which adds their
+routes and their long-lived state (task store, poller) to the app.
+
+Each request reads top to bottom: authenticate -> read and validate the body
+-> pick the upstream -> call it -> store ownership / state -> answer. The
+request middleware records the request's own usage row as for any /v1
+request; a task's billing row is written by whoever wins the task's
+compare-and-swap into ``succeeded`` (see gateway.store.tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ..auth import KeyInfo
+from ..config import UpstreamConfig
+from ..context import CTX, GATEWAY, Gateway
+from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..proxy import read_body, resolve_model
+from ..routing import Target
+from ..store.tasks import TaskRow, TaskStore
+from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, parse_object, text_field
+from .poller import Poller
+from .service import VideoTasks, provider_for, public_task
+from .video import parse_video_request
+
+
+@dataclass(slots=True)
+class TaskState:
+    """What the task routes share; filled in by the cleanup context."""
+
+    service: VideoTasks | None = None
+    poller: Poller | None = None
+
+
+TASK_STATE = web.AppKey("task_state", TaskState)
+
+
+def _service(request: web.Request) -> VideoTasks:
+    svc = request.app[TASK_STATE].service
+    assert svc is not None
+    return svc
+
+
+def _session(gw: Gateway) -> aiohttp.ClientSession:
+    assert gw.session is not None
+    return gw.session
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+def _envelope(data: dict[str, Any]) -> web.Response:
+    return _json({"code": 200, "msg": "OK", "data": data})
+
+
+def account(up: UpstreamConfig) -> str:
+    return up.account or up.name
+
+
+def task_not_found() -> NotFound:
+    return NotFound("Video task not found.", code="task_not_found")
+
+
+# ------------------------------------------------------------ video tasks
+
+
+async def create_video_task(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    raw = await read_body(request, gw.config.server.max_body_bytes)
+    ctx.bytes_in = len(raw)
+    req = parse_video_request(raw)
+    ctx.model_cfg = resolve_model(gw, key, req.model)
+    ctx.model = req.model
+    targets = video_targets(gw, req.model)
+    if req.asset_ids:
+        targets = await asset_targets(_service(request), key, req.model, req.asset_ids, targets)
+    t, target = await _service(request).create(key, req, targets)
+    ctx.upstream = target.upstream.name
+    return _json(public_task(t, target.upstream.kind))
+
+
+def video_targets(gw: Gateway, model: str) -> list[Target]:
+    plan = gw.router.plan(model)
+    if not plan:
+        raise ServiceUnavailable(f"No healthy upstream for model '{model}'.")
+    targets = [t for t in plan if provider_for(t.upstream) is not None]
+    if not targets:
+        raise BadRequest(f"The model '{model}' does not run video tasks.", code="model_not_video", param="model")
+    return targets
+
+
+async def asset_targets(
+    svc: VideoTasks, key: KeyInfo, model: str, asset_ids: list[str], targets: list[Target]
+) -> list[Target]:
+    """The targets on the provider account that owns every named asset."""
+    cfg = svc.gw.config
+    for asset_id in asset_ids:
+        owners = await svc.store.asset_upstreams(asset_id, key.workspace_id)
+        if not owners:
+            raise NotFound(f"Asset '{asset_id}' not found.", code="asset_not_found", param="resources")
+        accounts = {account(u) for u in cfg.upstreams if u.name in owners}
+        targets = [t for t in targets if account(t.upstream) in accounts]
+        if not targets:
+            raise BadRequest(
+                f"No route of model '{model}' reaches the account that owns asset '{asset_id}'.",
+                code="asset_not_routable", param="resources",
+            )
+    return targets
+
+
+async def get_video_task(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    svc = _service(request)
+    task_id = request.match_info["id"]
+    t = await svc.store.get(task_id)
+    if t is not None:
+        if t.workspace_id != key.workspace_id:
+            raise task_not_found()
+    elif "model" in request.query:
+        t = await adopt_task(request, gw, svc, key, request.query["model"], task_id)
+    else:
+        raise task_not_found()
+    ctx.model, ctx.upstream = t.model, t.upstream
+    if not t.finished:
+        t = await svc.refresh(t)
+    return _json(public_task(t, svc.provider_name(t)))
+
+
+async def adopt_task(
+    request: web.Request, gw: Gateway, svc: VideoTasks, key: KeyInfo, model: str, upstream_id: str
+) -> TaskRow:
+    """A task created elsewhere, polled by its upstream id on a model's
+    upstreams; stored on first sight so it is billed once like any other."""
+    ctx = request[CTX]
+    ctx.model_cfg = resolve_model(gw, key, model)
+    ctx.model = model
+    targets = video_targets(gw, model)
+    for target in targets:
+        known = await svc.store.find_upstream(target.upstream.name, upstream_id)
+        if known is not None:
+            if known.workspace_id != key.workspace_id:
+                raise task_not_found()
+            return known
+    for target in targets:
+        up = target.upstream
+        provider = provider_for(up)
+        assert provider is not None
+        ctx.upstream = up.name
+        try:
+            snap = await provider.get(_session(gw), up, upstream_id)
+        except NotFound:
+            continue
+        now = time.time()
+        row = TaskRow(
+            id=upstream_id, workspace_id=key.workspace_id, key_id=key.id, model=model, upstream=up.name,
+            upstream_model=target.route.model, upstream_task_id=upstream_id, status="queued", ratio=key.ratio,
+            created_at=now, updated_at=now, next_poll_at=now + gw.config.tasks.poll_interval_s,
+        )
+        stored = await svc.store.adopt(row)
+        if stored is None or stored.workspace_id != key.workspace_id:
+            raise task_not_found()
+        return await svc.apply(stored, snap)
+    raise task_not_found()
+
+
+# ----------------------------------------------------------------- assets
+
+
+def platform_upstream(gw: Gateway, platform: str | None) -> tuple[UpstreamConfig, AssetProvider]:
+    if not platform:
+        raise BadRequest("Missing required parameter: 'platform'.", code="missing_field", param="platform")
+    name = gw.config.platforms.get(platform)
+    if name is None:
+        raise BadRequest(f"Unknown platform '{platform[:64]}'.", code="unknown_platform", param="platform")
+    up = gw.config.upstream(name)
+    return up, ASSET_PROVIDERS[up.kind]
+
+
+async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes, dict[str, Any]]:
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    raw = await read_body(request, gw.config.server.max_body_bytes)
+    ctx.bytes_in = len(raw)
+    return gw, key, raw, parse_object(raw)
+
+
+async def create_asset_group(request: web.Request) -> web.Response:
+    gw, key, raw, obj = await _asset_body(request)
+    platform = text_field(obj, "platform", required=True)
+    up, provider = platform_upstream(gw, platform)
+    parse_group_body(obj)
+    request[CTX].upstream = up.name
+    data = await provider.create_group(_session(gw), up, raw, obj)
+    assert platform is not None
+    await _service(request).store.add_group(data["group_id"], up.name, key.workspace_id, platform)
+    return _envelope(data)
+
+
+async def get_asset_group(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    up, provider = platform_upstream(gw, request.query.get("platform"))
+    group_id = request.match_info["id"]
+    if await _service(request).store.group_owner(up.name, group_id) != key.workspace_id:
+        raise NotFound("Asset group not found.", code="group_not_found")
+    ctx.upstream = up.name
+    return _envelope(await provider.get_group(_session(gw), up, group_id, request.query_string))
+
+
+async def create_asset(request: web.Request) -> web.Response:
+    gw, key, raw, obj = await _asset_body(request)
+    platform = text_field(obj, "platform", required=True)
+    up, provider = platform_upstream(gw, platform)
+    parse_asset_body(obj)
+    store = _service(request).store
+    if await store.group_owner(up.name, obj["group_id"]) != key.workspace_id:
+        raise NotFound("Asset group not found.", code="group_not_found", param="group_id")
+    request[CTX].upstream = up.name
+    data = await provider.create_asset(_session(gw), up, raw, obj)
+    assert platform is not None
+    await store.add_asset(data["asset_id"], up.name, key.workspace_id, platform, obj["group_id"])
+    return _envelope(data)
+
+
+async def get_asset(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ctx = request[CTX]
+    ctx.key = key = gw.keys.authenticate(request)
+    up, provider = platform_upstream(gw, request.query.get("platform"))
+    asset_id = request.match_info["id"]
+    if await _service(request).store.asset_owner(up.name, asset_id) != key.workspace_id:
+        raise NotFound("Asset not found.", code="asset_not_found")
+    ctx.upstream = up.name
+    return _envelope(await provider.get_asset(_session(gw), up, asset_id, request.query_string))
+
+
+# ------------------------------------------------------------------ setup
+
+
+def setup(app: web.Application, gw: Gateway, *, poller: bool) -> None:
+    """Add the task and asset routes, and the task store (plus the
+    background poller when ``poller``) as a cleanup context. Append after
+    the contexts that open the client session."""
+    state = TaskState()
+    app[TASK_STATE] = state
+
+    async def task_store(app: web.Application) -> AsyncIterator[None]:
+        store = await TaskStore.open(gw.config.database.path)
+        state.service = svc = VideoTasks(gw, store)
+        runner: asyncio.Task[None] | None = None
+        if poller:
+            state.poller = Poller(svc)
+            runner = asyncio.create_task(state.poller.run(), name="video-task-poller")
+        yield
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        await store.close()
+
+    app.cleanup_ctx.append(task_store)
+    app.router.add_post("/v1/video/tasks", create_video_task)
+    app.router.add_get("/v1/video/tasks/{id}", get_video_task)
+    app.router.add_post("/v1/asset-groups", create_asset_group)
+    app.router.add_get("/v1/asset-groups/{id}", get_asset_group)
+    app.router.add_post("/v1/assets", create_asset)
+    app.router.add_get("/v1/assets/{id}", get_asset)
