@@ -159,7 +159,7 @@ def create_app(cfg: Config, *, poller: bool | None = None) -> web.Application:
         db = await connect_async(cfg.database.path)
         await gw.keys.refresh(db)
         writer = UsageWriter(
-            db, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
+            cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
             on_wait=metrics.backpressure.inc,
         )
         gw.writer = writer

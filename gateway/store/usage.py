@@ -7,8 +7,11 @@ Ordering and delivery guarantees:
   request wait while the queue holds ``queue_max`` events (counted in
   ``gateway_usage_backpressure_waits_total``), so the queue is bounded by
   ``queue_max`` plus the requests already in flight.
-- One writer task owns the write connection; each batch is one transaction.
-  A failed batch is put back at the front of the queue and retried.
+- One writer task owns the write connection, a plain sqlite3 connection
+  living on one dedicated thread: each batch is one transaction run in one
+  hop to that thread (BEGIN, executemany, COMMIT), so the write lock is never
+  held across event-loop turns. A failed batch is put back at the front of
+  the queue and retried.
 - ``close`` drains everything that was recorded before it was called.
 """
 
@@ -17,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from ..config import UsageConfig
+from .schema import connect
 
 log = logging.getLogger("gateway.usage")
 
@@ -63,14 +68,16 @@ class UsageWriter:
 
     def __init__(
         self,
-        db: aiosqlite.Connection,
+        path: Path,
         cfg: UsageConfig,
         *,
         on_batch: Callable[[Sequence[Row]], None] | None = None,
         on_flush: Callable[[int, float], None] | None = None,
         on_wait: Callable[[], None] | None = None,
     ) -> None:
-        self._db = db
+        self._path = path
+        self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
         self._cfg = cfg
         self._queue: deque[Row] = deque()
         self._wake = asyncio.Event()
@@ -125,13 +132,9 @@ class UsageWriter:
         batch = [q.popleft() for _ in range(n)]
         t0 = time.perf_counter()
         try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            await self._db.executemany(INSERT, batch)
-            await self._db.execute("COMMIT")
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
         except Exception as e:
             log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
-            with contextlib.suppress(Exception):
-                await self._db.execute("ROLLBACK")
             q.extendleft(reversed(batch))
             return False
         self.written += n
@@ -146,6 +149,23 @@ class UsageWriter:
             self._room.set()
         return True
 
+    def _write(self, batch: list[Row]) -> None:
+        if self._conn is None:
+            self._conn = connect(self._path)
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(INSERT, batch)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     async def close(self, timeout: float = 30.0) -> None:
         """Stop the loop and write everything recorded so far."""
         self._closing = True
@@ -155,3 +175,5 @@ class UsageWriter:
             await self._flush_available()
         if self._queue:
             log.error("usage writer closing with %d events unwritten", len(self._queue))
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+        self._executor.shutdown(wait=True)
