@@ -36,12 +36,17 @@ MOCK_PORT, MOCK_STREAM_PORT, MOCK_ANTH_PORT = 19100, 19101, 19102
 FWD_PORT, FWD_STREAM_PORT, FWD_ANTH_PORT = 19200, 19201, 19202
 GW_PORT = 19300
 STREAM_EVENTS = 20
-ANTH_EVENTS = 200
+ANTH_EVENTS = 200  # message_start, content_block_start, ping, 194 deltas, 3 closing events
 
 CHAT = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello to the bench."}]}'
 STREAM = '{"model":"bench-stream","stream":true,"messages":[{"role":"user","content":"Stream to the bench."}]}'
 ANTH = ('{"model":"bench-claude","max_tokens":512,"stream":true,'
         '"messages":[{"role":"user","content":"Stream to the bench."}]}')
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
@@ -56,7 +61,9 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 @contextmanager
 def proc(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not port_free(port):
+        raise RuntimeError(f"port {port} is taken: is an earlier bench still running?")
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
         yield p
@@ -131,6 +138,8 @@ def stream_client(port: int, path: str, body: str, n: int, key: str = "") -> Str
                     raise RuntimeError("connection closed mid-stream")
                 buf += data
                 hend = buf.find(b"\r\n\r\n")
+                if hend >= 0 and not buf.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"{path} on port {port}: {buf[:hend].decode()}")
                 if first is None and hend >= 0 and len(buf) > hend + 4:
                     first = time.perf_counter()
                 if hend >= 0 and buf.endswith(b"0\r\n\r\n"):
@@ -140,7 +149,7 @@ def stream_client(port: int, path: str, body: str, n: int, key: str = "") -> Str
             ttfbs.append((first - t0) * 1000)
             totals.append((done - t0) * 1000)
             if i == 0:
-                events = buf.count(b"\n\n") - 1
+                events = buf.count(b"\n\n")
     return Stream(statistics.median(ttfbs), statistics.median(totals), events, n)
 
 
@@ -153,7 +162,7 @@ def has_endpoint(port: int, path: str, key: str) -> bool:
     try:
         urllib.request.urlopen(req, timeout=5).close()
     except urllib.error.HTTPError as e:
-        return e.code != 404 or b"unknown_endpoint" not in e.read()
+        return e.code != 404 or b"Unknown endpoint" not in e.read()
     return True
 
 
@@ -224,7 +233,7 @@ def main() -> None:
     with proc([*mock, "--port", str(MOCK_PORT)], MOCK_PORT), \
          proc([*mock, "--port", str(MOCK_STREAM_PORT), "--events", str(STREAM_EVENTS), "--interval-ms", "1"],
               MOCK_STREAM_PORT), \
-         proc([*mock, "--port", str(MOCK_ANTH_PORT), "--events", str(ANTH_EVENTS)], MOCK_ANTH_PORT), \
+         proc([*mock, "--port", str(MOCK_ANTH_PORT), "--events", str(ANTH_EVENTS - 6)], MOCK_ANTH_PORT), \
          proc([*fwd, "--port", str(FWD_PORT), "--upstream", f"http://127.0.0.1:{MOCK_PORT}"], FWD_PORT), \
          proc([*fwd, "--port", str(FWD_STREAM_PORT), "--upstream", f"http://127.0.0.1:{MOCK_STREAM_PORT}"],
               FWD_STREAM_PORT), \
