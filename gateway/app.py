@@ -19,11 +19,12 @@ from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
+from .limits import Limiter
 from .metrics import Metrics
 from .protocols.base import Endpoint
 from .protocols.openai import ChatCompletions
 from .proxy import handle_json
-from .routing import Router
+from .routing import Health, Router
 from .store.schema import connect_async
 from .store.usage import UsageWriter
 
@@ -91,9 +92,20 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = render(GatewayError("Internal gateway error."), ctx.errors)
     finally:
         gw.in_flight -= 1
-        writer.record(ctx.row(perf_counter()))
+        row = ctx.row(perf_counter())
+        writer.record(row)
+        key = ctx.key
+        if key is not None:
+            if ctx.admitted:
+                gw.limits.release(key)
+            u = ctx.usage
+            if u is not None:
+                # Token and spend limits count what was actually recorded.
+                gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost())
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id
+        if ctx.rate_headers:
+            resp.headers.extend(ctx.rate_headers)
         if ctx.overhead_ms is None:
             resp.headers["x-gateway-overhead-ms"] = f"{(perf_counter() - t0) * 1000:.3f}"
     return resp
@@ -140,11 +152,18 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
-def create_app(cfg: Config) -> web.Application:
-    """The gateway as an aiohttp application, for one worker process."""
+def create_app(cfg: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """The gateway as an aiohttp application, for one worker process.
+
+    ``clock`` (wall time, seconds) drives rate-limit windows, monthly quotas,
+    circuit breakers and 429 cool-downs; tests pass their own."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
     metrics = Metrics()
-    gw = Gateway(config=cfg, router=Router(cfg), keys=KeyCache(cfg), metrics=metrics)
+    health = Health(on_change=lambda name, state: metrics.circuit_state.labels(name).set(state))
+    limits = Limiter(clock, on_reject=lambda reason: metrics.rate_limited.labels(reason).inc())
+    gw = Gateway(
+        config=cfg, router=Router(cfg, health), keys=KeyCache(cfg), metrics=metrics, limits=limits, clock=clock
+    )
     app[GATEWAY] = gw
     app[STARTED] = time.time()
     app[TASKS] = {}
@@ -152,6 +171,7 @@ def create_app(cfg: Config) -> web.Application:
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = await connect_async(cfg.database.path)
         await gw.keys.refresh(db)
+        await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             db, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
             on_wait=metrics.backpressure.inc,

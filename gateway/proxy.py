@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import time
+from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
 
@@ -22,19 +25,21 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .auth import KeyInfo
-from .config import ModelConfig
+from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
     BadRequest,
     Forbidden,
+    GatewayError,
     GatewayTimeout,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     ServiceUnavailable,
 )
 from .protocols.base import Endpoint, Prepared
-from .routing import Target
+from .routing import DENIED, NORMAL, Target
 
 log = logging.getLogger("gateway.proxy")
 
@@ -139,21 +144,43 @@ async def forward(
     raw: bytes,
     obj: dict[str, Any],
 ) -> web.StreamResponse:
-    """Try the model's targets in order until one answers; relay its answer.
+    """Admit the request against its key's limits, then try the model's
+    targets in order until one answers and relay its answer.
 
-    A connect error, timeout, 5xx or 429 moves on to the next target as long
-    as nothing has been sent to the client yet.
+    Targets whose breaker is open or whose route is cooling after a 429 are
+    skipped (not attempts). A connect error, timeout, 5xx or 429 moves on to
+    the next available target while nothing has been sent to the client, up
+    to ``routing.max_attempts`` attempts and ``routing.retry_budget_s``.
+    The body is replayed from memory on every attempt.
     """
-    targets = gw.router.plan(model_cfg.name)
-    if not targets:
-        raise ServiceUnavailable(f"No healthy upstream for model '{model_cfg.name}'.")
+    key = ctx.key
+    assert key is not None
+    ctx.rate_headers = gw.limits.admit(key)
+    ctx.admitted = True
+    router = gw.router
+    targets = router.plan(model_cfg.name)
     session = gw.session
     assert session is not None
+    clock = gw.clock
     path = request.path[3:]  # after /v1
     query = request.query_string
-    failure: Exception | None = None
+    deadline = ctx.t0 + router.retry_budget_s
+    attempts_left = router.max_attempts
+    failure: GatewayError | None = None
+    n = len(targets)
     for i, target in enumerate(targets):
-        last = i == len(targets) - 1
+        now = clock()
+        if now < target.cooldown.until:
+            continue
+        breaker = target.breaker
+        grant = breaker.acquire(now)
+        if grant == DENIED:
+            continue
+        attempts_left -= 1
+        last = (
+            attempts_left == 0 or perf_counter() >= deadline
+            or not any(targets[j].available(now) for j in range(i + 1, n))
+        )
         up = target.upstream
         prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
         url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
@@ -165,30 +192,82 @@ async def forward(
                 headers=upstream_headers(request.headers, target), timeout=target.timeout,
             )
         except TimeoutError:
+            breaker.failure(grant, clock())
             failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
             ctx.error_type = "upstream_timeout"
+            if last:
+                break
             continue
         except aiohttp.ClientError as e:
+            breaker.failure(grant, clock())
             log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
             ctx.error_type = "upstream_unreachable"
+            if last:
+                break
             continue
+        except BaseException:
+            breaker.release(grant)  # cancelled: the client went away
+            raise
         try:
-            if (resp.status >= 500 or resp.status == 429) and not last:
-                ctx.error_type = f"upstream_{resp.status}"
+            status = resp.status
+            if status == 429:
+                # Alive but saturated: cool this route, not the breaker.
+                breaker.success(grant)
+                target.cooldown.until = clock() + _cooldown_s(resp.headers.get("Retry-After"), up)
+            elif status >= 500:
+                breaker.failure(grant, clock())
+            else:
+                breaker.success(grant)
+            if (status >= 500 or status == 429) and not last:
+                ctx.error_type = f"upstream_{status}"
                 continue
-            if resp.status in (401, 403):
-                log.error("upstream %s rejected the gateway's credential (%d)", up.name, resp.status)
+            if status in (401, 403):
+                log.error("upstream %s rejected the gateway's credential (%d)", up.name, status)
                 raise BadGateway(
-                    f"Upstream '{up.name}' rejected the gateway's credential (HTTP {resp.status}).",
+                    f"Upstream '{up.name}' rejected the gateway's credential (HTTP {status}).",
                     code="upstream_auth_failed",
                 )
             ctx.error_type = None
-            return await relay(request, ctx, endpoint, prepared, resp, target)
+            out = await relay(request, ctx, endpoint, prepared, resp, target)
+            if ctx.error_type in ("upstream_idle_timeout", "upstream_disconnected"):
+                breaker.failure(NORMAL, clock())
+            return out
         finally:
             resp.release()
-    assert failure is not None
-    raise failure
+    if failure is not None:
+        raise failure
+    raise _unavailable(gw, model_cfg.name, targets, clock())
+
+
+def _cooldown_s(retry_after: str | None, up: UpstreamConfig) -> float:
+    """How long to skip a route that answered 429: its Retry-After (seconds
+    or an HTTP date), capped, or the upstream's default cool-down."""
+    if retry_after:
+        try:
+            wait = float(retry_after)
+        except ValueError:
+            try:
+                wait = parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError):
+                wait = up.rate_limit_cooldown_s
+        if math.isfinite(wait):
+            return min(max(wait, 0.0), up.rate_limit_cooldown_max_s)
+    return up.rate_limit_cooldown_s
+
+
+def _unavailable(gw: Gateway, model: str, targets: list[Target], now: float) -> GatewayError:
+    """Every route is skipped: 429 if one is only cooling after upstream
+    429s, else 503; Retry-After says when the first one comes back."""
+    if not targets:
+        return ServiceUnavailable(f"No healthy upstream for model '{model}'.")
+    back = min(max(t.cooldown.until, t.breaker.until) for t in targets) - now
+    headers = {"Retry-After": str(max(1, math.ceil(back)))}
+    if any(t.cooldown.until > now and t.breaker.available(now) for t in targets):
+        gw.metrics.rate_limited.labels("upstream").inc()
+        return RateLimited(f"Every upstream for model '{model}' is rate limited; retry later.",
+                           code="upstream_rate_limited", headers=headers)
+    return ServiceUnavailable(f"No healthy upstream for model '{model}'.", headers=headers)
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO:
@@ -214,6 +293,9 @@ async def relay(
     ctx.t_head = perf_counter()
     ctx.status = status = resp.status
     headers = response_headers(resp.headers, ctx.request_id)
+    if ctx.rate_headers:
+        for k, v in ctx.rate_headers:
+            headers[k] = v
     sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     reader = endpoint.reader(prepared, sse)
     length = resp.content_length
@@ -233,6 +315,7 @@ async def relay(
     conn = resp.connection
     if conn is not None and conn.protocol is not None:
         conn.protocol.read_timeout = target.upstream.idle_timeout_s
+        conn.protocol.start_timeout()  # the first-byte timer may be running
     out = web.StreamResponse(status=status, headers=headers)
     if length is not None and not sse:
         out.content_length = length
