@@ -177,10 +177,7 @@ async def forward(
         if grant == DENIED:
             continue
         attempts_left -= 1
-        last = (
-            attempts_left == 0 or perf_counter() >= deadline
-            or not any(targets[j].available(now) for j in range(i + 1, n))
-        )
+        more = attempts_left > 0 and any(targets[j].available(now) for j in range(i + 1, n))
         up = target.upstream
         prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
         url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
@@ -195,7 +192,7 @@ async def forward(
             breaker.failure(grant, clock())
             failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
             ctx.error_type = "upstream_timeout"
-            if last:
+            if not more or perf_counter() >= deadline:
                 break
             continue
         except aiohttp.ClientError as e:
@@ -203,7 +200,7 @@ async def forward(
             log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
             ctx.error_type = "upstream_unreachable"
-            if last:
+            if not more or perf_counter() >= deadline:
                 break
             continue
         except BaseException:
@@ -219,7 +216,7 @@ async def forward(
                 breaker.failure(grant, clock())
             else:
                 breaker.success(grant)
-            if (status >= 500 or status == 429) and not last:
+            if (status >= 500 or status == 429) and more and perf_counter() < deadline:
                 ctx.error_type = f"upstream_{status}"
                 continue
             if status in (401, 403):

@@ -43,6 +43,10 @@ class Upstream:
     def base_url(self) -> str:
         return self.running.url + "/v1"
 
+    @property
+    def port(self) -> int:
+        return self.running.port
+
 
 @dataclass
 class Gateway:
@@ -106,7 +110,49 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        await self.running.runner.cleanup()
+        if self.running.runner.server is not None:
+            await self.running.runner.cleanup()
+
+    async def reload(self, toml: str) -> Config:
+        """Rewrite the config file and reload it as the admin API would."""
+        from gateway.reload import reload_config
+
+        assert self.config.source is not None
+        self.config.source.write_text(toml)
+        return await reload_config(self.running.runner.app)
+
+
+class FakeClock:
+    """Wall time that only moves when a test says so; passed to the gateway
+    (make_gateway(clock=...)) for rate-limit windows, quotas and breakers."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def upstream_toml(name: str, base_url: str, extra: str = "") -> str:
+    """One [[upstreams]] entry for a mock upstream; ``extra`` holds more
+    ``key = value`` lines (a key given there replaces the default)."""
+    keys = {"connect_timeout_s": "2", "first_byte_timeout_s": "10", "idle_timeout_s": "10"}
+    for line in extra.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            keys[k.strip()] = v.strip()
+    lines = "\n".join(f"{k} = {v}" for k, v in keys.items())
+    return f"""
+[[upstreams]]
+name = "{name}"
+kind = "openai"
+base_url = "{base_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+{lines}
+"""
 
 
 def config_toml(upstream_url: str, extra: str = "", *, api_key_env: str = "MOCK_UPSTREAM_KEY") -> str:
@@ -171,6 +217,30 @@ async def upstream() -> AsyncIterator[Upstream]:
     await running.runner.cleanup()
 
 
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[UpstreamFactory]:
+    """Start more mock upstreams (``port=`` to restart one where it was);
+    ``steer`` sets x-mock-* defaults for everything it answers. Upstreams
+    still running at the end of the test are stopped."""
+    started: list[Upstream] = []
+
+    async def make(port: int = 0, steer: dict[str, str] | None = None) -> Upstream:
+        app = create_mock_app(UPSTREAM_KEY)
+        app[MOCK].steer.update(steer or {})
+        running = await start_app(app, "127.0.0.1", port, shutdown_timeout=0.5)
+        up = Upstream(running, app[MOCK])
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        if up.running.runner.server is not None:
+            await up.running.runner.cleanup()
+
+
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
@@ -180,11 +250,11 @@ async def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Async
     started: list[Gateway] = []
     monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
 
-    async def make(toml: str, name: str = "gateway.toml") -> Gateway:
+    async def make(toml: str, name: str = "gateway.toml", *, clock: Callable[[], float] | None = None) -> Gateway:
         path = tmp_path / name
         path.write_text(toml)
         cfg = load_config(path)
-        running = await start_gateway(cfg)
+        running = await start_gateway(cfg, clock=clock)
         gw = Gateway(running, cfg, cfg.database.path)
         started.append(gw)
         return gw
