@@ -318,5 +318,5 @@ async def test_breaker_state_survives_reload(
     await gw.reload(toml.replace('name = "m"', 'name = "m"\nowned_by = "reloaded"'))
     assert (await post(http, gw, key))[0] == 200
     assert len(flaky.state.requests) == 1
-    assert orjson.loads((await (await http.get(gw.url + "/v1/models/m", headers=auth(key))).read()))[
-        "owned_by"] == "reloaded"
+    async with http.get(gw.url + "/v1/models/m", headers=auth(key)) as r:
+        assert orjson.loads(await r.read())["owned_by"] == "reloaded"
