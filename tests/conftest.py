@@ -67,20 +67,36 @@ class Gateway:
             self._conn = connect(self.db_path)
         return self._conn
 
-    def create_key(self, workspace: str = "acme", **kw: Any) -> str:
+    def create_key(self, workspace: str = "acme", *, conn: sqlite3.Connection | None = None, **kw: Any) -> str:
         """A new key (plaintext) in ``workspace``, created if missing.
         Keyword arguments: name, group, models, and KeyLimits fields."""
+        conn = conn or self.conn
         try:
-            ws = queries.find_workspace(self.conn, workspace)
+            ws = queries.find_workspace(conn, workspace)
         except queries.NotFoundError:
-            ws = queries.create_workspace(self.conn, workspace)
+            ws = queries.create_workspace(conn, workspace)
         limit_fields = {k: kw.pop(k) for k in list(kw) if k in queries.KeyLimits.__slots__}
-        _, plaintext = queries.create_key(self.conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
+        _, plaintext = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
         return plaintext
 
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` on a fresh connection in a thread. A write from the
+        event loop thread could wait on the gateway's usage writer, which
+        needs that same loop to commit: a deadlock until busy_timeout."""
+
+        def run() -> Any:
+            conn = connect(self.db_path)
+            try:
+                return fn(conn)
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run)
+
     async def key(self, workspace: str = "acme", **kw: Any) -> str:
-        """Like create_key, then waits until the running gateway knows it."""
-        plaintext = self.create_key(workspace, **kw)
+        """Like create_key (off the event loop), then waits until the running
+        gateway knows it."""
+        plaintext: str = await self.write(lambda conn: self.create_key(workspace, conn=conn, **kw))
         await self.wait_key_live(plaintext)
         return plaintext
 
