@@ -83,6 +83,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         if ctx.error_type is None or not ctx.error_type.startswith("upstream"):
             ctx.error_type = e.code
         resp = render(e, ctx.errors)
+        if ctx.rate_headers:  # admitted, then failed upstream: still say where the limits stand
+            resp.headers.extend(ctx.rate_headers)
     except asyncio.CancelledError:
         ctx.status, ctx.error_type = 499, "client_disconnected"
         raise
@@ -104,8 +106,6 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost())
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id
-        if ctx.rate_headers:
-            resp.headers.extend(ctx.rate_headers)
         if ctx.overhead_ms is None:
             resp.headers["x-gateway-overhead-ms"] = f"{(perf_counter() - t0) * 1000:.3f}"
     return resp

@@ -35,6 +35,8 @@ async def chat(
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": " ".join(["w"] * words)}]}
     async with http.post(gw.url + CHAT, json=body,
                          headers={**auth(key), "x-mock-chunks": str(chunks), **headers}) as r:
+        names = [k.lower() for k in r.headers]
+        assert len(names) == len(set(names)), "no header twice"
         return r.status, dict(r.headers), await r.json()
 
 
