@@ -1,7 +1,8 @@
 """The one pass-through path shared by every model endpoint.
 
     authenticate -> read body -> parse model -> resolve model for the key
-    -> route -> for each target: strip + inject headers, forward
+    -> admit (key limits, gateway.limits) -> route (skipping open breakers
+    and cooling routes) -> for each target: strip + inject headers, forward
     -> relay (chunk by chunk, usage read by the protocol's reader)
 
 Nothing here awaits the database; the usage row is recorded by the
@@ -10,6 +11,7 @@ middleware from the RequestContext this path fills in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -177,7 +179,7 @@ async def forward(
         if grant == DENIED:
             continue
         attempts_left -= 1
-        more = attempts_left > 0 and any(targets[j].available(now) for j in range(i + 1, n))
+        more = attempts_left > 0 and i + 1 < n and any(targets[j].available(now) for j in range(i + 1, n))
         up = target.upstream
         prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
         url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
@@ -211,13 +213,15 @@ async def forward(
             if status == 429:
                 # Alive but saturated: cool this route, not the breaker.
                 breaker.success(grant)
-                target.cooldown.until = clock() + _cooldown_s(resp.headers.get("Retry-After"), up)
+                target.cooldown.until = clock() + _cooldown_s(resp.headers, up)
             elif status >= 500:
                 breaker.failure(grant, clock())
             else:
                 breaker.success(grant)
             if (status >= 500 or status == 429) and more and perf_counter() < deadline:
                 ctx.error_type = f"upstream_{status}"
+                # Only raised if every later target turns out unavailable.
+                failure = BadGateway(f"Upstream '{up.name}' answered HTTP {status}.", code="upstream_error")
                 continue
             if status in (401, 403):
                 log.error("upstream %s rejected the gateway's credential (%d)", up.name, status)
@@ -237,9 +241,15 @@ async def forward(
     raise _unavailable(gw, model_cfg.name, targets, clock())
 
 
-def _cooldown_s(retry_after: str | None, up: UpstreamConfig) -> float:
-    """How long to skip a route that answered 429: its Retry-After (seconds
-    or an HTTP date), capped, or the upstream's default cool-down."""
+def _cooldown_s(headers: CIMultiDictProxy[str], up: UpstreamConfig) -> float:
+    """How long to skip a route that answered 429: its ``retry-after-ms`` or
+    ``Retry-After`` (seconds or an HTTP date), capped, or the upstream's
+    default cool-down."""
+    ms = headers.get("retry-after-ms")
+    retry_after = headers.get("Retry-After")
+    if ms:
+        with contextlib.suppress(ValueError):
+            retry_after = str(float(ms) / 1000)
     if retry_after:
         try:
             wait = float(retry_after)
