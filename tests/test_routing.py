@@ -7,9 +7,14 @@ import asyncio
 import re
 import time
 from collections import Counter
+from dataclasses import fields
+from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
+
+from gateway.config import ConfigError, RoutingConfig, parse_config
 
 from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, UpstreamFactory, upstream_toml
 
@@ -320,3 +325,27 @@ async def test_breaker_state_survives_reload(
     assert len(flaky.state.requests) == 1
     async with http.get(gw.url + "/v1/models/m", headers=auth(key)) as r:
         assert orjson.loads(await r.read())["owned_by"] == "reloaded"
+
+
+def test_routing_and_breaker_keys_are_validated_and_documented() -> None:
+    up = {"name": "u", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}
+    cfg = parse_config({"upstreams": [{**up, "breaker_failures": 2, "breaker_cooldown_s": 1.5}],
+                        "routing": {"max_attempts": 5, "retry_budget_s": 2}}, env={})
+    assert (cfg.upstreams[0].breaker_failures, cfg.upstreams[0].breaker_cooldown_s) == (2, 1.5)
+    assert (cfg.routing.max_attempts, cfg.routing.retry_budget_s) == (5, 2.0)
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.breaker_failures: must be >= 1"):
+        parse_config({"upstreams": [{**up, "breaker_failures": 0}]}, env={})
+    with pytest.raises(ConfigError, match=r"routing\.max_attempts: must be >= 1"):
+        parse_config({"routing": {"max_attempts": 0}}, env={})
+    with pytest.raises(ConfigError, match=r"routing\.retries: unknown key"):
+        parse_config({"routing": {"retries": 1}}, env={})
+
+    root = Path(__file__).resolve().parent.parent
+    example = (root / "config.example.toml").read_text()
+    doc = (root / "docs" / "routing-limits.md").read_text()
+    keys = [f.name for f in fields(RoutingConfig)] + [
+        "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "timeout_s", "breaker_failures",
+        "breaker_cooldown_s", "rate_limit_cooldown_s", "rate_limit_cooldown_max_s",
+    ]
+    for k in keys:
+        assert k in example and k in doc, k
