@@ -159,7 +159,10 @@ def create_app(cfg: Config, *, clock: Callable[[], float] = time.time) -> web.Ap
     circuit breakers and 429 cool-downs; tests pass their own."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
     metrics = Metrics()
-    health = Health(on_change=lambda name, state: metrics.circuit_state.labels(name).set(state))
+    health = Health(
+        on_change=lambda name, state: metrics.circuit_state.labels(name).set(state),
+        on_remove=metrics.circuit_state.remove,
+    )
     limits = Limiter(clock, on_reject=lambda reason: metrics.rate_limited.labels(reason).inc())
     gw = Gateway(
         config=cfg, router=Router(cfg, health), keys=KeyCache(cfg), metrics=metrics, limits=limits, clock=clock

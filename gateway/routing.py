@@ -138,12 +138,19 @@ class Target:
 
 class Health:
     """Breakers by upstream name and 429 cool-downs by route; see the module
-    docstring. ``on_change(name, state)`` is called on every breaker change."""
+    docstring. ``on_change(name, state)`` is called on every breaker change
+    (and with CLOSED for a new upstream), ``on_remove(name)`` when a reload
+    drops an upstream."""
 
-    def __init__(self, on_change: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[str, int], None] | None = None,
+        on_remove: Callable[[str], None] | None = None,
+    ) -> None:
         self.breakers: dict[str, Breaker] = {}
         self._cooldowns: dict[tuple[str, str], RouteCooldown] = {}
         self._notify = on_change
+        self._on_remove = on_remove
 
     def breaker(self, up: UpstreamConfig) -> Breaker:
         b = self.breakers.get(up.name)
@@ -167,6 +174,8 @@ class Health:
         names = {u.name for u in cfg.upstreams}
         for name in [n for n in self.breakers if n not in names]:
             del self.breakers[name]
+            if self._on_remove is not None:
+                self._on_remove(name)
         for key in [k for k in self._cooldowns if k[0] not in names]:
             del self._cooldowns[key]
 

@@ -117,6 +117,11 @@ api_key_env = "MOCK_UPSTREAM_KEY"
     by_upstream = Counter(r["upstream"] for r in rows)
     assert by_upstream["mock"] > 0 and by_upstream["mock2"] > 0
     assert len(upstream.state.requests) + len(second.state.requests) == n
+    # The last reload went back to the config without mock2: its breaker is gone.
+    async with http.get(gw.url + "/metrics") as r:
+        text = await r.text()
+    assert 'gateway_circuit_state{upstream="mock"} 0.0' in text and 'upstream="mock2"' not in text.split(
+        "gateway_circuit_state", 1)[1].split("# HELP", 1)[0]
 
 
 async def test_sighup_reloads_a_running_server(tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession) -> None:
