@@ -24,6 +24,7 @@ from aiohttp import web
 from .app import create_app
 from .config import Config, ConfigError, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
 from .mock.app import create_mock_app
+from .reload import reload_config
 
 log = logging.getLogger("gateway")
 
@@ -131,8 +132,6 @@ async def run_until_signal(
 
 
 async def _reload(app: web.Application) -> None:
-    from .reload import reload_config
-
     try:
         await reload_config(app)
     except ConfigError as e:
