@@ -19,7 +19,7 @@ from gateway.limits import month_bounds
 from gateway.protocols.base import Usage
 from gateway.store import queries
 
-from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, UpstreamFactory, config_toml
 
 CHAT = "/v1/chat/completions"
 
@@ -232,3 +232,15 @@ async def test_key_without_limits_gets_no_ratelimit_headers(gw: Gateway, http: a
     status, headers, _ = await chat(http, gw, key)
     assert status == 200
     assert not any(h.lower().startswith("x-ratelimit") for h in headers)
+
+
+async def test_gateway_error_after_admission_still_carries_ratelimit_headers(
+    make_gateway: GatewayFactory, make_upstream: UpstreamFactory, http: aiohttp.ClientSession
+) -> None:
+    gone = await make_upstream()
+    await gone.running.runner.cleanup()
+    gw = await make_gateway(config_toml(gone.base_url))
+    key = await gw.key(rpm=5)
+    status, headers, body = await chat(http, gw, key)
+    assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+    assert headers["x-ratelimit-remaining-requests"] == "4"
