@@ -19,6 +19,7 @@ from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
+from .limits import Limiter
 from .metrics import Metrics
 from .protocols.anthropic import Messages
 from .protocols.base import Endpoint
@@ -26,7 +27,7 @@ from .protocols.images import ImageEdits, ImageGenerations
 from .protocols.openai import ChatCompletions
 from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
-from .routing import Router
+from .routing import Health, Router
 from .store.schema import connect_async
 from .store.usage import UsageWriter
 from .tasks import handlers as tasks
@@ -86,6 +87,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         if ctx.error_type is None or not ctx.error_type.startswith("upstream"):
             ctx.error_type = e.code
         resp = render(e, ctx.errors)
+        if ctx.rate_headers:  # admitted, then failed upstream: still say where the limits stand
+            resp.headers.extend(ctx.rate_headers)
     except asyncio.CancelledError:
         ctx.status, ctx.error_type = 499, "client_disconnected"
         raise
@@ -95,7 +98,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = render(GatewayError("Internal gateway error."), ctx.errors)
     finally:
         gw.in_flight -= 1
-        writer.record(ctx.row(perf_counter()))
+        row = ctx.row(perf_counter())
+        writer.record(row)
+        key = ctx.key
+        if key is not None:
+            if ctx.admitted:
+                gw.limits.release(key)
+            u = ctx.usage
+            if u is not None:
+                # Token and spend limits count what was actually recorded.
+                gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost())
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id
         if ctx.overhead_ms is None:
@@ -144,13 +156,25 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
-def create_app(cfg: Config, *, poller: bool | None = None) -> web.Application:
+def create_app(
+    cfg: Config, *, poller: bool | None = None, clock: Callable[[], float] = time.time
+) -> web.Application:
     """The gateway as an aiohttp application, for one worker process.
+
     ``poller`` runs the background video task poller here (default: the
-    config's ``tasks.poller``)."""
+    config's ``tasks.poller``). ``clock`` (wall time, seconds) drives
+    rate-limit windows, monthly quotas, circuit breakers and 429 cool-downs;
+    tests pass their own."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
     metrics = Metrics()
-    gw = Gateway(config=cfg, router=Router(cfg), keys=KeyCache(cfg), metrics=metrics)
+    health = Health(
+        on_change=lambda name, state: metrics.circuit_state.labels(name).set(state),
+        on_remove=metrics.circuit_state.remove,
+    )
+    limits = Limiter(clock, on_reject=lambda reason: metrics.rate_limited.labels(reason).inc())
+    gw = Gateway(
+        config=cfg, router=Router(cfg, health), keys=KeyCache(cfg), metrics=metrics, limits=limits, clock=clock
+    )
     app[GATEWAY] = gw
     app[STARTED] = time.time()
     app[TASKS] = {}
@@ -158,6 +182,7 @@ def create_app(cfg: Config, *, poller: bool | None = None) -> web.Application:
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = await connect_async(cfg.database.path)
         await gw.keys.refresh(db)
+        await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
             on_wait=metrics.backpressure.inc,

@@ -51,6 +51,15 @@ class UsageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Failover bounds: at most ``max_attempts`` upstream attempts per request,
+    and no new attempt once ``retry_budget_s`` has passed since it began."""
+
+    max_attempts: int = 3
+    retry_budget_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token_env: str = "GATEWAY_ADMIN_TOKEN"
     token: str | None = field(default=None, repr=False)
@@ -73,6 +82,14 @@ class UpstreamConfig:
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 300.0
     idle_timeout_s: float = 300.0
+    # Circuit breaker: this many consecutive failures (connect error, timeout,
+    # 5xx) open it for breaker_cooldown_s; then one probe request decides.
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    # A 429 without Retry-After skips the route for this long (a Retry-After
+    # is honoured up to rate_limit_cooldown_max_s).
+    rate_limit_cooldown_s: float = 5.0
+    rate_limit_cooldown_max_s: float = 300.0
     # Secrets resolved from the environment; kept out of repr so they never
     # reach a log line through an f-string of the config.
     api_key: str | None = field(default=None, repr=False)
@@ -131,6 +148,7 @@ class Config:
     database: DatabaseConfig = DatabaseConfig()
     usage: UsageConfig = UsageConfig()
     admin: AdminConfig = AdminConfig()
+    routing: RoutingConfig = RoutingConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = (GroupConfig("default"),)
@@ -254,6 +272,10 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
         connect_timeout_s=float(t.num("connect_timeout_s", 10.0)),
         first_byte_timeout_s=float(t.num("first_byte_timeout_s", 300.0)),
         idle_timeout_s=float(t.num("idle_timeout_s", 300.0)),
+        breaker_failures=int(t.num("breaker_failures", 5, minimum=1, integer=True)),
+        breaker_cooldown_s=float(t.num("breaker_cooldown_s", 30.0)),
+        rate_limit_cooldown_s=float(t.num("rate_limit_cooldown_s", 5.0)),
+        rate_limit_cooldown_max_s=float(t.num("rate_limit_cooldown_max_s", 300.0)),
         api_key=_env(api_key_env, f"{t.where}.api_key_env", env),
         access_key=_env(access_key_env, f"{t.where}.access_key_env", env),
         secret_key=_env(secret_key_env, f"{t.where}.secret_key_env", env),
@@ -332,6 +354,13 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     admin = AdminConfig(token_env, env.get(token_env) or None)
     a.done()
 
+    r = root.sub("routing")
+    routing = RoutingConfig(
+        max_attempts=int(r.num("max_attempts", 3, minimum=1, integer=True)),
+        retry_budget_s=float(r.num("retry_budget_s", 60.0)),
+    )
+    r.done()
+
     upstreams = []
     for i, raw in enumerate(root.array("upstreams")):
         upstreams.append(_upstream(_Table(raw, f"upstreams[{i}]"), env))
@@ -383,7 +412,8 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     tk.done()
     root.done()
     return Config(
-        server, database, usage, admin, tuple(upstreams), tuple(models), tuple(groups), platforms, tasks=tasks
+        server=server, database=database, usage=usage, admin=admin, routing=routing,
+        upstreams=tuple(upstreams), models=tuple(models), groups=tuple(groups), platforms=platforms, tasks=tasks,
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from .auth import KeyCache, KeyInfo
 from .config import Config, ModelConfig
 from .errors import Protocol as ErrorShape
+from .limits import Limiter
 from .metrics import Metrics
 from .protocols.base import Usage
 from .routing import Router
@@ -34,9 +36,13 @@ class Gateway:
     router: Router
     keys: KeyCache
     metrics: Metrics
+    limits: Limiter
     writer: UsageWriter | None = None
     session: aiohttp.ClientSession | None = None
     in_flight: int = 0
+    # Wall-clock time for limit windows, breakers and cool-downs; tests pass
+    # their own to move time without sleeping.
+    clock: Callable[[], float] = time.time
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -65,6 +71,8 @@ class RequestContext:
     bytes_in: int = 0
     bytes_out: int = 0
     error_type: str | None = None
+    admitted: bool = False  # passed the key's limits; released at the end
+    rate_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the response
 
     def cost(self) -> float:
         u, m = self.usage, self.model_cfg

@@ -1,7 +1,8 @@
 """The one pass-through path shared by every model endpoint.
 
     authenticate -> read body -> parse model -> resolve model for the key
-    -> route -> for each target: strip + inject headers, forward
+    -> admit (key limits, gateway.limits) -> route (skipping open breakers
+    and cooling routes) -> for each target: strip + inject headers, forward
     -> relay (chunk by chunk, usage read by the protocol's reader)
 
 Nothing here awaits the database; the usage row is recorded by the
@@ -10,8 +11,12 @@ middleware from the RequestContext this path fills in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import math
+import time
+from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
 
@@ -21,18 +26,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .auth import KeyInfo
-from .config import ModelConfig
+from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
     Forbidden,
+    GatewayError,
     GatewayTimeout,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     ServiceUnavailable,
 )
 from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
-from .routing import Target
+from .routing import DENIED, NORMAL, Target
 
 # parse_json_body now lives in protocols.base; still importable from here.
 __all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
@@ -125,21 +132,40 @@ async def forward(
     raw: bytes,
     obj: dict[str, Any],
 ) -> web.StreamResponse:
-    """Try the model's targets in order until one answers; relay its answer.
+    """Admit the request against its key's limits, then try the model's
+    targets in order until one answers and relay its answer.
 
-    A connect error, timeout, 5xx or 429 moves on to the next target as long
-    as nothing has been sent to the client yet.
+    Targets whose breaker is open or whose route is cooling after a 429 are
+    skipped (not attempts). A connect error, timeout, 5xx or 429 moves on to
+    the next available target while nothing has been sent to the client, up
+    to ``routing.max_attempts`` attempts and ``routing.retry_budget_s``.
+    The body is replayed from memory on every attempt.
     """
-    targets = gw.router.plan(model_cfg.name)
-    if not targets:
-        raise ServiceUnavailable(f"No healthy upstream for model '{model_cfg.name}'.")
+    key = ctx.key
+    assert key is not None
+    ctx.rate_headers = gw.limits.admit(key)
+    ctx.admitted = True
+    router = gw.router
+    targets = router.plan(model_cfg.name)
     session = gw.session
     assert session is not None
+    clock = gw.clock
     path = request.path[3:]  # after /v1
     query = request.query_string
-    failure: Exception | None = None
+    deadline = ctx.t0 + router.retry_budget_s
+    attempts_left = router.max_attempts
+    failure: GatewayError | None = None
+    n = len(targets)
     for i, target in enumerate(targets):
-        last = i == len(targets) - 1
+        now = clock()
+        if now < target.cooldown.until:
+            continue
+        breaker = target.breaker
+        grant = breaker.acquire(now)
+        if grant == DENIED:
+            continue
+        attempts_left -= 1
+        more = attempts_left > 0 and i + 1 < n and any(targets[j].available(now) for j in range(i + 1, n))
         up = target.upstream
         prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
         url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
@@ -151,30 +177,90 @@ async def forward(
                 headers=upstream_headers(request.headers, target), timeout=target.timeout,
             )
         except TimeoutError:
+            breaker.failure(grant, clock())
             failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
             ctx.error_type = "upstream_timeout"
+            if not more or perf_counter() >= deadline:
+                break
             continue
         except aiohttp.ClientError as e:
+            breaker.failure(grant, clock())
             log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
             ctx.error_type = "upstream_unreachable"
+            if not more or perf_counter() >= deadline:
+                break
             continue
+        except BaseException:
+            breaker.release(grant)  # cancelled: the client went away
+            raise
         try:
-            if (resp.status >= 500 or resp.status == 429) and not last:
-                ctx.error_type = f"upstream_{resp.status}"
+            status = resp.status
+            if status == 429:
+                # Alive but saturated: cool this route, not the breaker.
+                breaker.success(grant)
+                target.cooldown.until = clock() + _cooldown_s(resp.headers, up)
+            elif status >= 500:
+                breaker.failure(grant, clock())
+            else:
+                breaker.success(grant)
+            if (status >= 500 or status == 429) and more and perf_counter() < deadline:
+                ctx.error_type = f"upstream_{status}"
+                # Only raised if every later target turns out unavailable.
+                failure = BadGateway(f"Upstream '{up.name}' answered HTTP {status}.", code="upstream_error")
                 continue
-            if resp.status in (401, 403):
-                log.error("upstream %s rejected the gateway's credential (%d)", up.name, resp.status)
+            if status in (401, 403):
+                log.error("upstream %s rejected the gateway's credential (%d)", up.name, status)
                 raise BadGateway(
-                    f"Upstream '{up.name}' rejected the gateway's credential (HTTP {resp.status}).",
+                    f"Upstream '{up.name}' rejected the gateway's credential (HTTP {status}).",
                     code="upstream_auth_failed",
                 )
             ctx.error_type = None
-            return await relay(request, ctx, endpoint, prepared, resp, target)
+            out = await relay(request, ctx, endpoint, prepared, resp, target)
+            if ctx.error_type in ("upstream_idle_timeout", "upstream_disconnected"):
+                breaker.failure(NORMAL, clock())
+            return out
         finally:
             resp.release()
-    assert failure is not None
-    raise failure
+    if failure is not None:
+        raise failure
+    raise _unavailable(gw, model_cfg.name, targets, clock())
+
+
+def _cooldown_s(headers: CIMultiDictProxy[str], up: UpstreamConfig) -> float:
+    """How long to skip a route that answered 429: its ``retry-after-ms`` or
+    ``Retry-After`` (seconds or an HTTP date), capped, or the upstream's
+    default cool-down."""
+    ms = headers.get("retry-after-ms")
+    retry_after = headers.get("Retry-After")
+    if ms:
+        with contextlib.suppress(ValueError):
+            retry_after = str(float(ms) / 1000)
+    if retry_after:
+        try:
+            wait = float(retry_after)
+        except ValueError:
+            try:
+                wait = parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError):
+                wait = up.rate_limit_cooldown_s
+        if math.isfinite(wait):
+            return min(max(wait, 0.0), up.rate_limit_cooldown_max_s)
+    return up.rate_limit_cooldown_s
+
+
+def _unavailable(gw: Gateway, model: str, targets: list[Target], now: float) -> GatewayError:
+    """Every route is skipped: 429 if one is only cooling after upstream
+    429s, else 503; Retry-After says when the first one comes back."""
+    if not targets:
+        return ServiceUnavailable(f"No healthy upstream for model '{model}'.")
+    back = min(max(t.cooldown.until, t.breaker.until) for t in targets) - now
+    headers = {"Retry-After": str(max(1, math.ceil(back)))}
+    if any(t.cooldown.until > now and t.breaker.available(now) for t in targets):
+        gw.metrics.rate_limited.labels("upstream").inc()
+        return RateLimited(f"Every upstream for model '{model}' is rate limited; retry later.",
+                           code="upstream_rate_limited", headers=headers)
+    return ServiceUnavailable(f"No healthy upstream for model '{model}'.", headers=headers)
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO:
@@ -200,6 +286,9 @@ async def relay(
     ctx.t_head = perf_counter()
     ctx.status = status = resp.status
     headers = response_headers(resp.headers, ctx.request_id)
+    if ctx.rate_headers:
+        for k, v in ctx.rate_headers:
+            headers[k] = v
     sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     reader = endpoint.reader(prepared, sse)
     if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
@@ -222,6 +311,7 @@ async def relay(
     conn = resp.connection
     if conn is not None and conn.protocol is not None:
         conn.protocol.read_timeout = target.upstream.idle_timeout_s
+        conn.protocol.start_timeout()  # the first-byte timer may be running
     out = web.StreamResponse(status=status, headers=headers)
     if length is not None and not sse:
         out.content_length = length

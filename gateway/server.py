@@ -1,5 +1,7 @@
 """Running the gateway: start an app on a socket, stop it gracefully.
 
+SIGHUP reloads the config file (see gateway.reload).
+
 Shutdown order on SIGTERM/SIGINT: stop accepting, let in-flight requests
 and streams finish (up to ``server.graceful_timeout_s``), then the app's
 cleanup contexts run: client session closed, usage queue flushed, database
@@ -20,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from .app import create_app
-from .config import Config, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
+from .config import Config, ConfigError, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
 from .mock.app import create_mock_app
+from .reload import reload_config
 
 log = logging.getLogger("gateway")
 
@@ -81,9 +84,12 @@ async def start_mock(host: str = "127.0.0.1", port: int = 0, api_key: str | None
     return await start_app(create_mock_app(api_key, record=False), host, port, shutdown_timeout=1.0)
 
 
-async def start_gateway(cfg: Config, *, port: int | None = None) -> Running:
+async def start_gateway(
+    cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None
+) -> Running:
+    app = create_app(cfg) if clock is None else create_app(cfg, clock=clock)
     return await start_app(
-        create_app(cfg), cfg.server.host, cfg.server.port if port is None else port,
+        app, cfg.server.host, cfg.server.port if port is None else port,
         shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1,
     )
 
@@ -108,12 +114,28 @@ async def run_until_signal(
     )
     if on_ready is not None:
         on_ready(cfg, gw)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(_reload(gw.runner.app), name="config-reload")
+        reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(reloads.discard)
+
+    if cfg.source is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests, flushing usage")
     await gw.runner.cleanup()
     if mock is not None:
         await mock.runner.cleanup()
     log.info("stopped")
+
+
+async def _reload(app: web.Application) -> None:
+    try:
+        await reload_config(app)
+    except ConfigError as e:
+        log.error("config reload refused, keeping the running config: %s", e)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

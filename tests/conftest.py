@@ -46,6 +46,10 @@ class Upstream:
     def base_url(self) -> str:
         return self.running.url + "/v1"
 
+    @property
+    def port(self) -> int:
+        return self.running.port
+
 
 @dataclass
 class Gateway:
@@ -66,20 +70,36 @@ class Gateway:
             self._conn = connect(self.db_path)
         return self._conn
 
-    def create_key(self, workspace: str = "acme", **kw: Any) -> str:
+    def create_key(self, workspace: str = "acme", *, conn: sqlite3.Connection | None = None, **kw: Any) -> str:
         """A new key (plaintext) in ``workspace``, created if missing.
         Keyword arguments: name, group, models, and KeyLimits fields."""
+        conn = conn or self.conn
         try:
-            ws = queries.find_workspace(self.conn, workspace)
+            ws = queries.find_workspace(conn, workspace)
         except queries.NotFoundError:
-            ws = queries.create_workspace(self.conn, workspace)
+            ws = queries.create_workspace(conn, workspace)
         limit_fields = {k: kw.pop(k) for k in list(kw) if k in queries.KeyLimits.__slots__}
-        _, plaintext = queries.create_key(self.conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
+        _, plaintext = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
         return plaintext
 
+    async def write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` on a fresh connection in a thread. A write from the
+        event loop thread could wait on the gateway's usage writer, which
+        needs that same loop to commit: a deadlock until busy_timeout."""
+
+        def run() -> Any:
+            conn = connect(self.db_path)
+            try:
+                return fn(conn)
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run)
+
     async def key(self, workspace: str = "acme", **kw: Any) -> str:
-        """Like create_key, then waits until the running gateway knows it."""
-        plaintext = self.create_key(workspace, **kw)
+        """Like create_key (off the event loop), then waits until the running
+        gateway knows it."""
+        plaintext: str = await self.write(lambda conn: self.create_key(workspace, conn=conn, **kw))
         await self.wait_key_live(plaintext)
         return plaintext
 
@@ -109,7 +129,49 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        await self.running.runner.cleanup()
+        if self.running.runner.server is not None:
+            await self.running.runner.cleanup()
+
+    async def reload(self, toml: str) -> Config:
+        """Rewrite the config file and reload it as the admin API would."""
+        from gateway.reload import reload_config
+
+        assert self.config.source is not None
+        self.config.source.write_text(toml)
+        return await reload_config(self.running.runner.app)
+
+
+class FakeClock:
+    """Wall time that only moves when a test says so; passed to the gateway
+    (make_gateway(clock=...)) for rate-limit windows, quotas and breakers."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def upstream_toml(name: str, base_url: str, extra: str = "") -> str:
+    """One [[upstreams]] entry for a mock upstream; ``extra`` holds more
+    ``key = value`` lines (a key given there replaces the default)."""
+    keys = {"connect_timeout_s": "2", "first_byte_timeout_s": "10", "idle_timeout_s": "10"}
+    for line in extra.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            keys[k.strip()] = v.strip()
+    lines = "\n".join(f"{k} = {v}" for k, v in keys.items())
+    return f"""
+[[upstreams]]
+name = "{name}"
+kind = "openai"
+base_url = "{base_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+{lines}
+"""
 
 
 def config_toml(upstream_url: str, extra: str = "", *, api_key_env: str = "MOCK_UPSTREAM_KEY") -> str:
@@ -174,6 +236,30 @@ async def upstream() -> AsyncIterator[Upstream]:
     await running.runner.cleanup()
 
 
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[UpstreamFactory]:
+    """Start more mock upstreams (``port=`` to restart one where it was);
+    ``steer`` sets x-mock-* defaults for everything it answers. Upstreams
+    still running at the end of the test are stopped."""
+    started: list[Upstream] = []
+
+    async def make(port: int = 0, steer: dict[str, str] | None = None) -> Upstream:
+        app = create_mock_app(UPSTREAM_KEY)
+        app[MOCK].steer.update(steer or {})
+        running = await start_app(app, "127.0.0.1", port, shutdown_timeout=0.5)
+        up = Upstream(running, app[MOCK])
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        if up.running.runner.server is not None:
+            await up.running.runner.cleanup()
+
+
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
@@ -185,11 +271,11 @@ async def make_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Async
     monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
     monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
 
-    async def make(toml: str, name: str = "gateway.toml") -> Gateway:
+    async def make(toml: str, name: str = "gateway.toml", *, clock: Callable[[], float] | None = None) -> Gateway:
         path = tmp_path / name
         path.write_text(toml)
         cfg = load_config(path)
-        running = await start_gateway(cfg)
+        running = await start_gateway(cfg, clock=clock)
         gw = Gateway(running, cfg, cfg.database.path)
         started.append(gw)
         return gw

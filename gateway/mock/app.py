@@ -10,6 +10,10 @@ upstream, and it is steered per request by headers the gateway forwards:
 - ``x-mock-status: N``      answer with this status and an error body
 - ``x-mock-fail: midstream|garbage|stall|gzip``  misbehave on purpose
 - ``x-mock-cached: N``, ``x-mock-reasoning: N``   usage details to report
+- ``x-mock-retry-after: S`` Retry-After on an ``x-mock-status`` answer
+
+``MockState.steer`` holds defaults for these headers, so one of several mock
+upstreams behind a gateway can be made to fail while the others answer.
 
 Anthropic Messages, Responses and Images live in gateway.mock.anthropic,
 .responses and .images (each documents its own extra headers).
@@ -45,6 +49,7 @@ class MockState:
     disconnects: int = 0
     completed_streams: int = 0
     record: bool = True
+    steer: dict[str, str] = field(default_factory=dict)
 
 
 MOCK = web.AppKey("mock", MockState)
@@ -63,9 +68,13 @@ def count_prompt_tokens(obj: dict[str, Any]) -> int:
     return max(n, 1)
 
 
+def _steer(request: web.Request, name: str) -> str | None:
+    return request.headers.get(name) or request.app[MOCK].steer.get(name)
+
+
 def _int(request: web.Request, name: str, default: int = 0) -> int:
     try:
-        return int(request.headers.get(name, default))
+        return int(_steer(request, name) or default)
     except ValueError:
         return default
 
@@ -93,11 +102,19 @@ async def _check(request: web.Request, *, anthropic: bool = False) -> tuple[byte
             return body, openai_error(401, "Incorrect API key provided.")
     delay = _int(request, "x-mock-head-delay-ms")
     if delay:
-        await asyncio.sleep(delay / 1000)
+        try:
+            await asyncio.sleep(delay / 1000)
+        except asyncio.CancelledError:
+            state.disconnects += 1
+            raise
     status = _int(request, "x-mock-status")
     if status:
-        return body, openai_error(status, f"Mock failure {status}.")
-    if request.headers.get("x-mock-fail") == "garbage":
+        err = openai_error(status, f"Mock failure {status}.")
+        retry_after = _steer(request, "x-mock-retry-after")
+        if retry_after:
+            err.headers["Retry-After"] = retry_after
+        return body, err
+    if _steer(request, "x-mock-fail") == "garbage":
         return body, web.Response(status=200, body=b"<html>not json", content_type="application/json")
     return body, None
 
@@ -142,7 +159,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "system_fingerprint": "fp_mock",
         }
         data = orjson.dumps(body)
-        if request.headers.get("x-mock-fail") == "gzip":
+        if _steer(request, "x-mock-fail") == "gzip":
             return web.Response(body=gzip.compress(data), headers={"Content-Encoding": "gzip"},
                                 content_type="application/json")
         return web.Response(body=data, content_type="application/json")
@@ -152,7 +169,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     delay = _int(request, "x-mock-delay-ms") / 1000
-    fail = request.headers.get("x-mock-fail")
+    fail = _steer(request, "x-mock-fail")
     state = request.app[MOCK]
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:

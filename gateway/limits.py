@@ -1,0 +1,246 @@
+"""Per-key and per-workspace limits, checked in memory on the request path.
+
+- RPM: a sliding 60 s log of admitted requests per key (a deque of times).
+- TPM: a sliding 60 s log of settled tokens (input + output) per key; a
+  request is admitted while the last minute's settled tokens are below the
+  limit (a request's own tokens are unknown until it ends, so one request may
+  overshoot; the next ones wait until the window has room again).
+- Concurrency: requests of the key in progress.
+- Spend and token quotas: this calendar month's (UTC) cost per key and cost
+  and tokens per workspace, loaded from ``usage_events`` at startup and kept
+  current by ``settle`` from every usage row.
+
+Every check is a few dict and deque operations; nothing awaits. The clock is
+passed in (wall time, seconds), so tests move windows without sleeping.
+Counters are per process: see docs/routing-limits.md for several workers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import aiosqlite
+
+from .auth import KeyInfo
+from .errors import RateLimited
+
+WINDOW_S = 60.0
+
+Headers = list[tuple[str, str]]
+
+
+class _KeyState:
+    __slots__ = ("active", "requests", "spend", "token_sum", "tokens")
+
+    def __init__(self) -> None:
+        self.requests: deque[float] = deque()
+        self.tokens: deque[tuple[float, int]] = deque()
+        self.token_sum = 0
+        self.active = 0
+        self.spend = 0.0
+
+
+class _WorkspaceState:
+    __slots__ = ("spend", "tokens")
+
+    def __init__(self) -> None:
+        self.spend = 0.0
+        self.tokens = 0
+
+
+def month_bounds(now: float) -> tuple[float, float]:
+    """Start and end (unix seconds) of the UTC calendar month holding ``now``."""
+    d = datetime.fromtimestamp(now, UTC)
+    start = datetime(d.year, d.month, 1, tzinfo=UTC)
+    end = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=UTC)
+    return start.timestamp(), end.timestamp()
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    m, s = divmod(seconds, 60)
+    return f"{int(m)}m{round(s, 3):g}s"
+
+
+class Limiter:
+    """Admission (``admit``/``release``) and settlement (``settle``)."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self._keys: dict[int, _KeyState] = {}
+        self._workspaces: dict[int, _WorkspaceState] = {}
+        self._on_reject = on_reject
+        self._month_start, self._month_end = month_bounds(clock())
+
+    # ------------------------------------------------------------ admission
+
+    def admit(self, key: KeyInfo) -> Headers | None:
+        """Admit one request of ``key`` or raise RateLimited (429 with
+        Retry-After). Returns the x-ratelimit-* headers for the response, or
+        None when the key has no per-minute limit. A key with a concurrency
+        cap holds a slot until ``release``."""
+        if (
+            key.rpm is None and key.tpm is None and key.max_concurrency is None and key.spend_limit is None
+            and key.workspace_spend_limit is None and key.workspace_token_limit is None
+        ):
+            return None
+        now = self.clock()
+        if now >= self._month_end:
+            self._new_month(now)
+        st = self._keys.get(key.id)
+        if st is None:
+            st = self._keys[key.id] = _KeyState()
+
+        if key.spend_limit is not None and st.spend >= key.spend_limit:
+            self._reject("key_spend", "This key has reached its monthly spend limit.", self._month_end - now,
+                         "insufficient_quota")
+        if key.workspace_spend_limit is not None or key.workspace_token_limit is not None:
+            ws = self._workspaces.get(key.workspace_id)
+            if ws is not None:
+                if key.workspace_spend_limit is not None and ws.spend >= key.workspace_spend_limit:
+                    self._reject("workspace_spend", "The workspace has reached its monthly spend quota.",
+                                 self._month_end - now, "insufficient_quota")
+                if key.workspace_token_limit is not None and ws.tokens >= key.workspace_token_limit:
+                    self._reject("workspace_tokens", "The workspace has reached its monthly token quota.",
+                                 self._month_end - now, "insufficient_quota")
+
+        headers: Headers | None = None
+        if key.tpm is not None:
+            used = self._tokens_in_window(st, now)
+            reset = st.tokens[0][0] + WINDOW_S - now if st.tokens else 0.0
+            if used >= key.tpm:
+                wait = self._tpm_wait(st, key.tpm, now)
+                self._reject("tpm", f"Rate limit reached: {key.tpm} tokens per minute.", wait,
+                             headers=_token_headers(key.tpm, used, wait))
+            headers = _token_headers(key.tpm, used, reset)
+        if key.rpm is not None:
+            reqs = st.requests
+            cutoff = now - WINDOW_S
+            while reqs and reqs[0] <= cutoff:
+                reqs.popleft()
+            if len(reqs) >= key.rpm:
+                wait = reqs[0] + WINDOW_S - now
+                self._reject("rpm", f"Rate limit reached: {key.rpm} requests per minute.", wait,
+                             headers=[*_request_headers(key.rpm, 0, wait), *(headers or ())])
+            reqs.append(now)
+            rh = _request_headers(key.rpm, key.rpm - len(reqs), reqs[0] + WINDOW_S - now)
+            headers = rh if headers is None else rh + headers
+        if key.max_concurrency is not None:
+            if st.active >= key.max_concurrency:
+                if key.rpm is not None:
+                    st.requests.pop()  # not admitted after all
+                self._reject("concurrency",
+                             f"Too many concurrent requests: this key allows {key.max_concurrency}.", 1.0,
+                             "concurrency_limit_exceeded")
+            st.active += 1
+        return headers
+
+    def release(self, key: KeyInfo) -> None:
+        """End of an admitted request of ``key`` (frees its concurrency slot)."""
+        if key.max_concurrency is not None:
+            st = self._keys.get(key.id)
+            if st is not None and st.active > 0:
+                st.active -= 1
+
+    # ----------------------------------------------------------- settlement
+
+    def settle(self, key: KeyInfo, tokens: int, cost: float) -> None:
+        """Count a finished request's tokens and cost (from its usage row)."""
+        if not tokens and not cost:
+            return
+        now = self.clock()
+        if now >= self._month_end:
+            self._new_month(now)
+        st = self._keys.get(key.id)
+        if st is None:
+            st = self._keys[key.id] = _KeyState()
+        st.spend += cost
+        if key.tpm is not None and tokens:
+            st.tokens.append((now, tokens))
+            st.token_sum += tokens
+        ws = self._workspaces.get(key.workspace_id)
+        if ws is None:
+            ws = self._workspaces[key.workspace_id] = _WorkspaceState()
+        ws.spend += cost
+        ws.tokens += tokens
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        """This month's spend and tokens per key and workspace, from the
+        usage already recorded (run once at startup, before serving)."""
+        start, _ = month_bounds(self.clock())
+        sql = ("SELECT {col}, SUM(cost), SUM(input_tokens + output_tokens) FROM usage_events "
+               "WHERE ts >= ? AND {col} IS NOT NULL GROUP BY {col}")
+        async with db.execute(sql.format(col="key_id"), (start,)) as cur:
+            for kid, spend, _tokens in await cur.fetchall():
+                self._keys.setdefault(kid, _KeyState()).spend = float(spend or 0.0)
+        async with db.execute(sql.format(col="workspace_id"), (start,)) as cur:
+            for wid, spend, tokens in await cur.fetchall():
+                ws = self._workspaces.setdefault(wid, _WorkspaceState())
+                ws.spend, ws.tokens = float(spend or 0.0), int(tokens or 0)
+
+    # -------------------------------------------------------------- helpers
+
+    def spent(self, key_id: int) -> float:
+        st = self._keys.get(key_id)
+        return st.spend if st else 0.0
+
+    def _tokens_in_window(self, st: _KeyState, now: float) -> int:
+        toks = st.tokens
+        cutoff = now - WINDOW_S
+        while toks and toks[0][0] <= cutoff:
+            st.token_sum -= toks.popleft()[1]
+        return st.token_sum
+
+    @staticmethod
+    def _tpm_wait(st: _KeyState, tpm: int, now: float) -> float:
+        # Until enough of the window's tokens have aged out to drop below tpm.
+        left = st.token_sum
+        for ts, n in st.tokens:
+            left -= n
+            if left < tpm:
+                return ts + WINDOW_S - now
+        return WINDOW_S
+
+    def _new_month(self, now: float) -> None:
+        self._month_start, self._month_end = month_bounds(now)
+        for st in self._keys.values():
+            st.spend = 0.0
+        self._workspaces.clear()
+
+    def _reject(
+        self, reason: str, message: str, wait: float, code: str = "rate_limit_exceeded",
+        headers: Headers | None = None,
+    ) -> None:
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        h = dict(headers or ())
+        h["Retry-After"] = str(max(1, math.ceil(wait)))
+        raise RateLimited(message, code=code, headers=h)
+
+
+def _request_headers(limit: int, remaining: int, reset: float) -> Headers:
+    return [
+        ("x-ratelimit-limit-requests", str(limit)),
+        ("x-ratelimit-remaining-requests", str(max(0, remaining))),
+        ("x-ratelimit-reset-requests", duration(max(0.0, reset))),
+    ]
+
+
+def _token_headers(limit: int, used: int, reset: float) -> Headers:
+    return [
+        ("x-ratelimit-limit-tokens", str(limit)),
+        ("x-ratelimit-remaining-tokens", str(max(0, limit - used))),
+        ("x-ratelimit-reset-tokens", duration(max(0.0, reset))),
+    ]
