@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 
@@ -59,17 +58,18 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Request id and timing for every request; for /v1, exactly one usage
     row per request, whatever happens (errors, client gone: 499)."""
     t0 = perf_counter()
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    gw = request.app[GATEWAY]
+    request_id = request.headers.get("x-request-id") or gw.new_request_id()
     if not request.path.startswith("/v1/"):
         resp = await handler(request)
         if not resp.prepared:
             resp.headers["x-request-id"] = request_id
         return resp
 
-    gw = request.app[GATEWAY]
     writer = gw.writer
     assert writer is not None
-    await writer.wait_for_room()
+    if writer.full:
+        await writer.wait_for_room()
     ctx = RequestContext(request_id, t0, endpoint=_endpoint_label(request), errors=error_shape(request.path))
     request[CTX] = ctx
     gw.in_flight += 1
@@ -107,7 +107,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             u = ctx.usage
             if u is not None:
                 # Token and spend limits count what was actually recorded.
-                gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost())
+                gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost_usd)
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id
         if ctx.overhead_ms is None:
@@ -202,7 +202,7 @@ def create_app(
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
         gw.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            connector=connector, auto_decompress=False,
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         yield

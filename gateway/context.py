@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,14 @@ class Gateway:
     # Wall-clock time for limit windows, breakers and cool-downs; tests pass
     # their own to move time without sleeping.
     clock: Callable[[], float] = time.time
+    # Request ids: a random per-process prefix and a counter, unique without
+    # the cost of uuid4 on every request.
+    id_prefix: str = field(default_factory=lambda: secrets.token_hex(6))
+    requests_seen: int = 0
+
+    def new_request_id(self) -> str:
+        self.requests_seen += 1
+        return f"{self.id_prefix}{self.requests_seen:010x}"
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -71,6 +80,7 @@ class RequestContext:
     bytes_in: int = 0
     bytes_out: int = 0
     error_type: str | None = None
+    cost_usd: float = 0.0
     admitted: bool = False  # passed the key's limits; released at the end
     rate_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the response
 
@@ -86,6 +96,8 @@ class RequestContext:
         return total * (self.key.ratio if self.key else 1.0)
 
     def row(self, now: float) -> tuple[object, ...]:
+        """The usage row; also sets ``cost_usd``."""
+        self.cost_usd = self.cost()
         u = self.usage or Usage()
         k = self.key
         upstream_ms = None
@@ -107,7 +119,7 @@ class RequestContext:
             u.reasoning_tokens,
             u.images,
             u.video_tokens,
-            self.cost(),
+            self.cost_usd,
             (now - self.t0) * 1000,
             self.ttfb_ms,
             upstream_ms,

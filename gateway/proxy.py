@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
@@ -23,8 +24,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
+from . import __version__
 from .auth import KeyInfo
 from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -55,6 +56,7 @@ STRIP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Bodies up to this size with a Content-Length are answered in one write.
 SMALL_BODY = 256 * 1024
 LARGE_BODY = 1024 * 1024
+USER_AGENT = f"gateway/{__version__}"
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
@@ -70,6 +72,9 @@ def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiD
         out.add(k, v)
     # Usage is read from the bytes, so ask for them uncompressed.
     out["Accept-Encoding"] = "identity"
+    if "User-Agent" not in out:
+        # Rather than aiohttp's own, which would name the gateway's internals.
+        out["User-Agent"] = USER_AGENT
     for k, v in target.credential:
         out[k] = v
     return out
@@ -155,7 +160,6 @@ async def forward(
     deadline = ctx.t0 + router.retry_budget_s
     attempts_left = router.max_attempts
     failure: GatewayError | None = None
-    n = len(targets)
     for i, target in enumerate(targets):
         now = clock()
         if now < target.cooldown.until:
@@ -165,10 +169,9 @@ async def forward(
         if grant == DENIED:
             continue
         attempts_left -= 1
-        more = attempts_left > 0 and i + 1 < n and any(targets[j].available(now) for j in range(i + 1, n))
         up = target.upstream
         prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
-        url = URL(up.base_url + path + ("?" + query if query else ""), encoded=True)
+        url = target.url(path, query)
         ctx.upstream = up.name
         ctx.t_upstream = perf_counter()
         try:
@@ -180,7 +183,7 @@ async def forward(
             breaker.failure(grant, clock())
             failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
             ctx.error_type = "upstream_timeout"
-            if not more or perf_counter() >= deadline:
+            if not _more(targets, i, attempts_left, deadline, clock):
                 break
             continue
         except aiohttp.ClientError as e:
@@ -188,7 +191,7 @@ async def forward(
             log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
             ctx.error_type = "upstream_unreachable"
-            if not more or perf_counter() >= deadline:
+            if not _more(targets, i, attempts_left, deadline, clock):
                 break
             continue
         except BaseException:
@@ -204,7 +207,7 @@ async def forward(
                 breaker.failure(grant, clock())
             else:
                 breaker.success(grant)
-            if (status >= 500 or status == 429) and more and perf_counter() < deadline:
+            if (status >= 500 or status == 429) and _more(targets, i, attempts_left, deadline, clock):
                 ctx.error_type = f"upstream_{status}"
                 # Only raised if every later target turns out unavailable.
                 failure = BadGateway(f"Upstream '{up.name}' answered HTTP {status}.", code="upstream_error")
@@ -225,6 +228,15 @@ async def forward(
     if failure is not None:
         raise failure
     raise _unavailable(gw, model_cfg.name, targets, clock())
+
+
+def _more(targets: list[Target], i: int, attempts_left: int, deadline: float, clock: Callable[[], float]) -> bool:
+    """Whether a failed attempt may move on: attempts and time left, and a
+    later target that is not skipped."""
+    if attempts_left <= 0 or perf_counter() >= deadline:
+        return False
+    now = clock()
+    return any(t.available(now) for t in targets[i + 1 :])
 
 
 def _cooldown_s(headers: CIMultiDictProxy[str], up: UpstreamConfig) -> float:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
 from .config import Config, Route, UpstreamConfig
 
@@ -131,9 +132,21 @@ class Target:
     credential: tuple[tuple[str, str], ...]
     breaker: Breaker
     cooldown: RouteCooldown
+    _urls: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
 
     def available(self, now: float) -> bool:
         return now >= self.cooldown.until and self.breaker.available(now)
+
+    def url(self, path: str, query: str) -> URL:
+        """The upstream URL for a public path (after ``/v1``) and query."""
+        if query:
+            return URL(f"{self.upstream.base_url}{path}?{query}", encoded=True)
+        u = self._urls.get(path)
+        if u is None:
+            u = URL(self.upstream.base_url + path, encoded=True)
+            if len(self._urls) < 256:  # paths with ids (task polls) must not grow it forever
+                self._urls[path] = u
+        return u
 
 
 class Health:

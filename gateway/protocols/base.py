@@ -14,6 +14,7 @@ A protocol module describes one family of endpoints:
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -114,18 +115,20 @@ def as_int(v: Any) -> int:
 class Tail:
     """The last ``limit`` bytes of a stream, kept as a list of chunks."""
 
-    __slots__ = ("_chunks", "_limit", "_size")
+    __slots__ = ("_chunks", "_limit", "_size", "complete")
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
+        self.complete = True  # nothing dropped yet: the tail is the whole stream
 
     def add(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._size += len(chunk)
         while self._size - len(self._chunks[0]) >= self._limit:
             self._size -= len(self._chunks.pop(0))
+            self.complete = False
 
     def bytes(self) -> bytes:
         data = b"".join(self._chunks)
@@ -143,49 +146,48 @@ def _key_pattern(key: bytes) -> re.Pattern[bytes]:
     return p
 
 
+def body_usage(tail: Tail) -> dict[str, Any] | None:
+    """The ``usage`` object of a response: parsed whole when the tail holds
+    a complete small JSON body (the common non-streaming answer), otherwise
+    the last ``"usage": {...}`` in the tail."""
+    data = tail.bytes()
+    if tail.complete and data[:1] == b"{":
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            u = obj.get("usage")
+            return u if isinstance(u, dict) else None
+    return last_object(data, b"usage")
+
+
+_DECODER = json.JSONDecoder()
+# A usage object is far smaller than this; the slice keeps decoding cheap.
+_OBJECT_WINDOW = 16 * 1024
+
+
 def last_object(buf: bytes, key: bytes) -> dict[str, Any] | None:
     """The last JSON object value of ``"key": {...}`` in ``buf``, or None.
 
-    Scans for the balanced closing brace (skipping strings) and parses only
-    that slice, so a large body with usage at its end costs one rfind-like
-    scan, not a full parse.
+    Parses only the object itself (the C scanner of ``json`` stops at its
+    closing brace), so a large body with usage at its end costs one regex
+    scan and a small parse, not a full parse.
     """
     matches = list(_key_pattern(key).finditer(buf))
     for m in reversed(matches):
-        end = _balanced_end(buf, m.end() - 1)
-        if end is None:
-            continue
-        try:
-            v = orjson.loads(buf[m.end() - 1 : end])
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(v, dict):
-            return v
-    return None
-
-
-def _balanced_end(buf: bytes, start: int) -> int | None:
-    depth = 0
-    i = start
-    n = len(buf)
-    in_str = False
-    while i < n:
-        c = buf[i]
-        if in_str:
-            if c == 0x5C:  # backslash
-                i += 2
+        start = m.end() - 1
+        for window in (_OBJECT_WINDOW, len(buf)):
+            text = buf[start : start + window].decode("utf-8", "replace")
+            try:
+                v, _ = _DECODER.raw_decode(text)
+            except ValueError:
+                if start + window >= len(buf):
+                    break
                 continue
-            if c == 0x22:
-                in_str = False
-        elif c == 0x22:
-            in_str = True
-        elif c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
+            if isinstance(v, dict):
+                return v
+            break
     return None
 
 

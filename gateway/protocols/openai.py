@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..errors import Protocol as ErrorShape
-from .base import JsonBody, Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, event_data, last_object
+from .base import JsonBody, Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, body_usage, event_data
 
 
 def chat_usage(u: dict[str, Any] | None) -> Usage:
@@ -40,7 +40,7 @@ class TailUsage:
         return b""
 
     def finish(self) -> Usage:
-        return chat_usage(last_object(self._tail.bytes(), b"usage"))
+        return chat_usage(body_usage(self._tail))
 
 
 class HiddenUsageChunk:

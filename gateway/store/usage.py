@@ -92,6 +92,10 @@ class UsageWriter:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self._cfg.queue_max
+
     def record(self, row: Row) -> None:
         q = self._queue
         q.append(row)
@@ -116,19 +120,23 @@ class UsageWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
-            await self._flush_available()
+            # Only what is queued now: events arriving during the write wait
+            # for the next interval (or a full batch), so batches stay large.
+            await self._flush_available(len(self._queue))
 
-    async def _flush_available(self) -> None:
-        while self._queue:
-            if not await self._flush_batch():
+    async def _flush_available(self, limit: int | None = None) -> None:
+        left = len(self._queue) if limit is None else limit
+        while self._queue and left > 0:
+            n = min(left, len(self._queue), self._cfg.batch_max)
+            left -= n
+            if not await self._flush_batch(n):
                 await asyncio.sleep(0.5)
                 if self._closing:
                     # One more try per call; close() loops until drained.
                     return
 
-    async def _flush_batch(self) -> bool:
+    async def _flush_batch(self, n: int) -> bool:
         q = self._queue
-        n = min(len(q), self._cfg.batch_max)
         batch = [q.popleft() for _ in range(n)]
         t0 = time.perf_counter()
         try:
