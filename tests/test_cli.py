@@ -1,0 +1,181 @@
+"""The command line, as real subprocesses: workspaces, keys, usage,
+check-config, serve (revocation while it runs, SIGTERM under load), demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import UPSTREAM_KEY, Upstream, config_toml
+
+ENV = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY}
+
+
+def gw(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, check=check, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, upstream: Upstream, port: int = 0) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(config_toml(upstream.base_url).replace("port = 0", f"port = {port}"))
+    return path
+
+
+def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream) -> None:
+    cfg = str(write_config(tmp_path, upstream))
+    out = gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path).stdout
+    assert "acme" in out
+    dup = gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path, check=False)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    bad_group = gw("workspaces", "create", "x", "--group", "nope", "--config", cfg, cwd=tmp_path, check=False)
+    assert bad_group.returncode != 0 and "unknown group" in bad_group.stderr
+
+    created = gw("keys", "create", "--workspace", "acme", "--name", "ci", "--models", "gpt-*,renamed",
+                 "--rpm", "60", "--config", cfg, cwd=tmp_path).stdout
+    key = created.strip().splitlines()[-1]
+    assert key.startswith("gw-") and len(key) >= 40 and " " not in key
+    # Only the hash is stored.
+    conn = sqlite3.connect(tmp_path / "gateway.db")
+    stored = conn.execute("SELECT key_hash, prefix, rpm, allowed_models FROM api_keys").fetchone()
+    assert key not in stored[0] and stored[1] == key[:10] and stored[2] == 60
+    assert stored[3] == '["gpt-*","renamed"]'
+
+    listed = gw("keys", "list", "--config", cfg, cwd=tmp_path).stdout
+    assert key[:10] in listed and key not in listed and "active" in listed
+    gw("keys", "revoke", "1", "--config", cfg, cwd=tmp_path)
+    assert "revoked" in gw("keys", "list", "--config", cfg, cwd=tmp_path).stdout
+    missing = gw("keys", "revoke", "99", "--config", cfg, cwd=tmp_path, check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+
+    usage = gw("usage", "--by", "workspace", "--since", "24h", "--config", cfg, cwd=tmp_path).stdout
+    assert "(none)" in usage or "workspace" in usage
+
+
+def test_check_config(tmp_path: Path, upstream: Upstream) -> None:
+    cfg = write_config(tmp_path, upstream)
+    ok = gw("check-config", "--config", str(cfg), cwd=tmp_path)
+    assert ok.stdout.startswith("ok:")
+    cfg.write_text(cfg.read_text().replace('kind = "openai"', 'kind = "openia"'))
+    bad = gw("check-config", "--config", str(cfg), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "upstreams[0].kind" in bad.stderr
+
+
+async def wait_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never came up")
+
+
+async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstream: Upstream) -> None:
+    port = free_port()
+    cfg = str(write_config(tmp_path, upstream, port))
+    gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
+    key = gw("keys", "create", "--workspace", "acme", "--config", cfg, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", cfg], cwd=tmp_path, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_http(base + "/readyz")
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/v1/models", headers=headers) as r:
+                assert r.status == 200
+            await asyncio.to_thread(gw, "keys", "revoke", "1", "--config", cfg, cwd=tmp_path)
+            t0 = time.monotonic()
+            while True:
+                async with s.get(base + "/v1/models", headers=headers) as r:
+                    if r.status == 401:
+                        break
+                assert time.monotonic() - t0 < 2.0, "revocation took longer than 2 s"
+                await asyncio.sleep(0.02)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+
+
+async def test_sigterm_under_load_loses_no_usage_row(tmp_path: Path, upstream: Upstream) -> None:
+    port = free_port()
+    cfg = str(write_config(tmp_path, upstream, port))
+    gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
+    key = gw("keys", "create", "--workspace", "acme", "--config", cfg, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", cfg], cwd=tmp_path, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    await wait_http(base + "/readyz")
+    headers = {"Authorization": f"Bearer {key}"}
+    done: list[int] = []
+    upstream.state.record = False
+
+    async def one(s: aiohttp.ClientSession, i: int) -> None:
+        stream = i % 2 == 0
+        body = {"model": "gpt-test", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        h = {**headers, "x-mock-delay-ms": "40", "x-mock-chunks": "10"} if stream else headers
+        async with s.post(base + "/v1/chat/completions", json=body, headers=h) as r:
+            await r.read()
+            done.append(r.status)
+
+    async with aiohttp.ClientSession() as s:
+        first = [asyncio.create_task(one(s, i)) for i in range(200)]
+        await asyncio.sleep(0.3)  # streams are open (each takes ~0.4 s) and requests are in flight
+        server.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*first, return_exceptions=True)
+    assert server.wait(30) == 0
+    errors = [r for r in results if isinstance(r, BaseException)]
+    # Requests the server had accepted finish; any refused after SIGTERM never
+    # reached the gateway (connection refused) and so have no row.
+    assert all(isinstance(e, aiohttp.ClientConnectionError) for e in errors), errors
+    assert all(code == 200 for code in done)
+    conn = sqlite3.connect(tmp_path / "gateway.db")
+    rows = conn.execute("SELECT status, stream, output_tokens FROM usage_events").fetchall()
+    assert len(rows) == len(done), "every answered request has exactly one row, written before exit"
+    streamed = [r for r in rows if r[1] == 1]
+    assert streamed and all(r[2] == 10 for r in streamed), "open streams finished and were recorded in full"
+
+
+def test_demo_prints_a_working_curl_line(tmp_path: Path) -> None:
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", str(port)], cwd=tmp_path, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            while not any("curl" in x for x in lines):
+                line = proc.stdout.readline()
+                assert line, "demo exited early"
+                lines.append(line)
+            curl = next(x for x in lines if "curl" in x).strip()
+            out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
+            assert '"object":"chat.completion"' in out.stdout
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["keys", "--help"]])
+def test_help(tmp_path: Path, args: list[str]) -> None:
+    assert "usage" in gw(*args, cwd=tmp_path).stdout
