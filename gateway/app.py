@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from . import admin
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -190,4 +191,5 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", get_model)
     for endpoint in (ChatCompletions(),):
         app.router.add_post(endpoint.path, endpoint_handler(endpoint))
+    admin.register(app)
     return app

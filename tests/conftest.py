@@ -206,3 +206,13 @@ async def gateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+@pytest.fixture
+async def admin_gateway(make_gateway: GatewayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> Gateway:
+    """The default test gateway with the admin API enabled (token ADMIN_TOKEN)."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    return await make_gateway(config_toml(upstream.base_url))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from .rollup import MIGRATION as ROLLUP_MIGRATION
+
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -87,6 +89,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_ws_ts ON usage_events (workspace_id, ts);
     CREATE INDEX usage_key_ts ON usage_events (key_id, ts);
     """,
+    ROLLUP_MIGRATION,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 from ..config import UsageConfig
+from . import rollup
 
 log = logging.getLogger("gateway.usage")
 
@@ -127,6 +128,7 @@ class UsageWriter:
         try:
             await self._db.execute("BEGIN IMMEDIATE")
             await self._db.executemany(INSERT, batch)
+            await rollup.apply(self._db, batch)
             await self._db.execute("COMMIT")
         except Exception as e:
             log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
