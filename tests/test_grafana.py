@@ -21,9 +21,7 @@ def queries(node: Any) -> list[str]:
     out: list[str] = []
     if isinstance(node, dict):
         for k, v in node.items():
-            if k in ("expr", "definition") and isinstance(v, str):
-                out.append(v)
-            elif k == "query" and isinstance(v, str) and v != "prometheus":
+            if isinstance(v, str) and (k in ("expr", "definition") or (k == "query" and v != "prometheus")):
                 out.append(v)
             else:
                 out.extend(queries(v))
