@@ -63,7 +63,7 @@ def scenario(base: str, profile: Path, shots: Path) -> None:
 
         # Workspace, then a key with limits: the plaintext is shown once.
         find(By.CSS_SELECTOR, "a[data-view=keys]").click()
-        wait_for(lambda: visible("#ws-form"), what="keys view")
+        wait_for(lambda: visible("#view-keys[data-ready='1']"), what="keys view")
         find(By.ID, "ws-name").send_keys("browser-team")
         find(By.CSS_SELECTOR, "#ws-form button[type=submit]").click()
         wait_for(lambda: "browser-team" in find(By.ID, "ws-table").text, what="workspace row")
@@ -98,7 +98,7 @@ def scenario(base: str, profile: Path, shots: Path) -> None:
             return visible("#log-table tr[data-request='e2e-chat-1']")
 
         wait_for(logged, what="the request in the log")
-        text = find(By.CSS_SELECTOR, "#log-table tr[data-request='e2e-chat-1']").text
+        text = wait_for(lambda: find(By.CSS_SELECTOR, "#log-table tr[data-request='e2e-chat-1']").text)
         assert "gpt-test" in text and "200" in text and "browser-team" in text
 
         # ... and in the dashboard's charts.
@@ -111,12 +111,13 @@ def scenario(base: str, profile: Path, shots: Path) -> None:
             return visible(series) and find(By.CSS_SELECTOR, series).get_attribute("data-value") == "1"
 
         wait_for(charted, what="the request in the chart")
-        assert visible("#chart-requests canvas") and visible("#chart-latency canvas")
-        assert find(By.ID, "total-requests").text.endswith("1")
+        wait_for(lambda: visible("#chart-requests canvas") and visible("#chart-latency canvas"), what="canvases")
+        assert wait_for(lambda: find(By.ID, "total-requests").text).endswith("1")
         driver.save_screenshot(str(shots / "console-dashboard.png"))
 
         # Revoke, with confirmation; the key then gets 401.
         find(By.CSS_SELECTOR, "a[data-view=keys]").click()
+        wait_for(lambda: visible("#view-keys[data-ready='1']"), what="keys view loaded")
         button = wait_for(lambda: find(By.CSS_SELECTOR, f"button.revoke[data-key='{key_id}']"), what="revoke")
         button.click()
         alert = driver.switch_to.alert

@@ -128,7 +128,12 @@
     state.view = view;
     for (const s of document.querySelectorAll(".view")) s.hidden = s.id !== "view-" + view;
     for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", a.dataset.view === view);
-    ({ dashboard: loadDashboard, keys: loadKeys, requests: () => loadLog(null), upstreams: loadUpstreams })[view]();
+    // data-ready tells a watcher (and the browser tests) the view has rendered.
+    const section = $("view-" + view);
+    section.dataset.ready = "0";
+    const load = { dashboard: loadDashboard, keys: loadKeys, requests: () => loadLog(null),
+      upstreams: loadUpstreams }[view];
+    Promise.resolve(load()).finally(() => { if (state.view === view) section.dataset.ready = "1"; });
   }
 
   function fillStaticOptions() {
