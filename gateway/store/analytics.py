@@ -149,8 +149,9 @@ def request_log(
             raise QueryError("status must be a code or one of " + ", ".join(_STATUS_CLASSES))
     if cursor:
         c_ts, c_id = decode_cursor(cursor)
-        where.append("(ts < ? OR (ts = ? AND id < ?))")
-        args.extend([c_ts, c_ts, c_id])
+        # "ts <= ?" is implied by the OR but lets the index bound the range.
+        where.append("ts <= ? AND (ts < ? OR (ts = ? AND id < ?))")
+        args.extend([c_ts, c_ts, c_ts, c_id])
     sql = (f"SELECT e.*, k.prefix AS key_prefix, k.name AS key_name, w.name AS workspace FROM "
            f"(SELECT {_LOG_COLUMNS} FROM usage_events WHERE {' AND '.join(where)} "
            f"ORDER BY ts DESC, id DESC LIMIT ?) e "
