@@ -149,9 +149,13 @@ def request_log(
             raise QueryError("status must be a code or one of " + ", ".join(_STATUS_CLASSES))
     if cursor:
         c_ts, c_id = decode_cursor(cursor)
-        # "ts <= ?" is implied by the OR but lets the index bound the range.
-        where.append("ts <= ? AND (ts < ? OR (ts = ? AND id < ?))")
-        args.extend([c_ts, c_ts, c_ts, c_id])
+        if c_ts < until:
+            # One upper bound only: SQLite bounds the index range with just
+            # one of them, and "ts <= cursor" is the one that skips the
+            # pages already seen.
+            where[1], args[1] = "ts <= ?", c_ts
+        where.append("(ts < ? OR (ts = ? AND id < ?))")
+        args.extend([c_ts, c_ts, c_id])
     sql = (f"SELECT e.*, k.prefix AS key_prefix, k.name AS key_name, w.name AS workspace FROM "
            f"(SELECT {_LOG_COLUMNS} FROM usage_events WHERE {' AND '.join(where)} "
            f"ORDER BY ts DESC, id DESC LIMIT ?) e "
