@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--days", type=float, default=1.0)
     p.add_argument("--db", help="database file (default: a temporary file; an existing one is reused)")
     p.add_argument("--keep", action="store_true", help="keep the database")
+    p.add_argument("--write-batches", type=int, default=200, help="batches of 500 rows for the write-cost test")
     args = p.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -198,8 +199,8 @@ def main() -> None:
                         "ORDER BY ts DESC, id DESC LIMIT 51", (0, 1, "x")).fetchall()
     print("\nrequest-log plan (model filter):", "; ".join(r[3] for r in plan))
 
-    print(f"\nusage writer cost per row (batches of 500, {200 * 500:,} rows):")
-    for label, us in write_cost():
+    print(f"\nusage writer cost per row (batches of 500, {args.write_batches * 500:,} rows):")
+    for label, us in write_cost(args.write_batches):
         print(f"  {label:<36} {us:6.1f} µs/row")
     conn.close()
     if args.keep:

@@ -101,3 +101,16 @@ def test_bins_match_sql_case_at_edges(tmp_path: Path) -> None:
     case = rollup._case("v")
     for v in values:
         assert conn.execute(f"SELECT {case} FROM (SELECT ? AS v)", (v,)).fetchone()[0] == rollup.bin_of(v), v
+
+
+def test_admin_bench_runs_small(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "admin_queries.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--rows", "20000", "--write-batches", "4", "--db", str(tmp_path / "b.db")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "usage_events 20,000" in out
+    assert "day aggregate: hour buckets by model" in out and "µs/row" in out
