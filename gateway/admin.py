@@ -133,12 +133,12 @@ def _int_id(request: web.Request, name: str = "id") -> int:
         raise NotFound(f"{name} must be an integer") from None
 
 
-def _time(value: str | None, default: float, field: str) -> float:
-    """Unix seconds, ISO 8601, or a span back from now (15m, 24h, 7d)."""
+def _time(value: str | None, default: float, field: str, *, spans: bool = True) -> float:
+    """Unix seconds, ISO 8601, or (with ``spans``) a span back from now (15m, 24h, 7d)."""
     if not value:
         return default
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1] in units and value[:-1].isdigit():
+    if spans and value[-1] in units and value[:-1].isdigit():
         return time.time() - int(value[:-1]) * units[value[-1]]
     try:
         return float(value)
@@ -184,7 +184,7 @@ def _check_fields(body: Mapping[str, Any], spec: Mapping[str, str], cfg: Config,
                     "list": "an array of model names", "time": "unix seconds or ISO 8601"}[kind]
             raise BadRequest(f"{name} must be {what} or null", param=name)
         if kind == "time" and v is not None:
-            v = _time(str(v), 0.0, name)
+            v = _time(str(v), 0.0, name, spans=False)
         out[name] = v
     for gname in ("group_name", "default_group"):
         g = out.get(gname)

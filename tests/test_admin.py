@@ -98,6 +98,7 @@ async def test_workspaces_and_keys_lifecycle(admin_gateway: Gateway, http: aioht
     assert key["allowed_models"] == ["gpt-test"] and key["status"] == "active"
     await api(http, gw, "POST", "/keys", {"workspace_id": ws["id"], "rpm": -1}, expect=400)
     await api(http, gw, "POST", "/keys", {"workspace_id": 999}, expect=404)
+    await api(http, gw, "POST", "/keys", {"workspace_id": ws["id"], "expires_at": "24h"}, expect=400)
 
     # The key works, limited to its model (the group 'cheap' allows gpt-*).
     await gw.wait_key_live(plaintext)
@@ -274,3 +275,40 @@ def test_key_rows_never_carry_the_hash(tmp_path: Any) -> None:
     ws = queries.create_workspace(conn, "w")
     row, _ = queries.create_key(conn, ws["id"])
     assert "key_hash" not in row and all("key_hash" not in k for k in queries.list_keys(conn))
+
+
+async def test_reload_calls_the_registered_reloader(
+    upstream: Upstream, tmp_path: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The integration point for config reload: app[RELOAD] set after create_app.
+    from gateway.admin import RELOAD
+    from gateway.app import create_app
+    from gateway.config import ConfigError, load_config
+    from gateway.server import start_app
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    path = tmp_path / "gateway.toml"
+    path.write_text(config_toml(upstream.base_url))
+    app = create_app(load_config(path))
+    calls: list[bool] = []
+
+    async def reload() -> dict[str, Any]:
+        calls.append(True)
+        if len(calls) > 1:
+            raise ConfigError("models[0].name: required")
+        return {"models": 3}
+
+    app[RELOAD] = reload
+    running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
+    try:
+        async with http.post(running.url + "/admin/api/reload") as r:
+            assert r.status == 401 and not calls
+        async with http.post(running.url + "/admin/api/reload", headers=ADMIN) as r:
+            assert r.status == 200 and await r.json() == {"status": "reloaded", "models": 3}
+        async with http.post(running.url + "/admin/api/reload", headers=ADMIN) as r:
+            assert r.status == 400 and "models[0].name" in (await r.json())["error"]["message"]
+        async with http.get(running.url + "/admin/api/config", headers=ADMIN) as r:
+            assert (await r.json())["reload_available"] is True
+    finally:
+        await running.runner.cleanup()
