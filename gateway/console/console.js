@@ -358,6 +358,7 @@
     if (spend === null) return;
     const tokens = prompt("Monthly token limit (empty: none):", w.monthly_token_limit ?? "");
     if (tokens === null) return;
+    if (Number.isNaN(Number(spend)) || Number.isNaN(Number(tokens))) { flash("Limits must be numbers.", true); return; }
     await guard(async () => {
       await api("PATCH", `/workspaces/${w.id}`, {
         default_group: group.trim(), monthly_spend_limit: spend.trim() === "" ? null : Number(spend),
@@ -412,7 +413,9 @@
     const ask = (label, name, current) => {
       const v = prompt(`${label} (empty: none):`, current ?? "");
       if (v === null) return false;
-      fields[name] = v.trim() === "" ? null : Number(v);
+      const n = v.trim() === "" ? null : Number(v);
+      if (Number.isNaN(n)) { flash(`${label}: not a number`, true); return false; }
+      fields[name] = n;
       return true;
     };
     if (!ask("Requests per minute", "rpm", k.rpm) || !ask("Tokens per minute", "tpm", k.tpm) ||
