@@ -115,6 +115,15 @@ def scenario(base: str, profile: Path, shots: Path) -> None:
         assert wait_for(lambda: find(By.ID, "total-requests").text).endswith("1")
         driver.save_screenshot(str(shots / "console-dashboard.png"))
 
+        # The range picker: the last hour in minute buckets still holds it.
+        from selenium.webdriver.support.ui import Select
+
+        Select(find(By.ID, "dash-range")).select_by_value("3600")
+        wait_for(lambda: find(By.ID, "dash-bucket").text == "minute buckets", what="minute buckets")
+        wait_for(lambda: find(By.CSS_SELECTOR, series).get_attribute("data-value") == "1", what="minute chart")
+        Select(find(By.ID, "dash-model")).select_by_value("renamed")
+        wait_for(lambda: visible("#chart-requests .empty"), what="empty chart for another model")
+
         # Revoke, with confirmation; the key then gets 401.
         find(By.CSS_SELECTOR, "a[data-view=keys]").click()
         wait_for(lambda: visible("#view-keys[data-ready='1']"), what="keys view loaded")
