@@ -164,9 +164,28 @@ def _opt_int(q: Mapping[str, str], name: str) -> int | None:
         raise BadRequest(f"{name} must be an integer", param=name) from None
 
 
-# Body fields: name -> (type check, message). None always allowed (clears).
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_amount(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+
+
+# Field kinds of admin bodies: (check, what the message says it must be).
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_count, "a non-negative integer"),
+    "num": (_is_amount, "a non-negative number"),
+    "str": (lambda x: isinstance(x, str), "a string"),
+    "list": (lambda x: isinstance(x, list) and all(isinstance(i, str) and i for i in x), "an array of model names"),
+    "time": (lambda x: isinstance(x, int | float | str) and not isinstance(x, bool), "unix seconds or ISO 8601"),
+}
+
+
 def _check_fields(body: Mapping[str, Any], spec: Mapping[str, str], cfg: Config,
                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of ``spec`` present in ``body``, checked; null clears a
+    field. Unknown fields are refused rather than ignored."""
     unknown = sorted(set(body) - set(spec) - set(extra))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
@@ -175,20 +194,14 @@ def _check_fields(body: Mapping[str, Any], spec: Mapping[str, str], cfg: Config,
         if name not in body:
             continue
         v = body[name]
-        ok = v is None or {
-            "int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
-            "num": lambda x: isinstance(x, int | float) and not isinstance(x, bool) and x >= 0,
-            "str": lambda x: isinstance(x, str),
-            "list": lambda x: isinstance(x, list) and all(isinstance(i, str) and i for i in x),
-            "time": lambda x: isinstance(x, int | float | str) and not isinstance(x, bool),
-        }[kind](v)
-        if not ok:
-            what = {"int": "a non-negative integer", "num": "a non-negative number", "str": "a string",
-                    "list": "an array of model names", "time": "unix seconds or ISO 8601"}[kind]
+        check, what = _KINDS[kind]
+        if v is not None and not check(v):
             raise BadRequest(f"{name} must be {what} or null", param=name)
         if kind == "time" and v is not None:
             v = _time(str(v), 0.0, name, spans=False)
         out[name] = v
+    if "name" in out and out["name"] is None:
+        out["name"] = ""
     for gname in ("group_name", "default_group"):
         g = out.get(gname)
         if g is not None and cfg.group(g) is None:

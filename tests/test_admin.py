@@ -108,6 +108,9 @@ async def test_workspaces_and_keys_lifecycle(admin_gateway: Gateway, http: aioht
     key = await api(http, gw, "PATCH", f"/keys/{key['id']}", {"rpm": 120, "allowed_models": None, "name": "ci-2"})
     assert (key["rpm"], key["allowed_models"], key["name"]) == (120, None, "ci-2")
     await api(http, gw, "PATCH", f"/keys/{key['id']}", {"key_hash": "x"}, expect=400)
+    assert (await api(http, gw, "PATCH", f"/keys/{key['id']}", {"name": None}))["name"] == ""
+    await api(http, gw, "PATCH", f"/keys/{key['id']}", {"tpm": 1.5}, expect=400)
+    await api(http, gw, "PATCH", f"/keys/{key['id']}", {"allowed_models": "gpt-test"}, expect=400)
 
     listed = (await api(http, gw, "GET", "/keys", workspace_id=ws["id"]))["data"]
     assert [k["id"] for k in listed] == [key["id"]]
