@@ -114,7 +114,12 @@ async def test_workspaces_and_keys_lifecycle(admin_gateway: Gateway, http: aioht
 
     listed = (await api(http, gw, "GET", "/keys", workspace_id=ws["id"]))["data"]
     assert [k["id"] for k in listed] == [key["id"]]
-    assert listed[0]["usage"] == {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0}
+    # Its only traffic so far: wait_key_live's and the model list above (GET /v1/models).
+    await asyncio.sleep(0.1)  # > usage.flush_interval_ms
+    n = gw.conn.execute("SELECT COUNT(*) FROM usage_events WHERE key_id = ?", (key["id"],)).fetchone()[0]
+    listed = (await api(http, gw, "GET", "/keys", workspace_id=ws["id"]))["data"]
+    assert n >= 2 and listed[0]["usage"] == {"requests": n, "input_tokens": 0, "output_tokens": 0, "cost": 0}
+    assert listed[0]["last_used"] is not None
 
     revoked = await api(http, gw, "DELETE", f"/keys/{key['id']}")
     assert revoked["status"] == "revoked" and revoked["revoked_at"] is not None
