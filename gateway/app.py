@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from . import admin
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -225,4 +226,5 @@ def create_app(
     )
     for endpoint in endpoints:
         app.router.add_post(endpoint.path, endpoint_handler(endpoint))
+    admin.register(app)
     return app

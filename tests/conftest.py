@@ -335,3 +335,13 @@ routes = [{{ upstream = "mock", model = "gpt-image-upstream" }}]
 async def pgateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
     """A gateway with the default test models plus PROTOCOL_MODELS."""
     return await make_gateway(config_toml(upstream.base_url, PROTOCOL_MODELS.format(url=upstream.base_url)))
+
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+@pytest.fixture
+async def admin_gateway(make_gateway: GatewayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> Gateway:
+    """The default test gateway with the admin API enabled (token ADMIN_TOKEN)."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    return await make_gateway(config_toml(upstream.base_url))

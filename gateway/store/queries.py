@@ -174,3 +174,41 @@ def usage_summary(conn: sqlite3.Connection, *, since: float = 0.0, by: str = "mo
         (since,),
     )
     return [dict(r) for r in rows]
+
+
+_WORKSPACE_FIELDS = ("default_group", "allowed_models", "monthly_spend_limit", "monthly_token_limit")
+_KEY_FIELDS = (
+    "name", "group_name", "allowed_models", "rpm", "tpm", "max_concurrency", "spend_limit", "expires_at",
+)
+
+
+def _update(conn: sqlite3.Connection, table: str, row_id: int, fields: dict[str, Any], allowed: tuple[str, ...]) -> int:
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    if not fields:
+        return 0
+    values = [_json_list(v) if k == "allowed_models" else v for k, v in fields.items()]
+    sets = ", ".join(f"{k} = ?" for k in fields)
+    return conn.execute(f"UPDATE {table} SET {sets} WHERE id = ?", (*values, row_id)).rowcount
+
+
+def update_workspace(conn: sqlite3.Connection, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """Change a workspace's default group, model allow-list or monthly quotas
+    (``None`` clears a quota or the allow-list)."""
+    get_workspace(conn, ws_id)
+    _update(conn, "workspaces", ws_id, fields, _WORKSPACE_FIELDS)
+    return get_workspace(conn, ws_id)
+
+
+def update_key(conn: sqlite3.Connection, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """Change a key's name, group, allowed models or limits (``None`` clears)."""
+    get_key(conn, key_id)
+    _update(conn, "api_keys", key_id, fields, _KEY_FIELDS)
+    return get_key(conn, key_id)
+
+
+def key_usage_totals(conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:
+    """Lifetime usage totals and last use per key, from the rollup."""
+    rows = conn.execute("SELECT key_id, requests, input_tokens, output_tokens, cost, last_used FROM usage_key_totals")
+    return {r["key_id"]: dict(r) for r in rows}

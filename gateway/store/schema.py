@@ -12,6 +12,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from .rollup import MIGRATION as ROLLUP_MIGRATION
+
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -132,6 +134,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX assets_id ON assets (id);
     """,
+    ROLLUP_MIGRATION,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -29,36 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import UsageConfig
-from .schema import connect
+from . import rollup, schema
+from .columns import COLUMNS
 
 log = logging.getLogger("gateway.usage")
 
-# Column order of a usage row tuple.
-COLUMNS = (
-    "ts",
-    "request_id",
-    "workspace_id",
-    "key_id",
-    "endpoint",
-    "model",
-    "upstream",
-    "status",
-    "stream",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "images",
-    "video_tokens",
-    "cost",
-    "latency_ms",
-    "ttfb_ms",
-    "upstream_ms",
-    "overhead_ms",
-    "bytes_in",
-    "bytes_out",
-    "error_type",
-)
 Row = tuple[Any, ...]
 INSERT = f"INSERT INTO usage_events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -159,11 +134,12 @@ class UsageWriter:
 
     def _write(self, batch: list[Row]) -> None:
         if self._conn is None:
-            self._conn = connect(self._path)
+            self._conn = schema.connect(self._path)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
             c.executemany(INSERT, batch)
+            rollup.apply(c, batch)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")

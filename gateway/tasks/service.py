@@ -14,8 +14,8 @@ from ..config import UpstreamConfig
 from ..context import Gateway
 from ..errors import BadGateway, GatewayError, NotFound
 from ..routing import Target
+from ..store.columns import COLUMNS
 from ..store.tasks import TaskRow, TaskStore
-from ..store.usage import COLUMNS
 from .upstream import retryable
 from .video import PROVIDERS, Snapshot, VideoProvider, VideoRequest
 

@@ -1,0 +1,275 @@
+"""Usage rollups: pre-aggregated usage so the admin API answers a day's
+aggregate in milliseconds whatever the size of ``usage_events``.
+
+Three tables, kept up to date by the usage writer in the same transaction as
+the raw rows (``apply``), and backfilled from existing rows by the migration:
+
+- ``usage_minute``: per minute, model and upstream. Serves every time series
+  by model or upstream (and totals) at minute, hour or day buckets.
+- ``usage_hour``: per hour, workspace, key, model and upstream. Serves series
+  by key or workspace, and any series filtered by them, at hour or day buckets.
+- ``usage_key_totals``: lifetime totals and last use per key.
+
+Latency and time-to-first-byte percentiles cannot be summed, so each rollup
+row carries a histogram: 50 log-spaced bins (8 per decade, 1 ms to 1000 s,
+plus an underflow and an overflow bin), stored as columns ``l00..l49`` and
+``t00..t49``. Bins add up across rows; p50/p95 are read from the merged bins
+with geometric interpolation inside the bin, so they are estimates within
+the bin's width (about 33 %), exact enough for a dashboard.
+
+Rollup keys never hold NULL (SQLite's UNIQUE treats NULLs as distinct, which
+would break the upsert): a missing model or upstream is '' and a missing
+workspace or key is 0; ``queries`` maps them back to None.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from .columns import COLUMNS
+
+# Frozen: the migration below embeds these edges; changing them needs a new
+# migration that rebuilds the rollups.
+EDGES: tuple[float, ...] = tuple(10 ** (k / 8) for k in range(49))  # 1 ms .. 1e6 ms
+NBINS = len(EDGES) + 1
+LAT_COLS = tuple(f"l{i:02d}" for i in range(NBINS))
+TTFB_COLS = tuple(f"t{i:02d}" for i in range(NBINS))
+
+# Summed metrics, in the order ``_Acc`` keeps them.
+SUMS = (
+    "requests", "client_errors", "server_errors", "input_tokens", "output_tokens", "cached_tokens",
+    "reasoning_tokens", "images", "video_tokens", "cost", "latency_sum", "ttfb_sum", "ttfb_count",
+)
+VALUE_COLS = (*SUMS, *LAT_COLS, *TTFB_COLS)
+
+MINUTE_KEYS = ("bucket", "model", "upstream")
+HOUR_KEYS = ("bucket", "workspace_id", "key_id", "model", "upstream")
+TOTAL_COLS = ("requests", "input_tokens", "output_tokens", "cost")
+
+
+def bin_of(ms: float) -> int:
+    """Histogram bin of a duration in milliseconds (same as the SQL CASE)."""
+    return bisect.bisect_right(EDGES, ms)
+
+
+def bin_bounds(i: int) -> tuple[float, float]:
+    lo = 0.0 if i == 0 else EDGES[i - 1]
+    hi = EDGES[i] if i < len(EDGES) else EDGES[-1] * 10
+    return lo, hi
+
+
+def percentile(bins: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0..1) of a histogram, interpolated inside its bin."""
+    n = sum(bins)
+    if n == 0:
+        return None
+    rank = q * n
+    seen = 0
+    for i, c in enumerate(bins):
+        if c and seen + c >= rank:
+            lo, hi = bin_bounds(i)
+            frac = (rank - seen) / c
+            if lo <= 0:
+                return hi * frac
+            return float(lo * (hi / lo) ** frac)
+        seen += c
+    return bin_bounds(len(bins) - 1)[0]
+
+
+# ------------------------------------------------------------------ schema
+
+
+def _table(name: str, keys: tuple[str, ...]) -> str:
+    key_defs = [
+        "bucket INTEGER NOT NULL" if k == "bucket"
+        else f"{k} INTEGER NOT NULL" if k.endswith("_id") else f"{k} TEXT NOT NULL"
+        for k in keys
+    ]
+    val_defs = [f"{c} {'REAL' if c in ('cost', 'latency_sum', 'ttfb_sum') else 'INTEGER'} NOT NULL DEFAULT 0"
+                for c in VALUE_COLS]
+    return (f"CREATE TABLE {name} (\n    " + ",\n    ".join(key_defs + val_defs)
+            + f",\n    PRIMARY KEY ({', '.join(keys)})\n) WITHOUT ROWID;\n")
+
+
+def _case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
+    """SQL for ``bin_of(col)``: a binary search over EDGES (6 comparisons)."""
+    if lo == hi:
+        return str(lo)
+    mid = (lo + hi + 1) // 2
+    return f"CASE WHEN {col} < {EDGES[mid - 1]!r} THEN {_case(col, lo, mid - 1)} ELSE {_case(col, mid, hi)} END"
+
+
+def _backfill(name: str, keys: tuple[str, ...], size: int) -> str:
+    # Three passes over the raw rows, each with few aggregates: the sums per
+    # key, then (key, bin) counts for each histogram, pivoted into columns on
+    # the much smaller grouped result. One pass with 100 SUM(bin = i)
+    # aggregates per row is ten times slower.
+    key_exprs = {
+        "bucket": f"CAST(ts / {size} AS INTEGER) * {size}",
+        "model": "COALESCE(model, '')",
+        "upstream": "COALESCE(upstream, '')",
+        "workspace_id": "COALESCE(workspace_id, 0)",
+        "key_id": "COALESCE(key_id, 0)",
+    }
+    k_sel = ", ".join(f"{key_exprs[k]} AS {k}" for k in keys)
+    k_list = ", ".join(keys)
+    sums = [
+        "COUNT(*)", "SUM(status BETWEEN 400 AND 499)", "SUM(status >= 500)", "SUM(input_tokens)",
+        "SUM(output_tokens)", "SUM(cached_tokens)", "SUM(reasoning_tokens)", "SUM(images)", "SUM(video_tokens)",
+        "SUM(cost)", "SUM(latency_ms)", "TOTAL(ttfb_ms)", "COUNT(ttfb_ms)",
+    ]
+    sum_sel = ", ".join(f"{expr} AS {col}" for expr, col in zip(sums, SUMS, strict=True))
+
+    def pivot(alias: str, col: str, names: tuple[str, ...], where: str) -> str:
+        cols = ", ".join(f"SUM(CASE WHEN b = {i} THEN n ELSE 0 END) AS {c}" for i, c in enumerate(names))
+        return (f"{alias} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {_case(col)} AS b, COUNT(*) AS n "
+                f"FROM usage_events {where} GROUP BY {k_list}, b) GROUP BY {k_list})")
+
+    join = " AND ".join(f"{{a}}.{k} = s.{k}" for k in keys)
+    hist = [f"COALESCE(lp.{c}, 0)" for c in LAT_COLS] + [f"COALESCE(tp.{c}, 0)" for c in TTFB_COLS]
+    return (
+        f"INSERT INTO {name} ({', '.join(keys + VALUE_COLS)})\n"
+        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM usage_events GROUP BY {k_list}),\n"
+        f"{pivot('lp', 'latency_ms', LAT_COLS, '')},\n"
+        f"{pivot('tp', 'ttfb_ms', TTFB_COLS, 'WHERE ttfb_ms IS NOT NULL')}\n"
+        f"SELECT {', '.join('s.' + k for k in keys)}, {', '.join('s.' + c for c in SUMS)}, {', '.join(hist)}\n"
+        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')};\n"
+    )
+
+
+BACKFILL: tuple[str, ...] = (
+    _backfill("usage_minute", MINUTE_KEYS, 60),
+    _backfill("usage_hour", HOUR_KEYS, 3600),
+    """INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used)
+SELECT key_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost), MAX(ts)
+FROM usage_events WHERE key_id IS NOT NULL GROUP BY key_id;
+""",
+)
+
+MIGRATION = (
+    "-- Usage rollups (gateway/store/rollup.py) and request-log indexes.\n"
+    + _table("usage_minute", MINUTE_KEYS)
+    + _table("usage_hour", HOUR_KEYS)
+    + """CREATE TABLE usage_key_totals (
+    key_id INTEGER PRIMARY KEY,
+    requests INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0,
+    last_used REAL
+);
+CREATE INDEX usage_model_ts ON usage_events (model, ts);
+CREATE INDEX usage_status_ts ON usage_events (status, ts);
+"""
+    + "".join(BACKFILL)
+)
+
+
+def rebuild(conn: sqlite3.Connection) -> None:
+    """Recompute every rollup from ``usage_events`` (one transaction): after
+    a bulk import, or to repair rollups. Blocks writers while it runs."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("usage_minute", "usage_hour", "usage_key_totals"):
+            conn.execute(f"DELETE FROM {table}")
+        for stmt in BACKFILL:
+            conn.execute(stmt)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+# ------------------------------------------------------------------ writer
+
+
+def _upsert(name: str, keys: tuple[str, ...], cols: tuple[str, ...]) -> str:
+    sets = ", ".join(f"{c} = {c} + excluded.{c}" for c in cols)
+    return (f"INSERT INTO {name} ({', '.join(keys + cols)}) VALUES ({', '.join('?' * (len(keys) + len(cols)))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}")
+
+
+UPSERT_MINUTE = _upsert("usage_minute", MINUTE_KEYS, VALUE_COLS)
+UPSERT_HOUR = _upsert("usage_hour", HOUR_KEYS, VALUE_COLS)
+UPSERT_TOTALS = (
+    "INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET requests = requests + excluded.requests, "
+    "input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens, "
+    "cost = cost + excluded.cost, last_used = MAX(COALESCE(last_used, 0), excluded.last_used)"
+)
+
+_NS = len(SUMS)
+
+
+def _new() -> list[Any]:
+    return [0] * (_NS + 2 * NBINS)
+
+
+def aggregate(rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The rollup upserts for a batch of usage rows: (sql, parameter rows)."""
+    minute: dict[tuple[Any, ...], list[Any]] = {}
+    hour: dict[tuple[Any, ...], list[Any]] = {}
+    totals: dict[int, list[Any]] = {}
+    _I = {name: i for i, name in enumerate(COLUMNS)}
+    i_ts, i_ws, i_key, i_model, i_up, i_status = (
+        _I["ts"], _I["workspace_id"], _I["key_id"], _I["model"], _I["upstream"], _I["status"])
+    i_in, i_out, i_cached, i_reason, i_img, i_video, i_cost, i_lat, i_ttfb = (
+        _I["input_tokens"], _I["output_tokens"], _I["cached_tokens"], _I["reasoning_tokens"], _I["images"],
+        _I["video_tokens"], _I["cost"], _I["latency_ms"], _I["ttfb_ms"])
+    for r in rows:
+        ts = r[i_ts]
+        model, up = r[i_model] or "", r[i_up] or ""
+        ws, key = r[i_ws] or 0, r[i_key] or 0
+        status = r[i_status]
+        lat, ttfb = r[i_lat], r[i_ttfb]
+        lb = _NS + bin_of(lat)
+        tb = -1 if ttfb is None else _NS + NBINS + bin_of(ttfb)
+        mk = (int(ts // 60) * 60, model, up)
+        hk = (int(ts // 3600) * 3600, ws, key, model, up)
+        for table, k in ((minute, mk), (hour, hk)):
+            acc = table.get(k)
+            if acc is None:
+                acc = table[k] = _new()
+            acc[0] += 1
+            if 400 <= status < 500:
+                acc[1] += 1
+            elif status >= 500:
+                acc[2] += 1
+            acc[3] += r[i_in]
+            acc[4] += r[i_out]
+            acc[5] += r[i_cached]
+            acc[6] += r[i_reason]
+            acc[7] += r[i_img]
+            acc[8] += r[i_video]
+            acc[9] += r[i_cost]
+            acc[10] += lat
+            acc[lb] += 1
+            if tb >= 0:
+                acc[11] += ttfb
+                acc[12] += 1
+                acc[tb] += 1
+        if key:
+            t = totals.get(key)
+            if t is None:
+                t = totals[key] = [0, 0, 0, 0.0, ts]
+            t[0] += 1
+            t[1] += r[i_in]
+            t[2] += r[i_out]
+            t[3] += r[i_cost]
+            t[4] = max(t[4], ts)
+    return [
+        (UPSERT_MINUTE, [(*k, *v) for k, v in minute.items()]),
+        (UPSERT_HOUR, [(*k, *v) for k, v in hour.items()]),
+        (UPSERT_TOTALS, [(k, *v) for k, v in totals.items()]),
+    ]
+
+
+def apply(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add a batch to the rollups; call inside the batch's transaction (the
+    usage writer does, on its database thread)."""
+    for sql, params in aggregate(rows):
+        if params:
+            conn.executemany(sql, params)

@@ -1,0 +1,117 @@
+"""Rollups: what the usage writer adds per batch equals what the migration's
+SQL computes from the raw rows, and histogram percentiles stay within a bin."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.store import analytics, rollup
+from gateway.store.columns import COLUMNS
+from gateway.store.schema import MIGRATIONS, connect
+from gateway.store.usage import INSERT
+
+
+def synthetic_rows(n: int, seed: int = 7) -> list[tuple[Any, ...]]:
+    rng = random.Random(seed)
+    t0 = 1_790_000_000.0
+    rows = []
+    for i in range(n):
+        lat = math.exp(rng.gauss(5.5, 1.2))  # ~250 ms median, long tail
+        ttfb = None if rng.random() < 0.2 else lat * rng.random()
+        status = rng.choice([200] * 30 + [400, 401, 429, 500, 502, 499])
+        rec = {
+            "ts": t0 + rng.random() * 3 * 86400, "request_id": f"r{i}", "workspace_id": rng.choice([None, 1, 2]),
+            "key_id": rng.choice([None, 1, 2, 3]), "endpoint": "/v1/chat/completions",
+            "model": rng.choice([None, "a", "b", "c/d"]), "upstream": rng.choice([None, "u1", "u2"]),
+            "status": status, "stream": rng.randint(0, 1), "input_tokens": rng.randint(0, 2000),
+            "output_tokens": rng.randint(0, 800), "cached_tokens": rng.randint(0, 50), "reasoning_tokens": 0,
+            "images": rng.randint(0, 1), "video_tokens": 0, "cost": rng.random() / 100, "latency_ms": lat,
+            "ttfb_ms": ttfb, "upstream_ms": lat / 2, "overhead_ms": 0.2, "bytes_in": 100, "bytes_out": 1000,
+            "error_type": None if status < 400 else "x",
+        }
+        rows.append(tuple(rec[c] for c in COLUMNS))
+    return rows
+
+
+def snapshot(conn: Any) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    for table in ("usage_minute", "usage_hour", "usage_key_totals"):
+        rows = conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+        out[table] = [tuple(round(v, 6) if isinstance(v, float) else v for v in r) for r in rows]
+    return out
+
+
+def test_writer_rollups_equal_sql_backfill(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "r.db")
+    rows = synthetic_rows(3000)
+    for i in range(0, len(rows), 250):  # as the writer does: one transaction per batch
+        batch = rows[i:i + 250]
+        conn.execute("BEGIN")
+        conn.executemany(INSERT, batch)
+        rollup.apply(conn, batch)
+        conn.execute("COMMIT")
+    incremental = snapshot(conn)
+    assert len(incremental["usage_minute"]) > 1000 and len(incremental["usage_key_totals"]) == 3
+    rollup.rebuild(conn)
+    assert snapshot(conn) == incremental
+
+
+def test_migration_backfills_existing_usage(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(MIGRATIONS[0])
+    old.execute("PRAGMA user_version = 1")
+    rows = synthetic_rows(500, seed=3)
+    old.executemany(INSERT, rows)
+    old.close()
+    conn = connect(path)  # migrates, backfilling the rollups
+    total = analytics.usage_series(conn, since=0, until=2e9, bucket="total")
+    assert total[0]["requests"] == 500
+    assert total[0]["input_tokens"] == sum(r[COLUMNS.index("input_tokens")] for r in rows)
+    by_key = analytics.usage_series(conn, since=0, until=2e9, bucket="day", by="key")
+    assert sum(r["requests"] for r in by_key) == 500
+
+
+@pytest.mark.parametrize("q", [0.5, 0.95])
+def test_histogram_percentiles_within_a_bin(tmp_path: Path, q: float) -> None:
+    conn = connect(tmp_path / "p.db")
+    rows = synthetic_rows(5000, seed=11)
+    conn.executemany(INSERT, rows)
+    rollup.rebuild(conn)
+    est = analytics.usage_series(conn, since=0, until=2e9, bucket="total")[0]
+    lat = sorted(r[COLUMNS.index("latency_ms")] for r in rows)
+    exact = lat[int(q * (len(lat) - 1))]
+    got = est[f"p{int(q * 100)}_latency_ms"]
+    width = 10 ** (1 / 8)  # one bin
+    assert exact / width <= got <= exact * width
+    ttfb = sorted(r[COLUMNS.index("ttfb_ms")] for r in rows if r[COLUMNS.index("ttfb_ms")] is not None)
+    exact_t = ttfb[int(q * (len(ttfb) - 1))]
+    assert exact_t / width <= est[f"p{int(q * 100)}_ttfb_ms"] <= exact_t * width
+
+
+def test_bins_match_sql_case_at_edges(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "e.db")
+    values = [0.0, 0.5, *rollup.EDGES, *(e * 0.999999 for e in rollup.EDGES), 1e7]
+    case = rollup._case("v")
+    for v in values:
+        assert conn.execute(f"SELECT {case} FROM (SELECT ? AS v)", (v,)).fetchone()[0] == rollup.bin_of(v), v
+
+
+def test_admin_bench_runs_small(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "admin_queries.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--rows", "20000", "--write-batches", "4", "--db", str(tmp_path / "b.db")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "usage_events 20,000" in out
+    assert "day aggregate: hour buckets by model" in out and "µs/row" in out
