@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.config import load_config  # noqa: E402
 from gateway.server import start_gateway, start_mock  # noqa: E402
 from gateway.store import queries, rollup  # noqa: E402
-from gateway.store.columns import COLUMNS
+from gateway.store.columns import COLUMNS  # noqa: E402
 from gateway.store.schema import connect  # noqa: E402
 from gateway.store.usage import INSERT  # noqa: E402
 from tests.browser import post_chat, start_chrome  # noqa: E402
