@@ -32,17 +32,12 @@ from aiohttp import web
 from .config import Config, ConfigError
 from .context import GATEWAY
 from .errors import BadRequest, GatewayError, NotFound, Protocol, Unauthorized, render
+from .reload import reload_config
 from .store import analytics, queries
 from .store.schema import connect
 
 PREFIX = "/admin/api"
 CONSOLE_DIR = Path(__file__).parent / "console"
-
-ReloadHook = Callable[[], Awaitable[Mapping[str, Any]]]
-RELOAD: web.AppKey[ReloadHook] = web.AppKey("admin_reload")
-"""Integration point for config reload: whoever implements reloading sets
-``app[RELOAD]`` to a coroutine function that reloads and returns a summary
-(raising ConfigError on a bad file). Without it POST /admin/api/reload is 501."""
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -54,12 +49,6 @@ class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
-
-
-class NotImplementedYet(GatewayError):
-    status = 501
-    type = "api_error"
-    code = "not_implemented"
 
 
 # ------------------------------------------------------------------ plumbing
@@ -414,19 +403,18 @@ async def config_summary(request: web.Request) -> web.Response:
         "models": [m.name for m in cfg.models],
         "groups": [{"name": g.name, "models": list(g.models), "ratio": g.ratio} for g in cfg.groups],
         "upstreams": [u.name for u in cfg.upstreams],
-        "reload_available": RELOAD in request.app,
+        "reload_available": cfg.source is not None,
     })
 
 
-async def reload_config(request: web.Request) -> web.Response:
-    hook = request.app.get(RELOAD)
-    if hook is None:
-        raise NotImplementedYet("Config reload is not available in this build.")
+async def reload(request: web.Request) -> web.Response:
+    """Re-read the config file; a bad file is refused and the old config stays."""
     try:
-        result = await hook()
+        cfg = await reload_config(request.app)
     except ConfigError as e:
         raise BadRequest(f"config not reloaded: {e}", code="invalid_config") from None
-    return _json({"status": "reloaded", **result})
+    return _json({"status": "reloaded", "upstreams": len(cfg.upstreams), "models": len(cfg.models),
+                  "groups": len(cfg.groups)})
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -476,7 +464,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/requests", request_log),
     ("GET", "/upstreams", upstreams),
     ("GET", "/config", config_summary),
-    ("POST", "/reload", reload_config),
+    ("POST", "/reload", reload),
     ("*", "/{tail:.*}", not_found),
 )
 

@@ -253,12 +253,6 @@ async def test_admin_never_shows_hashes_or_upstream_secrets(
     assert upstream.base_url in text  # the URL itself is shown, cleaned
 
 
-async def test_reload_without_a_reloader_is_501(admin_gateway: Gateway, http: aiohttp.ClientSession) -> None:
-    err = await api(http, admin_gateway, "POST", "/reload", expect=501)
-    assert err["error"]["code"] == "not_implemented"
-    assert (await api(http, admin_gateway, "GET", "/config"))["reload_available"] is False
-
-
 async def test_console_is_served_from_the_package(admin_gateway: Gateway, http: aiohttp.ClientSession) -> None:
     async with http.get(admin_gateway.url + "/console", allow_redirects=False) as r:
         assert r.status == 302 and r.headers["Location"] == "/console/"
@@ -285,38 +279,20 @@ def test_key_rows_never_carry_the_hash(tmp_path: Any) -> None:
     assert "key_hash" not in row and all("key_hash" not in k for k in queries.list_keys(conn))
 
 
-async def test_reload_calls_the_registered_reloader(
-    upstream: Upstream, tmp_path: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
+    admin_gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    # The integration point for config reload: app[RELOAD] set after create_app.
-    from gateway.admin import RELOAD
-    from gateway.app import create_app
-    from gateway.config import ConfigError, load_config
-    from gateway.server import start_app
-
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
-    path = tmp_path / "gateway.toml"
-    path.write_text(config_toml(upstream.base_url))
-    app = create_app(load_config(path))
-    calls: list[bool] = []
-
-    async def reload() -> dict[str, Any]:
-        calls.append(True)
-        if len(calls) > 1:
-            raise ConfigError("models[0].name: required")
-        return {"models": 3}
-
-    app[RELOAD] = reload
-    running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
-    try:
-        async with http.post(running.url + "/admin/api/reload") as r:
-            assert r.status == 401 and not calls
-        async with http.post(running.url + "/admin/api/reload", headers=ADMIN) as r:
-            assert r.status == 200 and await r.json() == {"status": "reloaded", "models": 3}
-        async with http.post(running.url + "/admin/api/reload", headers=ADMIN) as r:
-            assert r.status == 400 and "models[0].name" in (await r.json())["error"]["message"]
-        async with http.get(running.url + "/admin/api/config", headers=ADMIN) as r:
-            assert (await r.json())["reload_available"] is True
-    finally:
-        await running.runner.cleanup()
+    assert (await api(http, admin_gateway, "GET", "/config"))["reload_available"] is True
+    path = admin_gateway.config.source
+    assert path is not None
+    async with http.post(admin_gateway.url + "/admin/api/reload") as r:
+        assert r.status == 401
+    extra = '[[models]]\nname = "added-by-reload"\nroutes = [{ upstream = "mock" }]\n'
+    path.write_text(config_toml(upstream.base_url, extra))
+    ok = await api(http, admin_gateway, "POST", "/reload")
+    assert ok["status"] == "reloaded" and ok["models"] == 4
+    assert "added-by-reload" in (await api(http, admin_gateway, "GET", "/config"))["models"]
+    path.write_text(config_toml(upstream.base_url).replace('kind = "openai"', 'kind = "bogus"'))
+    err = await api(http, admin_gateway, "POST", "/reload", expect=400)
+    assert "upstreams[0].kind" in err["error"]["message"]
+    assert "added-by-reload" in (await api(http, admin_gateway, "GET", "/config"))["models"]
