@@ -104,6 +104,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
 
 
+def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
+    """Check the key's limits (429 if over); the middleware releases the
+    concurrency slot and settles tokens and spend when the request ends."""
+    ctx.rate_headers = gw.limits.admit(key)
+    ctx.admitted = True
+
+
 def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
     m = gw.config.model(model)
     if m is None:
@@ -148,8 +155,7 @@ async def forward(
     """
     key = ctx.key
     assert key is not None
-    ctx.rate_headers = gw.limits.admit(key)
-    ctx.admitted = True
+    admit(gw, ctx, key)
     router = gw.router
     targets = router.plan(model_cfg.name)
     session = gw.session

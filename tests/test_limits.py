@@ -244,3 +244,15 @@ async def test_gateway_error_after_admission_still_carries_ratelimit_headers(
     status, headers, body = await chat(http, gw, key)
     assert status == 502 and body["error"]["code"] == "upstream_unreachable"
     assert headers["x-ratelimit-remaining-requests"] == "4"
+
+
+async def test_rpm_applies_to_video_task_endpoints(make_gateway: GatewayFactory, upstream: Upstream,
+                                                   http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(config_toml(upstream.base_url))
+    key = await gw.key(rpm=2)
+    headers = {"Authorization": f"Bearer {key}"}
+    statuses = []
+    for _ in range(3):
+        async with http.get(gw.url + "/v1/video/tasks/vt_unknown", headers=headers) as r:
+            statuses.append(r.status)
+    assert statuses == [404, 404, 429]

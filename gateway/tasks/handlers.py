@@ -24,7 +24,7 @@ from ..auth import KeyInfo
 from ..config import UpstreamConfig
 from ..context import CTX, GATEWAY, Gateway
 from ..errors import BadRequest, NotFound, ServiceUnavailable
-from ..proxy import read_body, resolve_model
+from ..proxy import admit, read_body, resolve_model
 from ..routing import Target
 from ..store.tasks import TaskRow, TaskStore
 from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, parse_object, text_field
@@ -78,6 +78,7 @@ async def create_video_task(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
+    admit(gw, ctx, key)
     raw = await read_body(request, gw.config.server.max_body_bytes)
     ctx.bytes_in = len(raw)
     req = parse_video_request(raw)
@@ -124,6 +125,7 @@ async def get_video_task(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
+    admit(gw, ctx, key)
     svc = _service(request)
     task_id = request.match_info["id"]
     t = await svc.store.get(task_id)
@@ -194,6 +196,7 @@ async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes, di
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
+    admit(gw, ctx, key)
     raw = await read_body(request, gw.config.server.max_body_bytes)
     ctx.bytes_in = len(raw)
     return gw, key, raw, parse_object(raw)
@@ -215,6 +218,7 @@ async def get_asset_group(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
+    admit(gw, ctx, key)
     up, provider = platform_upstream(gw, request.query.get("platform"))
     group_id = request.match_info["id"]
     if await _service(request).store.group_owner(up.name, group_id) != key.workspace_id:
@@ -242,6 +246,7 @@ async def get_asset(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
+    admit(gw, ctx, key)
     up, provider = platform_upstream(gw, request.query.get("platform"))
     asset_id = request.match_info["id"]
     if await _service(request).store.asset_owner(up.name, asset_id) != key.workspace_id:
