@@ -31,6 +31,7 @@ from .routing import Health, Router
 from .store.schema import connect_async
 from .store.usage import UsageWriter
 from .tasks import handlers as tasks
+from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
@@ -153,7 +154,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    ready = gw.writer is not None and gw.session is not None
+    ready = gw.writer is not None and gw.upstream is not None
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
@@ -206,7 +207,9 @@ def create_app(
             connector=connector, auto_decompress=False,
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
+        gw.upstream = UpstreamClient()
         yield
+        await gw.upstream.close()
         await gw.session.close()
 
     app.cleanup_ctx.extend([database, client_session])

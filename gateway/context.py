@@ -22,6 +22,7 @@ from .routing import Router
 
 if TYPE_CHECKING:
     from .store.usage import UsageWriter
+    from .upstream import UpstreamClient
 
 
 @dataclass(slots=True)
@@ -39,7 +40,8 @@ class Gateway:
     metrics: Metrics
     limits: Limiter
     writer: UsageWriter | None = None
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # tasks and assets
+    upstream: UpstreamClient | None = None  # the pass-through path
     in_flight: int = 0
     # Wall-clock time for limit windows, breakers and cool-downs; tests pass
     # their own to move time without sleeping.

@@ -12,7 +12,6 @@ middleware from the RequestContext this path fills in.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import time
@@ -21,7 +20,6 @@ from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -41,6 +39,7 @@ from .errors import (
 )
 from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
 from .routing import DENIED, NORMAL, Target
+from .upstream import UpstreamError, UpstreamResponse
 
 # parse_json_body now lives in protocols.base; still importable from here.
 __all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
@@ -50,12 +49,13 @@ log = logging.getLogger("gateway.proxy")
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-# Never forwarded upstream: the client's credential, and what aiohttp sets.
-STRIP_REQUEST = HOP_BY_HOP | {"authorization", "x-api-key", "cookie", "host", "content-length", "accept-encoding"}
+# Never forwarded upstream: the client's credential, and what the client sets.
+STRIP_REQUEST = HOP_BY_HOP | {
+    "authorization", "x-api-key", "cookie", "host", "content-length", "accept-encoding", "expect",
+}
 STRIP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Bodies up to this size with a Content-Length are answered in one write.
 SMALL_BODY = 256 * 1024
-LARGE_BODY = 1024 * 1024
 USER_AGENT = f"gateway/{__version__}"
 
 
@@ -80,7 +80,7 @@ def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiD
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
     named = headers.get("Connection")
     drop = STRIP_RESPONSE
     if named:
@@ -158,8 +158,8 @@ async def forward(
     admit(gw, ctx, key)
     router = gw.router
     targets = router.plan(model_cfg.name)
-    session = gw.session
-    assert session is not None
+    client = gw.upstream
+    assert client is not None
     clock = gw.clock
     path = request.path[3:]  # after /v1
     query = request.query_string
@@ -181,9 +181,10 @@ async def forward(
         ctx.upstream = up.name
         ctx.t_upstream = perf_counter()
         try:
-            resp = await session.request(
-                request.method, url, data=_payload(prepared.body),
-                headers=upstream_headers(request.headers, target), timeout=target.timeout,
+            resp = await client.request(
+                request.method, url, upstream_headers(request.headers, target).items(), prepared.body,
+                connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
+                total_timeout=up.timeout_s,
             )
         except TimeoutError:
             breaker.failure(grant, clock())
@@ -192,7 +193,7 @@ async def forward(
             if not _more(targets, i, attempts_left, deadline, clock):
                 break
             continue
-        except aiohttp.ClientError as e:
+        except UpstreamError as e:
             breaker.failure(grant, clock())
             log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
@@ -245,7 +246,7 @@ def _more(targets: list[Target], i: int, attempts_left: int, deadline: float, cl
     return any(t.available(now) for t in targets[i + 1 :])
 
 
-def _cooldown_s(headers: CIMultiDictProxy[str], up: UpstreamConfig) -> float:
+def _cooldown_s(headers: CIMultiDict[str], up: UpstreamConfig) -> float:
     """How long to skip a route that answered 429: its ``retry-after-ms`` or
     ``Retry-After`` (seconds or an HTTP date), capped, or the upstream's
     default cool-down."""
@@ -281,12 +282,6 @@ def _unavailable(gw: Gateway, model: str, targets: list[Target], now: float) -> 
     return ServiceUnavailable(f"No healthy upstream for model '{model}'.", headers=headers)
 
 
-def _payload(body: bytes) -> bytes | io.BytesIO:
-    # aiohttp warns that one large bytes write may hold the loop; a file-like
-    # payload is written in pieces. A fresh one per attempt replays the body.
-    return io.BytesIO(body) if len(body) > LARGE_BODY else body
-
-
 def _overhead(ctx: RequestContext, now: float) -> float:
     assert ctx.t_upstream is not None and ctx.t_head is not None
     return ((ctx.t_upstream - ctx.t0) + (now - ctx.t_head)) * 1000
@@ -297,7 +292,7 @@ async def relay(
     ctx: RequestContext,
     endpoint: Endpoint,
     prepared: Prepared,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     target: Target,
 ) -> web.StreamResponse:
     """Send the upstream answer to the client as it arrives."""
@@ -314,8 +309,18 @@ async def relay(
         reader = Decompressed(reader)
     length = resp.content_length
 
+    # From the head on, the idle timeout bounds every wait for body bytes.
+    resp.set_idle_timeout(target.upstream.idle_timeout_s)
     if not sse and length is not None and length <= SMALL_BODY:
-        body = await resp.read()
+        try:
+            body = await resp.read()
+        except TimeoutError:
+            ctx.error_type = "upstream_idle_timeout"
+            raise GatewayTimeout(f"Upstream '{target.upstream.name}' stalled mid-answer.") from None
+        except UpstreamError:
+            ctx.error_type = "upstream_disconnected"
+            raise BadGateway(f"Upstream '{target.upstream.name}' broke off its answer.",
+                             code="upstream_disconnected") from None
         reader.feed(body)
         ctx.usage = reader.finish()
         now = perf_counter()
@@ -325,26 +330,20 @@ async def relay(
         headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
         return web.Response(status=status, body=body, headers=headers)
 
-    # Streaming (or large) body: idle timeout between chunks from now on.
-    conn = resp.connection
-    if conn is not None and conn.protocol is not None:
-        conn.protocol.read_timeout = target.upstream.idle_timeout_s
-        conn.protocol.start_timeout()  # the first-byte timer may be running
     out = web.StreamResponse(status=status, headers=headers)
     if length is not None and not sse:
         out.content_length = length
     ctx.overhead_ms = overhead = _overhead(ctx, perf_counter())
     out.headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
     await out.prepare(request)
-    content = resp.content
     try:
         while True:
             try:
-                chunk = await content.readany()
+                chunk = await resp.readany()
             except TimeoutError:
                 ctx.status, ctx.error_type = 504, "upstream_idle_timeout"
                 break
-            except aiohttp.ClientError:
+            except UpstreamError:
                 ctx.status, ctx.error_type = 502, "upstream_disconnected"
                 break
             if not chunk:
