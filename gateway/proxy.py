@@ -49,7 +49,8 @@ log = logging.getLogger("gateway.proxy")
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-# Never forwarded upstream: the client's credential, and what the client sets.
+# Never forwarded upstream: the client's credential, and what the upstream
+# client writes itself (Host, Content-Length; the body is sent whole, so no Expect).
 STRIP_REQUEST = HOP_BY_HOP | {
     "authorization", "x-api-key", "cookie", "host", "content-length", "accept-encoding", "expect",
 }
@@ -59,21 +60,23 @@ SMALL_BODY = 256 * 1024
 USER_AGENT = f"gateway/{__version__}"
 
 
-def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
+def _end_to_end(headers: CIMultiDict[str] | CIMultiDictProxy[str], strip: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` less ``strip``, ``Proxy-*`` and what ``Connection`` names."""
     named = headers.get("Connection")
-    drop = STRIP_REQUEST
-    if named:
-        drop = drop | {t.strip().lower() for t in named.split(",")}
+    drop = strip | {t.strip().lower() for t in named.split(",")} if named else strip
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
         lk = k.lower()
-        if lk in drop or lk.startswith("proxy-"):
-            continue
-        out.add(k, v)
+        if lk not in drop and not lk.startswith("proxy-"):
+            out.add(k, v)
+    return out
+
+
+def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
+    out = _end_to_end(headers, STRIP_REQUEST)
     # Usage is read from the bytes, so ask for them uncompressed.
     out["Accept-Encoding"] = "identity"
     if "User-Agent" not in out:
-        # Rather than aiohttp's own, which would name the gateway's internals.
         out["User-Agent"] = USER_AGENT
     for k, v in target.credential:
         out[k] = v
@@ -81,15 +84,7 @@ def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiD
 
 
 def response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
-    named = headers.get("Connection")
-    drop = STRIP_RESPONSE
-    if named:
-        drop = drop | {t.strip().lower() for t in named.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk not in drop and not lk.startswith("proxy-"):
-            out.add(k, v)
+    out = _end_to_end(headers, STRIP_RESPONSE)
     out["x-request-id"] = request_id
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import Protocol as ErrorShape
-from .base import EventScanner, JsonBody, Prepared, Tail, Usage, UsageReader, as_int, last_object
+from .base import EventScanner, JsonBody, Prepared, TailUsage, Usage, UsageReader, as_int
 
 
 def anthropic_usage(u: dict[str, Any] | None) -> Usage:
@@ -29,26 +29,6 @@ def anthropic_usage(u: dict[str, Any] | None) -> Usage:
         cached_tokens=as_int(u.get("cache_read_input_tokens")),
         reasoning_tokens=as_int(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
     )
-
-
-class MessageUsage:
-    """A non-streaming answer: the last ``"usage": {...}`` in the final
-    64 KiB (Anthropic puts it at the end of the message)."""
-
-    __slots__ = ("_tail",)
-
-    def __init__(self) -> None:
-        self._tail = Tail()
-
-    def feed(self, chunk: bytes) -> bytes:
-        self._tail.add(chunk)
-        return chunk
-
-    def flush(self) -> bytes:
-        return b""
-
-    def finish(self) -> Usage:
-        return anthropic_usage(last_object(self._tail.bytes(), b"usage"))
 
 
 class MessageStreamUsage:
@@ -101,7 +81,7 @@ class Messages(JsonBody):
     errors = ErrorShape.ANTHROPIC
 
     def reader(self, prepared: Prepared, sse: bool) -> UsageReader:
-        return MessageStreamUsage() if sse else MessageUsage()
+        return MessageStreamUsage() if sse else TailUsage(anthropic_usage)
 
 
 __all__ = ["Messages", "anthropic_usage"]

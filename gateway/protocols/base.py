@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -160,6 +161,29 @@ def body_usage(tail: Tail) -> dict[str, Any] | None:
             u = obj.get("usage")
             return u if isinstance(u, dict) else None
     return last_object(data, b"usage")
+
+
+class TailUsage:
+    """Relays every chunk untouched; usage is the ``usage`` object of a
+    small whole JSON body, else the last ``"usage": {...}`` in the final
+    64 KiB (where OpenAI and Anthropic put it, in bodies and in streams).
+    ``parse`` maps that object (or None) to a Usage."""
+
+    __slots__ = ("_parse", "_tail")
+
+    def __init__(self, parse: Callable[[dict[str, Any] | None], Usage]) -> None:
+        self._tail = Tail()
+        self._parse = parse
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._tail.add(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def finish(self) -> Usage:
+        return self._parse(body_usage(self._tail))
 
 
 _DECODER = json.JSONDecoder()

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..errors import Protocol as ErrorShape
-from .base import JsonBody, Prepared, SSEEvents, Tail, Usage, UsageReader, as_int, body_usage, event_data
+from .base import JsonBody, Prepared, SSEEvents, TailUsage, Usage, UsageReader, as_int, event_data
 
 
 def chat_usage(u: dict[str, Any] | None) -> Usage:
@@ -21,26 +21,6 @@ def chat_usage(u: dict[str, Any] | None) -> Usage:
         cached_tokens=as_int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0,
         reasoning_tokens=as_int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0,
     )
-
-
-class TailUsage:
-    """Relays every chunk untouched; usage is the last ``"usage": {...}`` in
-    the final 64 KiB (where OpenAI puts it, in bodies and in streams)."""
-
-    __slots__ = ("_tail",)
-
-    def __init__(self) -> None:
-        self._tail = Tail()
-
-    def feed(self, chunk: bytes) -> bytes:
-        self._tail.add(chunk)
-        return chunk
-
-    def flush(self) -> bytes:
-        return b""
-
-    def finish(self) -> Usage:
-        return chat_usage(body_usage(self._tail))
 
 
 class HiddenUsageChunk:
@@ -115,4 +95,4 @@ class ChatCompletions(JsonBody):
     def reader(self, prepared: Prepared, sse: bool) -> UsageReader:
         if sse and prepared.hide_usage_chunk:
             return HiddenUsageChunk()
-        return TailUsage()
+        return TailUsage(chat_usage)

@@ -214,16 +214,26 @@ async def create_asset_group(request: web.Request) -> web.Response:
     return _envelope(data)
 
 
-async def get_asset_group(request: web.Request) -> web.Response:
+async def _owned_lookup(request: web.Request, kind: str) -> tuple[Gateway, UpstreamConfig, AssetProvider, str]:
+    """Authenticate a GET of a group or asset and check that the key's
+    workspace owns the id on the platform's upstream (404 otherwise)."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
     admit(gw, ctx, key)
     up, provider = platform_upstream(gw, request.query.get("platform"))
-    group_id = request.match_info["id"]
-    if await _service(request).store.group_owner(up.name, group_id) != key.workspace_id:
-        raise NotFound("Asset group not found.", code="group_not_found")
+    obj_id = request.match_info["id"]
+    store = _service(request).store
+    owner = store.group_owner if kind == "group" else store.asset_owner
+    if await owner(up.name, obj_id) != key.workspace_id:
+        label = "Asset group" if kind == "group" else "Asset"
+        raise NotFound(f"{label} not found.", code=f"{kind}_not_found")
     ctx.upstream = up.name
+    return gw, up, provider, obj_id
+
+
+async def get_asset_group(request: web.Request) -> web.Response:
+    gw, up, provider, group_id = await _owned_lookup(request, "group")
     return _envelope(await provider.get_group(_session(gw), up, group_id, request.query_string))
 
 
@@ -243,15 +253,7 @@ async def create_asset(request: web.Request) -> web.Response:
 
 
 async def get_asset(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
-    admit(gw, ctx, key)
-    up, provider = platform_upstream(gw, request.query.get("platform"))
-    asset_id = request.match_info["id"]
-    if await _service(request).store.asset_owner(up.name, asset_id) != key.workspace_id:
-        raise NotFound("Asset not found.", code="asset_not_found")
-    ctx.upstream = up.name
+    gw, up, provider, asset_id = await _owned_lookup(request, "asset")
     return _envelope(await provider.get_asset(_session(gw), up, asset_id, request.query_string))
 
 
