@@ -195,14 +195,7 @@ class ArkVideo:
         self, session: aiohttp.ClientSession, up: UpstreamConfig, upstream_model: str, req: VideoRequest
     ) -> str:
         body = orjson.dumps(ark_body(req, upstream_model))
-        answer = await call(session, up, "POST", up.base_url + "/contents/generations/tasks",
-                            headers=bearer(up), body=body)
-        if answer.status >= 300:
-            raise upstream_error(up, answer)
-        task_id = answer.obj.get("id") if isinstance(answer.obj, dict) else None
-        if not isinstance(task_id, str) or not task_id:
-            raise bad_answer(up, "no task id")
-        return task_id
+        return await _create(session, up, up.base_url + "/contents/generations/tasks", body)
 
     async def get(self, session: aiohttp.ClientSession, up: UpstreamConfig, task_id: str) -> Snapshot:
         url = f"{up.base_url}/contents/generations/tasks/{quote(task_id, safe='')}"
@@ -230,6 +223,17 @@ class ArkVideo:
 # ------------------------------------------------------------ gateway
 
 
+async def _create(session: aiohttp.ClientSession, up: UpstreamConfig, url: str, body: bytes) -> str:
+    """POST a task; the upstream's task id from its ``{"id": ...}`` answer."""
+    answer = await call(session, up, "POST", url, headers=bearer(up), body=body)
+    if answer.status >= 300:
+        raise upstream_error(up, answer)
+    task_id = answer.obj.get("id") if isinstance(answer.obj, dict) else None
+    if not isinstance(task_id, str) or not task_id:
+        raise bad_answer(up, "no task id")
+    return task_id
+
+
 class GatewayVideo:
     """An upstream speaking this gateway's own public video task API."""
 
@@ -239,13 +243,7 @@ class GatewayVideo:
         body = req.raw
         if upstream_model != req.model:
             body = orjson.dumps({**req.obj, "model": upstream_model})
-        answer = await call(session, up, "POST", up.base_url + "/video/tasks", headers=bearer(up), body=body)
-        if answer.status >= 300:
-            raise upstream_error(up, answer)
-        task_id = answer.obj.get("id") if isinstance(answer.obj, dict) else None
-        if not isinstance(task_id, str) or not task_id:
-            raise bad_answer(up, "no task id")
-        return task_id
+        return await _create(session, up, up.base_url + "/video/tasks", body)
 
     async def get(self, session: aiohttp.ClientSession, up: UpstreamConfig, task_id: str) -> Snapshot:
         url = f"{up.base_url}/video/tasks/{quote(task_id, safe='')}"
