@@ -30,6 +30,7 @@ class ServerConfig:
     max_body_mb: float = 32.0
     graceful_timeout_s: float = 30.0
     key_refresh_ms: int = 1000
+    body_timeout_s: float = 60.0
     log_requests: bool = False
 
     @property
@@ -329,6 +330,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         max_body_mb=float(s.num("max_body_mb", 32.0)),
         graceful_timeout_s=float(s.num("graceful_timeout_s", 30.0)),
         key_refresh_ms=int(s.num("key_refresh_ms", 1000, minimum=50, integer=True)),
+        body_timeout_s=float(s.num("body_timeout_s", 60.0, minimum=0.01)),
         log_requests=s.flag("log_requests", False),
     )
     if server.port > 65535:

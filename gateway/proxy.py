@@ -11,6 +11,7 @@ middleware from the RequestContext this path fills in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -35,6 +36,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     ServiceUnavailable,
 )
 from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
@@ -89,14 +91,21 @@ def response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[
     return out
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or 413 before reading past ``limit``."""
+async def read_body(request: web.Request, gw: Gateway) -> bytes:
+    """The whole request body: 413 before reading past ``server.max_body_mb``,
+    408 when the client takes longer than ``server.body_timeout_s`` to send
+    it (a slow or stalled client must not hold a request open forever)."""
+    server = gw.config.server
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
     try:
-        return await request.read()
+        async with asyncio.timeout(server.body_timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g} s.") from None
 
 
 def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
@@ -121,7 +130,7 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
-    raw = await read_body(request, gw.config.server.max_body_bytes)
+    raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
     obj, model = endpoint.parse(request.headers.get("Content-Type", ""), raw)
     ctx.stream = obj.get("stream") is True

@@ -331,3 +331,24 @@ async def test_unknown_endpoint_is_404_with_usage_row(gateway: Gateway, http: ai
         assert (await r.json())["error"]["code"] == "unknown_endpoint"
     (row,) = await gateway.wait_usage(1)
     assert row["status"] == 404
+
+
+async def test_stalled_request_body_gets_408(
+    make_gateway, upstream: Upstream  # type: ignore[no-untyped-def]
+) -> None:
+    from .conftest import config_toml
+
+    gw = await make_gateway(config_toml(upstream.base_url).replace("key_refresh_ms = 100",
+                                                                     "key_refresh_ms = 100\nbody_timeout_s = 0.3"))
+    key = await gw.key()
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":".encode())
+    await writer.drain()  # ... and the rest never comes
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
+    assert upstream.state.requests == []
+    (row,) = await gw.wait_usage(1)
+    assert row["status"] == 408 and row["error_type"] == "request_timeout"

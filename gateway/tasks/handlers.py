@@ -79,7 +79,7 @@ async def create_video_task(request: web.Request) -> web.Response:
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
     admit(gw, ctx, key)
-    raw = await read_body(request, gw.config.server.max_body_bytes)
+    raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
     req = parse_video_request(raw)
     ctx.model_cfg = resolve_model(gw, key, req.model)
@@ -197,7 +197,7 @@ async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes, di
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
     admit(gw, ctx, key)
-    raw = await read_body(request, gw.config.server.max_body_bytes)
+    raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
     return gw, key, raw, parse_object(raw)
 
