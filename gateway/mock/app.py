@@ -131,14 +131,25 @@ def chat_usage(request: web.Request, prompt: int, completion: int) -> dict[str, 
     }
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def json_body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+    """The request's JSON object after ``_check``, or the answer to send instead."""
     raw, early = await _check(request)
     if early is not None:
-        return early
+        return None, early
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return openai_error(400, "We could not parse the JSON body of your request.")
+        return None, openai_error(400, "We could not parse the JSON body of your request.")
+    if not isinstance(obj, dict):
+        return None, openai_error(400, "Request body must be an object.")
+    return obj, None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    obj, early = await json_body(request)
+    if early is not None:
+        return early
+    assert obj is not None
     model = obj.get("model", "mock")
     n = _int(request, "x-mock-chunks", 5)
     prompt = count_prompt_tokens(obj)

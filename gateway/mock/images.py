@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, _check, _int, openai_error
+from .app import MOCK, _check, _int, json_body, openai_error
 
 
 @dataclass
@@ -151,15 +151,10 @@ async def _answer(request: web.Request, params: dict[str, Any], images_in: int, 
 
 
 async def generations(request: web.Request) -> web.StreamResponse:
-    raw, early = await _check(request)
+    obj, early = await json_body(request)
     if early is not None:
         return early
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return openai_error(400, "We could not parse the JSON body of your request.")
-    if not isinstance(obj, dict):
-        return openai_error(400, "Request body must be an object.")
+    assert obj is not None
     return await _answer(request, obj, 0, "image_generation")
 
 

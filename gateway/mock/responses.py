@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, WORDS, _check, _int, openai_error
+from .app import MOCK, WORDS, _int, json_body
 
 
 def input_tokens(obj: dict[str, Any]) -> int:
@@ -75,21 +75,10 @@ def _gzip(data: bytes) -> web.Response:
                         content_type="application/json")
 
 
-async def _body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
-    raw, early = await _check(request)
-    if early is not None:
-        return None, early
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None, openai_error(400, "We could not parse the JSON body of your request.")
-    if not isinstance(obj, dict):
-        return None, openai_error(400, "Request body must be an object.")
-    return obj, None
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    obj, early = await _body(request)
+    obj, early = await json_body(request)
     if obj is None:
         assert early is not None
         return early
@@ -161,7 +150,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 async def compact(request: web.Request) -> web.Response:
-    obj, early = await _body(request)
+    obj, early = await json_body(request)
     if obj is None:
         assert early is not None
         return early
