@@ -19,6 +19,7 @@ from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
 from .limits import Limiter
+from .logs import log_request
 from .metrics import Metrics
 from .protocols.anthropic import Messages
 from .protocols.base import Endpoint
@@ -27,6 +28,7 @@ from .protocols.openai import ChatCompletions
 from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
 from .routing import Health, Router
+from .store.retention import run_retention
 from .store.schema import connect_async
 from .store.usage import UsageWriter
 from .tasks import handlers as tasks
@@ -100,6 +102,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         gw.in_flight -= 1
         row = ctx.row(perf_counter())
         writer.record(row)
+        if gw.config.server.log_requests:
+            log_request(row, request.method, request.path)
         key = ctx.key
         if key is not None:
             if ctx.admitted:
@@ -157,12 +161,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(
-    cfg: Config, *, poller: bool | None = None, clock: Callable[[], float] = time.time
+    cfg: Config, *, poller: bool | None = None, retention: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The gateway as an aiohttp application, for one worker process.
 
     ``poller`` runs the background video task poller here (default: the
-    config's ``tasks.poller``). ``clock`` (wall time, seconds) drives
+    config's ``tasks.poller``); ``retention`` runs the usage retention job
+    (gateway.store.retention). With several workers only worker 0 runs
+    either. ``clock`` (wall time, seconds) drives
     rate-limit windows, monthly quotas, circuit breakers and 429 cool-downs;
     tests pass their own."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
@@ -193,7 +200,13 @@ def create_app(
         tasks["key-refresh"] = asyncio.create_task(
             gw.keys.run(db, cfg.server.key_refresh_ms / 1000), name="key-refresh"
         )
+        if retention:
+            tasks["usage-retention"] = asyncio.create_task(
+                run_retention(cfg.database.path, cfg.usage.retention_days), name="usage-retention"
+            )
         yield
+        if retention:
+            tasks.pop("usage-retention").cancel()
         tasks.pop("key-refresh").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)

@@ -31,6 +31,7 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     key_refresh_ms: int = 1000
     log_requests: bool = False
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
 
     @property
     def max_body_bytes(self) -> int:
@@ -330,7 +331,10 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         graceful_timeout_s=float(s.num("graceful_timeout_s", 30.0)),
         key_refresh_ms=int(s.num("key_refresh_ms", 1000, minimum=50, integer=True)),
         log_requests=s.flag("log_requests", False),
+        log_format=s.text("log_format", "text"),
     )
+    if server.log_format not in ("text", "json"):
+        raise ConfigError("server.log_format: must be \"text\" or \"json\"")
     if server.port > 65535:
         raise ConfigError("server.port: must be <= 65535")
     s.done()

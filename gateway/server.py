@@ -23,6 +23,8 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
+from .context import GATEWAY
+from .logs import startup_fields
 from .mock.app import create_mock_app
 from .reload import reload_config
 
@@ -85,9 +87,13 @@ async def start_mock(host: str = "127.0.0.1", port: int = 0, api_key: str | None
 
 
 async def start_gateway(
-    cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None
+    cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None,
+    poller: bool | None = None, retention: bool = False,
 ) -> Running:
-    app = create_app(cfg) if clock is None else create_app(cfg, clock=clock)
+    kw: dict[str, Any] = {"poller": poller, "retention": retention}
+    if clock is not None:
+        kw["clock"] = clock
+    app = create_app(cfg, **kw)
     return await start_app(
         app, cfg.server.host, cfg.server.port if port is None else port,
         shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1,
@@ -95,9 +101,15 @@ async def start_gateway(
 
 
 async def run_until_signal(
-    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None
+    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None,
+    worker: int | None = None, port: int | None = None, ready_fd: int | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. With no config: the embedded default."""
+    """Serve until SIGTERM or SIGINT. With no config: the embedded default.
+
+    ``worker`` is this process's index under a supervisor (None: the only
+    process). Only the single process or worker 0 runs the video task poller
+    and the usage retention job. ``ready_fd`` gets one byte, then is closed,
+    once the socket listens (the supervisor waits for it)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,12 +118,23 @@ async def run_until_signal(
     if cfg is None:
         mock = await start_mock()
         cfg = embedded_config(mock.url + "/v1")
-    gw = await start_gateway(cfg)
-    log.info(
-        "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",
-        cfg.server.host, gw.port, ", ".join(u.name for u in cfg.upstreams),
-        ", ".join(m.name for m in cfg.models), cfg.server.workers,
+    first = worker in (None, 0)
+    gw = await start_gateway(
+        cfg, port=port, poller=cfg.tasks.poller and first, retention=first,
     )
+    if worker is None:
+        log.info(
+            "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",
+            cfg.server.host, gw.port, ", ".join(u.name for u in cfg.upstreams),
+            ", ".join(m.name for m in cfg.models), cfg.server.workers,
+            extra={"fields": startup_fields(cfg, gw.port, 1)},
+        )
+    else:
+        log.info("worker %d (pid %d) listening on port %d", worker, os.getpid(), gw.port,
+                 extra={"fields": {"event": "worker_ready", "port": gw.port}})
+    if ready_fd is not None:
+        os.write(ready_fd, b"r")
+        os.close(ready_fd)
     if on_ready is not None:
         on_ready(cfg, gw)
     reloads: set[asyncio.Task[None]] = set()
@@ -124,11 +147,12 @@ async def run_until_signal(
     if cfg.source is not None:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
-    log.info("shutting down: finishing in-flight requests, flushing usage")
+    log.info("shutting down: finishing in-flight requests, flushing usage",
+             extra={"fields": {"event": "stopping", "in_flight": gw.runner.app[GATEWAY].in_flight}})
     await gw.runner.cleanup()
     if mock is not None:
         await mock.runner.cleanup()
-    log.info("stopped")
+    log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
 async def _reload(app: web.Application) -> None:
