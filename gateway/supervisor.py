@@ -154,6 +154,8 @@ class Supervisor:
         return w
 
     def _worker_main(self, index: int, ready_fd: int) -> int:
+        from prometheus_client import values
+
         from .server import run, run_until_signal
 
         # A SIGHUP/SIGUSR2 arriving before the event loop installs its handlers
@@ -164,6 +166,10 @@ class Supervisor:
         if self._reserved is not None:
             self._reserved.close()
         set_worker(index)
+        # prometheus-client picks its value class (in memory or mmap files)
+        # when it is imported, which here was before the supervisor set
+        # PROMETHEUS_MULTIPROC_DIR: pick again, now that it is set.
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         run(run_until_signal(self.cfg, worker=index, port=self.port, ready_fd=ready_fd))
         return 0
 
