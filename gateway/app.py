@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 
 import aiohttp
@@ -29,7 +30,8 @@ from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
 from .routing import Health, Router
 from .store.retention import run_retention
-from .store.schema import connect_async
+from .store.schema import connect, connect_async
+from .store.spool import recover, spool_dir
 from .store.usage import UsageWriter
 from .tasks import handlers as tasks
 
@@ -160,6 +162,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
+def recover_spools(db_path: Path, directory: Path) -> int:
+    """Rows that dead processes left in their usage spool files, written now."""
+    conn = connect(db_path)
+    try:
+        return recover(conn, directory)
+    finally:
+        conn.close()
+
+
 def create_app(
     cfg: Config, *, poller: bool | None = None, retention: bool = False,
     clock: Callable[[], float] = time.time,
@@ -188,11 +199,14 @@ def create_app(
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = await connect_async(cfg.database.path)
+        spool = spool_dir(cfg.database.path) if cfg.usage.spool else None
+        if spool is not None:
+            await asyncio.to_thread(recover_spools, cfg.database.path, spool)
         await gw.keys.refresh(db)
         await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
-            on_wait=metrics.backpressure.inc,
+            on_wait=metrics.backpressure.inc, spool=spool,
         )
         gw.writer = writer
         tasks = app[TASKS]

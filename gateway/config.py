@@ -49,6 +49,7 @@ class UsageConfig:
     batch_max: int = 1000
     queue_max: int = 20000
     retention_days: int = 90
+    spool: bool = True  # append each row to a per-process file first (gateway.store.spool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +351,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         batch_max=int(u.num("batch_max", 1000, minimum=1, integer=True)),
         queue_max=int(u.num("queue_max", 20000, minimum=1, integer=True)),
         retention_days=int(u.num("retention_days", 90, integer=True)),
+        spool=u.flag("spool", True),
     )
     u.done()
 

@@ -38,6 +38,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -45,6 +46,7 @@ from dataclasses import dataclass, replace
 from .config import Config, ConfigError, load_config
 from .logs import set_worker, startup_fields
 from .store.schema import connect
+from .store.spool import spool_dir
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -205,6 +207,8 @@ class Supervisor:
             os.close(w.ready_fd)
         multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
         code = os.waitstatus_to_exitcode(status)
+        if code != 0 and self.cfg.usage.spool:
+            self._recover_usage()
         if code != 0:
             self.failed = self.failed or self.stopping or w.retiring
         if self.stopping or w.retiring:
@@ -219,6 +223,18 @@ class Supervisor:
         if self._wait_ready(new):
             log.info("worker %d replaced: pid %d", w.index, new.pid,
                      extra={"fields": {"event": "worker_replaced", "worker_pid": new.pid}})
+
+    def _recover_usage(self) -> None:
+        """Write the usage rows a dead worker had spooled but not committed."""
+        from .app import recover_spools
+
+        try:
+            n = recover_spools(self.cfg.database.path, spool_dir(self.cfg.database.path))
+        except (OSError, sqlite3.Error) as e:
+            log.error("usage spool recovery failed (the next start retries): %s", e)
+            return
+        log.info("recovered %d usage rows of a dead worker", n,
+                 extra={"fields": {"event": "usage_recovered", "rows": n}})
 
     def _signal(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

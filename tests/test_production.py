@@ -126,13 +126,15 @@ async def chat(http: aiohttp.ClientSession, url: str, key: str, rid: str, **kw: 
 async def test_sigkill_a_worker_under_load(serve: Any, upstream: Upstream, tmp_path: Path) -> None:
     """Two workers; one is SIGKILLed under load. The supervisor starts a new
     worker with the same index, the port keeps answering, and every request
-    whose response the client received in full while the usage row had been
-    flushed before the kill (see docs/production.md) is recorded once. The
-    test asserts the strong part that holds for every completed request: no
-    row is duplicated, every row belongs to a request a client sent, and
-    every request answered after the kill is recorded."""
+    whose response a client received is recorded exactly once, including
+    those whose rows the dead worker had not yet written to the database
+    (the supervisor recovers them from its usage spool). A request the dead
+    worker was in the middle of may have a row or not (see docs/production.md);
+    no row is ever duplicated or invented."""
     key = make_key(tmp_path / "gateway.db")
-    s = serve(prod_toml(upstream, "workers = 2\n"))
+    # Rows reach the database only every 2 s: the kill always lands with
+    # answered requests still in the dead worker's queue.
+    s = serve(prod_toml(upstream, "workers = 2\n").replace("flush_interval_ms = 20", "flush_interval_ms = 2000"))
     pids = s.start["worker_pids"]
     assert len(pids) == 2 and s.start["workers"] == 2
     ok: dict[str, float] = {}  # request id -> time answered
@@ -170,15 +172,35 @@ async def test_sigkill_a_worker_under_load(serve: Any, upstream: Upstream, tmp_p
     rows = s.rows()
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids)), "a request recorded twice"
-    sent = set(ok) | set(failed)
-    assert set(ids) <= sent
-    after = {rid for rid, t in ok.items() if t > killed_at + 0.5}
-    assert len(after) > 20 and after <= set(ids), "a request answered after the kill has no row"
-    # What the dead worker had not yet flushed (at most flush_interval_ms of
-    # its rows) is the only thing missing; everything else was recorded.
-    missing = set(ok) - set(ids)
-    assert len(missing) < len(ok) * 0.05, (len(missing), len(ok))
+    assert set(ids) <= set(ok) | set(failed), "a row for a request nobody sent"
+    assert len(ok) > 50
+    assert set(ok) <= set(ids), f"{len(set(ok) - set(ids))} answered requests have no row"
     assert all(r["status"] == 200 for r in rows if r["request_id"] in ok)
+    recovered = s.wait_line(lambda x: x.get("event") == "usage_recovered")
+    assert recovered["rows"] > 0  # the dead worker's queue was not empty: the spool mattered
+    assert time.monotonic() > killed_at
+
+
+async def test_killed_single_process_rows_recovered_on_next_start(
+    serve: Any, upstream: Upstream, tmp_path: Path
+) -> None:
+    """One process, SIGKILLed with every row still in its in-memory queue:
+    the next start writes them from the spool, once."""
+    key = make_key(tmp_path / "gateway.db")
+    toml = prod_toml(upstream, "").replace("flush_interval_ms = 20", "flush_interval_ms = 60000")
+    s = serve(toml)
+    async with aiohttp.ClientSession() as http:
+        for i in range(30):
+            assert await chat(http, s.url, key, f"k{i}") == 200
+    s.proc.kill()
+    s.proc.wait()
+    assert s.rows() == []
+    s2 = serve(toml)
+    rows = s2.rows()
+    assert sorted(r["request_id"] for r in rows) == sorted(f"k{i}" for i in range(30))
+    assert s2.stop() == 0
+    assert len(s2.rows()) == 30
+    assert list((tmp_path / "gateway.db.spool").iterdir()) == []
 
 
 async def test_sigterm_with_100_open_streams(serve: Any, upstream: Upstream, tmp_path: Path) -> None:

@@ -132,6 +132,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX assets_id ON assets (id);
     """,
+    # Usage spool files (gateway.store.spool): how far each file has been
+    # written to usage_events, updated in the same transaction as the rows.
+    """
+    CREATE TABLE usage_spool (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
