@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,16 @@ class Running:
 
 
 async def start_app(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
-                    reuse_port: bool = False) -> Running:
+                    reuse_port: bool = False, sock: socket.socket | None = None) -> Running:
+    """Serve ``app`` on ``host:port``, or on the listening socket ``sock``
+    (a worker under the supervisor: one socket shared by every worker)."""
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=4096)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
     await site.start()
     server = site._server
     assert server is not None
@@ -88,7 +95,7 @@ async def start_mock(host: str = "127.0.0.1", port: int = 0, api_key: str | None
 
 async def start_gateway(
     cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None,
-    poller: bool | None = None, retention: bool = False,
+    poller: bool | None = None, retention: bool = False, sock: socket.socket | None = None,
 ) -> Running:
     kw: dict[str, Any] = {"poller": poller, "retention": retention}
     if clock is not None:
@@ -96,19 +103,20 @@ async def start_gateway(
     app = create_app(cfg, **kw)
     return await start_app(
         app, cfg.server.host, cfg.server.port if port is None else port,
-        shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1,
+        shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1, sock=sock,
     )
 
 
 async def run_until_signal(
     cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None,
-    worker: int | None = None, port: int | None = None, ready_fd: int | None = None,
+    worker: int | None = None, sock: socket.socket | None = None, ready_fd: int | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. With no config: the embedded default.
 
     ``worker`` is this process's index under a supervisor (None: the only
     process). Only the single process or worker 0 runs the video task poller
-    and the usage retention job. ``ready_fd`` gets one byte, then is closed,
+    and the usage retention job. ``sock`` is the supervisor's listening
+    socket, shared by the workers. ``ready_fd`` gets one byte, then is closed,
     once the socket listens (the supervisor waits for it)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -120,7 +128,7 @@ async def run_until_signal(
         cfg = embedded_config(mock.url + "/v1")
     first = worker in (None, 0)
     gw = await start_gateway(
-        cfg, port=port, poller=cfg.tasks.poller and first, retention=first,
+        cfg, poller=cfg.tasks.poller and first, retention=first, sock=sock,
     )
     if worker is None:
         log.info(

@@ -5,10 +5,18 @@ The supervisor is a plain, single-threaded process with no event loop. It:
 1. migrates the database once, and sets ``PROMETHEUS_MULTIPROC_DIR`` to a
    fresh private directory so /metrics on any worker reports the sum over
    all workers (prometheus-client multiprocess mode);
-2. forks N workers. Each binds its own listening socket on the same port
-   with SO_REUSEPORT (the kernel spreads new connections over them) and runs
-   its own uvloop event loop. Only worker 0 runs the video task poller and
-   the usage retention job;
+2. opens the listening socket (SO_REUSEPORT set) and forks N workers that
+   share it, each accepting on its own uvloop event loop. Only worker 0 runs
+   the video task poller and the usage retention job.
+
+   Why one shared socket rather than one SO_REUSEPORT socket per worker:
+   with per-worker sockets the kernel hashes each new connection to one
+   worker's accept queue, and when that worker stops (rolling restart) or
+   dies, the connections waiting in its queue are reset (unless the host
+   sets net.ipv4.tcp_migrate_req). With one queue shared by all workers, a
+   worker that stops accepting leaves its share to the others: nothing
+   queued is lost. SO_REUSEPORT on the socket still lets a second
+   `gateway serve` bind the same port while this one drains;
 3. waits for signals (blocked, read with ``sigtimedwait``, so there is no
    handler racing the main loop):
 
@@ -32,6 +40,7 @@ The supervisor is a plain, single-threaded process with no event loop. It:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -52,6 +61,7 @@ log = logging.getLogger("gateway.supervisor")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD}
 READY_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -73,7 +83,7 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self.port = cfg.server.port
-        self._reserved: socket.socket | None = None
+        self._sock: socket.socket | None = None
         self._metrics_dir = ""
 
     # ---- lifecycle -----------------------------------------------------
@@ -83,8 +93,7 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         try:
             connect(self.cfg.database.path).close()  # migrate once, before N processes open it
-            if self.port == 0:
-                self._reserve_port()
+            self._listen()
             for i in range(self.cfg.server.workers):
                 self._spawn(i)
             for w in list(self.workers.values()):
@@ -100,8 +109,8 @@ class Supervisor:
             self._loop()
         finally:
             self._stop_all()
-            if self._reserved is not None:
-                self._reserved.close()
+            if self._sock is not None:
+                self._sock.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("supervisor stopped", extra={"fields": {"event": "stopped", "failed": self.failed}})
         return 1 if self.failed else 0
@@ -124,14 +133,14 @@ class Supervisor:
             elif sig == signal.SIGUSR2:
                 self._rolling_restart()
 
-    def _reserve_port(self) -> None:
-        """Port 0: pick a free port once and hold it (bound, not listening,
-        SO_REUSEPORT) so every worker, including replacements, binds the same."""
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((self.cfg.server.host, 0))
-        self._reserved = s
-        self.port = s.getsockname()[1]
+    def _listen(self) -> None:
+        """The one listening socket every worker accepts on."""
+        self._sock = socket.create_server(
+            (self.cfg.server.host, self.port), backlog=4096, reuse_port=True,
+            family=socket.AF_INET6 if ":" in self.cfg.server.host else socket.AF_INET,
+        )
+        self._sock.setblocking(False)
+        self.port = self._sock.getsockname()[1]
 
     # ---- workers -----------------------------------------------------
     def _by_index(self) -> list[Worker]:
@@ -164,15 +173,14 @@ class Supervisor:
         # must not kill the worker (their default action is to terminate).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        _die_with_parent()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        if self._reserved is not None:
-            self._reserved.close()
         set_worker(index)
         # prometheus-client picks its value class (in memory or mmap files)
         # when it is imported, which here was before the supervisor set
         # PROMETHEUS_MULTIPROC_DIR: pick again, now that it is set.
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-        run(run_until_signal(self.cfg, worker=index, port=self.port, ready_fd=ready_fd))
+        run(run_until_signal(self.cfg, worker=index, sock=self._sock, ready_fd=ready_fd))
         return 0
 
     def _wait_ready(self, w: Worker) -> bool:
@@ -293,6 +301,18 @@ class Supervisor:
                 continue
             self._exited(old.pid, status)
         log.info("rolling restart done", extra={"fields": {"event": "rolling_restart_done"}})
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker if the supervisor dies (SIGKILL, OOM): a worker
+    must never outlive it, holding the port. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(cfg: Config) -> int:

@@ -433,3 +433,42 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in (r.stdout + r.stderr).splitlines()
                 if ("gateway.service" in line and str(copy) in line) or "Unknown" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+async def test_workers_die_with_a_killed_supervisor(serve: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (no chance to stop its workers): the workers
+    get SIGTERM from the kernel, stop, and free the port."""
+    s = serve(prod_toml(upstream, "workers = 2\n"))
+    pids = s.start["worker_pids"]
+    s.proc.kill()
+    s.proc.wait()
+    deadline = time.monotonic() + 10
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        await asyncio.sleep(0.05)
+    assert alive == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_production_keys_are_validated_and_documented() -> None:
+    from dataclasses import fields
+
+    from gateway.config import ConfigError, ServerConfig, UsageConfig, parse_config
+
+    cfg = parse_config({"server": {"workers": 4, "log_format": "json"}, "usage": {"spool": False}}, env={})
+    assert (cfg.server.workers, cfg.server.log_format, cfg.usage.spool) == (4, "json", False)
+    with pytest.raises(ConfigError, match=r"server\.log_format: must be"):
+        parse_config({"server": {"log_format": "xml"}}, env={})
+    with pytest.raises(ConfigError, match=r"server\.workers: must be >= 1"):
+        parse_config({"server": {"workers": 0}}, env={})
+    example = (ROOT / "config.example.toml").read_text()
+    doc = (ROOT / "docs" / "production.md").read_text()
+    for k in [f.name for f in fields(ServerConfig)] + [f.name for f in fields(UsageConfig)]:
+        assert k in example and k in doc, k

@@ -63,7 +63,7 @@ class SpoolFile:
 
     def append(self, row: tuple[object, ...]) -> int:
         """Write one row; returns the offset just past it."""
-        line = orjson.dumps(row) + b"\n"
+        line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
         n = os.write(self.fd, line)
         if n != len(line):  # a regular file: only on a full disk
             raise OSError(f"usage spool: short write ({n} of {len(line)} bytes)")
