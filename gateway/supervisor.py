@@ -22,8 +22,11 @@ The supervisor is a plain, single-threaded process with no event loop. It:
 
    - SIGCHLD: a worker that exits while the supervisor is not stopping is
      replaced by a new worker with the same index (after 1 s if it lived
-     less than 1 s, so a worker that cannot start does not spin); its
-     live gauge files are removed (``mark_process_dead``).
+     less than 1 s, so a worker that cannot start does not spin; after 5
+     such exits in a row the supervisor stops and exits 1, for systemd's
+     Restart=on-failure to take over); its live gauge files are removed
+     (``mark_process_dead``) and the usage rows it had spooled but not
+     written are written (gateway.store.spool).
    - SIGTERM / SIGINT: forwarded to every worker as SIGTERM; each stops
      accepting, finishes its in-flight requests and streams (up to
      ``server.graceful_timeout_s``), flushes its usage queue and exits 0.
@@ -62,6 +65,7 @@ log = logging.getLogger("gateway.supervisor")
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD}
 READY_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1
+MAX_QUICK_EXITS = 5  # consecutive workers dying within 1 s of start: stop, exit 1
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Supervisor:
         self.failed = False
         self.port = cfg.server.port
         self._sock: socket.socket | None = None
+        self._quick_exits = 0
         self._metrics_dir = ""
 
     # ---- lifecycle -----------------------------------------------------
@@ -226,7 +231,14 @@ class Supervisor:
         log.warning("worker %d (pid %d) exited with %d; starting a new one", w.index, pid, code,
                     extra={"fields": {"event": "worker_exit", "worker_pid": pid, "code": code}})
         if time.monotonic() - w.started < 1.0:
+            self._quick_exits += 1
+            if self._quick_exits >= MAX_QUICK_EXITS:
+                log.error("%d workers in a row exited within a second of starting; giving up", self._quick_exits)
+                self.failed = self.stopping = True
+                return
             time.sleep(1.0)
+        else:
+            self._quick_exits = 0
         new = self._spawn(w.index)
         if self._wait_ready(new):
             log.info("worker %d replaced: pid %d", w.index, new.pid,

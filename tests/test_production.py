@@ -472,3 +472,32 @@ def test_production_keys_are_validated_and_documented() -> None:
     doc = (ROOT / "docs" / "production.md").read_text()
     for k in [f.name for f in fields(ServerConfig)] + [f.name for f in fields(UsageConfig)]:
         assert k in example and k in doc, k
+
+
+async def test_revoked_key_refused_by_every_worker(serve: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """`gateway keys revoke` from the CLI: within key_refresh_ms (100 ms
+    here) every worker refuses the key."""
+    key = make_key(tmp_path / "gateway.db")
+    s = serve(prod_toml(upstream, "workers = 2\nlog_requests = true\n"))
+    conn = connect(s.db)
+    key_id = conn.execute("SELECT id FROM api_keys").fetchone()[0]
+    conn.close()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(10):
+            async with http.get(s.url + "/v1/models", headers=headers) as r:
+                assert r.status == 200
+        r0 = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "keys", "revoke", str(key_id), "--config",
+                             str(tmp_path / "gateway.toml")], capture_output=True, env={**os.environ,
+                             "MOCK_UPSTREAM_KEY": UPSTREAM_KEY})
+        assert r0.returncode == 0, r0.stderr
+        await asyncio.sleep(0.5)
+        statuses = []
+        for i in range(40):  # fresh connections: both workers answer some
+            async with http.get(s.url + "/v1/models", headers={**headers, "x-request-id": f"after{i}"}) as r:
+                statuses.append(r.status)
+    assert statuses == [401] * 40
+    served_by = {x.get("worker") for x in s.lines() if str(x.get("request_id")).startswith("after")}
+    assert served_by == {0, 1}
+    assert s.stop() == 0
