@@ -2,7 +2,9 @@
 
 SIGHUP reloads the config file (see gateway.reload).
 
-Shutdown order on SIGTERM/SIGINT: stop accepting, let in-flight requests
+Shutdown order on SIGTERM/SIGINT: stop accepting, wait ACCEPT_GRACE_S for
+connections accepted just before to send their request, let in-flight
+requests (including requests that arrive meanwhile on open connections)
 and streams finish (up to ``server.graceful_timeout_s``), then the app's
 cleanup contexts run: client session closed, usage queue flushed, database
 closed.
@@ -32,6 +34,7 @@ from .reload import reload_config
 log = logging.getLogger("gateway")
 
 MOCK_MODELS = ("mock-gpt", "mock-gpt-mini")
+ACCEPT_GRACE_S = 0.25
 OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini")
 
 
@@ -157,6 +160,12 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down: finishing in-flight requests, flushing usage",
              extra={"fields": {"event": "stopping", "in_flight": gw.runner.app[GATEWAY].in_flight}})
+    # Stop accepting first, then give connections accepted in the last
+    # instant time to send their request: aiohttp's shutdown closes every
+    # connection that is not yet handling one.
+    for site in list(gw.runner.sites):
+        await site.stop()
+    await asyncio.sleep(ACCEPT_GRACE_S)
     await gw.runner.cleanup()
     if mock is not None:
         await mock.runner.cleanup()
