@@ -214,6 +214,10 @@ def create_app(
         tasks["key-refresh"] = asyncio.create_task(
             gw.keys.run(db, cfg.server.key_refresh_ms / 1000), name="key-refresh"
         )
+        # Other workers' (and other gateways') spend and tokens into the quotas.
+        tasks["quota-sync"] = asyncio.create_task(
+            limits.run_sync(db, writer.writer_id, cfg.server.key_refresh_ms / 1000), name="quota-sync"
+        )
         if retention:
             tasks["usage-retention"] = asyncio.create_task(
                 run_retention(cfg.database.path, cfg.usage.retention_days), name="usage-retention"
@@ -222,6 +226,7 @@ def create_app(
         if retention:
             tasks.pop("usage-retention").cancel()
         tasks.pop("key-refresh").cancel()
+        tasks.pop("quota-sync").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
         await db.close()

@@ -482,22 +482,96 @@ async def test_revoked_key_refused_by_every_worker(serve: Any, upstream: Upstrea
     conn = connect(s.db)
     key_id = conn.execute("SELECT id FROM api_keys").fetchone()[0]
     conn.close()
-    headers = {"Authorization": f"Bearer {key}"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-        for _ in range(10):
-            async with http.get(s.url + "/v1/models", headers=headers) as r:
-                assert r.status == 200
+    pinned = await pinned_sessions(s, key)  # one connection on each worker
+    try:
+        before = [await chat(sess, s.url, key, f"before{w}") for w, sess in sorted(pinned.items())]
         r0 = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "gateway", "keys", "revoke", str(key_id), "--config",
                              str(tmp_path / "gateway.toml")], capture_output=True, env={**os.environ,
                              "MOCK_UPSTREAM_KEY": UPSTREAM_KEY})
         assert r0.returncode == 0, r0.stderr
         await asyncio.sleep(0.5)
-        statuses = []
-        for i in range(40):  # fresh connections: both workers answer some
-            async with http.get(s.url + "/v1/models", headers={**headers, "x-request-id": f"after{i}"}) as r:
-                statuses.append(r.status)
-    assert statuses == [401] * 40
-    served_by = {x.get("worker") for x in s.lines() if str(x.get("request_id")).startswith("after")}
-    assert served_by == {0, 1}
+        statuses = [await chat(sess, s.url, key, f"after{w}") for w, sess in sorted(pinned.items())]
+    finally:
+        for sess in pinned.values():
+            await sess.close()
+    assert before == [200, 200]
+    assert statuses == [401, 401]
     assert s.stop() == 0
+
+
+async def test_spend_quota_is_shared_by_workers(serve: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """A key's monthly spend limit holds across two workers: each worker
+    adds the other's recorded spend (every key_refresh_ms, 100 ms here), so
+    the key stops near its limit instead of at up to twice it."""
+    s = serve(prod_toml(upstream, "workers = 2\nlog_requests = true\n"))
+    probe = await asyncio.to_thread(_create_key, s.db, {})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        await _wait_live(http, s.url, probe)
+        assert await chat(http, s.url, probe, "probe") == 200
+        await asyncio.sleep(0.3)
+        cost = next(r["cost"] for r in s.rows() if r["request_id"] == "probe")
+        assert cost > 0
+        key = await asyncio.to_thread(_create_key, s.db, {"spend_limit": cost * 10.5})
+        await _wait_live(http, s.url, key)
+    pinned = await pinned_sessions(s, key)
+    statuses = []
+    try:
+        for i in range(30):  # alternate between the workers
+            statuses.append(await chat(pinned[i % 2], s.url, key, f"q{i}"))
+            await asyncio.sleep(0.06)  # > flush (20 ms) + the other worker's sync (100 ms) over two requests
+    finally:
+        for sess in pinned.values():
+            await sess.close()
+    ok = statuses.count(200)
+    # Per-worker counting alone would admit about 2 x 11; shared, 11 plus at
+    # most a request or two in flight on the other worker.
+    assert 11 <= ok <= 13, statuses
+    assert statuses[-5:] == [429] * 5
+    assert s.stop() == 0
+
+
+def _create_key(db: Path, limits: dict[str, Any]) -> str:
+    conn = connect(db)
+    try:
+        try:
+            ws = queries.find_workspace(conn, "quota")
+        except queries.NotFoundError:
+            ws = queries.create_workspace(conn, "quota")
+        _, key = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limits))
+        return key
+    finally:
+        conn.close()
+
+
+async def pinned_sessions(s: Served, key: str) -> dict[int, aiohttp.ClientSession]:
+    """One keep-alive connection on each of the two workers, told apart by
+    the worker field of their request log lines (log_requests = true)."""
+    found: dict[int, aiohttp.ClientSession] = {}
+    for i in range(60):
+        sess = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        rid = f"pin{i}"
+        async with sess.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                           "x-request-id": rid}) as r:
+            await r.read()
+        line = await asyncio.to_thread(s.wait_line, lambda x, rid=rid: x.get("request_id") == rid)
+        if line["worker"] in found:
+            await sess.close()
+        else:
+            found[line["worker"]] = sess
+        if len(found) == 2:
+            return found
+    for sess in found.values():
+        await sess.close()
+    raise AssertionError("could not reach both workers")
+
+
+async def _wait_live(http: aiohttp.ClientSession, url: str, key: str) -> None:
+    """Until both workers know the key (a run of fresh connections all pass)."""
+    deadline = time.monotonic() + 5
+    good = 0
+    while good < 10 and time.monotonic() < deadline:
+        async with http.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                         "x-request-id": "keycheck"}) as r:
+            good = good + 1 if r.status == 200 else 0
+    assert good >= 10

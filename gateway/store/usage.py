@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections import deque
@@ -67,6 +68,8 @@ COLUMNS = (
 )
 Row = tuple[Any, ...]
 INSERT = f"INSERT INTO usage_events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# The same, plus the writer column (this process's writer id) as the last value.
+INSERT_BY = f"INSERT INTO usage_events ({', '.join(COLUMNS)}, writer) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
 
 
 class UsageWriter:
@@ -83,6 +86,9 @@ class UsageWriter:
         spool: Path | None = None,
     ) -> None:
         self._path = path
+        # Marks the rows this process inserts (usage_events.writer), so its
+        # limiter can tell them from other workers' rows.
+        self.writer_id = secrets.randbits(62)
         self._spool = SpoolFile(spool) if spool is not None else None
         # Spool offset just past each queued row (None: not spooled), in queue order.
         self._ends: deque[int | None] = deque()
@@ -199,7 +205,8 @@ class UsageWriter:
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.executemany(INSERT, batch)
+            wid = (self.writer_id,)
+            c.executemany(INSERT_BY, [r + wid for r in batch])
             if mark is not None:
                 c.execute(SET_OFFSET, mark)
             for name in retired:
