@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 
 import aiohttp
@@ -20,6 +21,7 @@ from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
 from .limits import Limiter
+from .logs import log_request
 from .metrics import Metrics
 from .protocols.anthropic import Messages
 from .protocols.base import Endpoint
@@ -28,7 +30,9 @@ from .protocols.openai import ChatCompletions
 from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
 from .routing import Health, Router
-from .store.schema import connect_async
+from .store.retention import run_retention
+from .store.schema import connect, connect_async
+from .store.spool import recover, spool_dir
 from .store.usage import UsageWriter
 from .tasks import handlers as tasks
 from .upstream import UpstreamClient
@@ -102,6 +106,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         gw.in_flight -= 1
         row = ctx.row(perf_counter())
         writer.record(row)
+        if gw.config.server.log_requests:
+            log_request(row, request.method, request.path)
         key = ctx.key
         if key is not None:
             if ctx.admitted:
@@ -158,13 +164,25 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
+def recover_spools(db_path: Path, directory: Path) -> int:
+    """Rows that dead processes left in their usage spool files, written now."""
+    conn = connect(db_path)
+    try:
+        return recover(conn, directory)
+    finally:
+        conn.close()
+
+
 def create_app(
-    cfg: Config, *, poller: bool | None = None, clock: Callable[[], float] = time.time
+    cfg: Config, *, poller: bool | None = None, retention: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The gateway as an aiohttp application, for one worker process.
 
     ``poller`` runs the background video task poller here (default: the
-    config's ``tasks.poller``). ``clock`` (wall time, seconds) drives
+    config's ``tasks.poller``); ``retention`` runs the usage retention job
+    (gateway.store.retention). With several workers only worker 0 runs
+    either. ``clock`` (wall time, seconds) drives
     rate-limit windows, monthly quotas, circuit breakers and 429 cool-downs;
     tests pass their own."""
     app = web.Application(middlewares=[request_middleware], client_max_size=cfg.server.max_body_bytes)
@@ -183,11 +201,14 @@ def create_app(
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = await connect_async(cfg.database.path)
+        spool = spool_dir(cfg.database.path) if cfg.usage.spool else None
+        if spool is not None:
+            await asyncio.to_thread(recover_spools, cfg.database.path, spool)
         await gw.keys.refresh(db)
         await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
-            on_wait=metrics.backpressure.inc,
+            on_wait=metrics.backpressure.inc, spool=spool,
         )
         gw.writer = writer
         tasks = app[TASKS]
@@ -195,8 +216,19 @@ def create_app(
         tasks["key-refresh"] = asyncio.create_task(
             gw.keys.run(db, cfg.server.key_refresh_ms / 1000), name="key-refresh"
         )
+        # Other workers' (and other gateways') spend and tokens into the quotas.
+        tasks["quota-sync"] = asyncio.create_task(
+            limits.run_sync(db, writer.writer_id, cfg.server.key_refresh_ms / 1000), name="quota-sync"
+        )
+        if retention:
+            tasks["usage-retention"] = asyncio.create_task(
+                run_retention(cfg.database.path, cfg.usage.retention_days), name="usage-retention"
+            )
         yield
+        if retention:
+            tasks.pop("usage-retention").cancel()
         tasks.pop("key-refresh").cancel()
+        tasks.pop("quota-sync").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
         await db.close()

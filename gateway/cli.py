@@ -8,7 +8,6 @@ default (SQLite in ./gateway.db, the bundled mock upstream).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sqlite3
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import logs
 from .config import Config, ConfigError, load_config
 from .server import Running, embedded_config, run, run_until_signal
 from .store import queries
@@ -66,6 +66,14 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 def cmd_serve(args: argparse.Namespace, cfg: Config | None) -> int:
     if cfg is not None and args.port is not None:
         cfg = replace(cfg, server=replace(cfg.server, port=args.port))
+    if cfg is not None and args.workers is not None:
+        cfg = replace(cfg, server=replace(cfg.server, workers=args.workers))
+    if cfg is not None:
+        logs.configure(cfg.server.log_format)
+    if cfg is not None and cfg.server.workers > 1:
+        from .supervisor import serve
+
+        return serve(cfg)
     run(run_until_signal(cfg))
     return 0
 
@@ -169,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common], help="run the server")
     s.add_argument("--port", type=int, help="override server.port")
+    s.add_argument("--workers", type=int, help="override server.workers")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="run with the bundled mock upstream and a fresh key")
@@ -213,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("text")
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args.config)

@@ -32,6 +32,7 @@ class ServerConfig:
     key_refresh_ms: int = 1000
     body_timeout_s: float = 60.0
     log_requests: bool = False
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
 
     @property
     def max_body_bytes(self) -> int:
@@ -49,6 +50,7 @@ class UsageConfig:
     batch_max: int = 1000
     queue_max: int = 20000
     retention_days: int = 90
+    spool: bool = True  # append each row to a per-process file first (gateway.store.spool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +334,10 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         key_refresh_ms=int(s.num("key_refresh_ms", 1000, minimum=50, integer=True)),
         body_timeout_s=float(s.num("body_timeout_s", 60.0, minimum=0.01)),
         log_requests=s.flag("log_requests", False),
+        log_format=s.text("log_format", "text"),
     )
+    if server.log_format not in ("text", "json"):
+        raise ConfigError("server.log_format: must be \"text\" or \"json\"")
     if server.port > 65535:
         raise ConfigError("server.port: must be <= 65535")
     s.done()
@@ -348,6 +353,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         batch_max=int(u.num("batch_max", 1000, minimum=1, integer=True)),
         queue_max=int(u.num("queue_max", 20000, minimum=1, integer=True)),
         retention_days=int(u.num("retention_days", 90, integer=True)),
+        spool=u.flag("spool", True),
     )
     u.done()
 

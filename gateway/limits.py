@@ -12,11 +12,15 @@
 
 Every check is a few dict and deque operations; nothing awaits. The clock is
 passed in (wall time, seconds), so tests move windows without sleeping.
-Counters are per process: see docs/routing-limits.md for several workers.
+RPM, TPM and concurrency counters are per process. Spend and token quotas
+are shared: ``sync`` adds what other processes recorded (see
+docs/production.md, "What is shared between workers").
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -29,6 +33,8 @@ from .auth import KeyInfo
 from .errors import RateLimited
 
 WINDOW_S = 60.0
+
+log = logging.getLogger("gateway.limits")
 
 Headers = list[tuple[str, str]]
 
@@ -50,6 +56,12 @@ class _WorkspaceState:
     def __init__(self) -> None:
         self.spend = 0.0
         self.tokens = 0
+
+
+async def _max_id(db: aiosqlite.Connection) -> int:
+    async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage_events") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 def month_bounds(now: float) -> tuple[float, float]:
@@ -83,6 +95,7 @@ class Limiter:
         self._workspaces: dict[int, _WorkspaceState] = {}
         self._on_reject = on_reject
         self._month_start, self._month_end = month_bounds(clock())
+        self._seen_id = 0  # usage rows up to this id are counted (load, sync)
 
     # ------------------------------------------------------------ admission
 
@@ -180,15 +193,55 @@ class Limiter:
         """This month's spend and tokens per key and workspace, from the
         usage already recorded (run once at startup, before serving)."""
         start, _ = month_bounds(self.clock())
+        # The last row id first: the totals then cover exactly the rows up to
+        # it (ids grow in commit order), and sync() takes over from there.
+        self._seen_id = await _max_id(db)
         sql = ("SELECT {col}, SUM(cost), SUM(input_tokens + output_tokens) FROM usage_events "
-               "WHERE ts >= ? AND {col} IS NOT NULL GROUP BY {col}")
-        async with db.execute(sql.format(col="key_id"), (start,)) as cur:
+               "WHERE ts >= ? AND id <= ? AND {col} IS NOT NULL GROUP BY {col}")
+        async with db.execute(sql.format(col="key_id"), (start, self._seen_id)) as cur:
             for kid, spend, _tokens in await cur.fetchall():
                 self._keys.setdefault(kid, _KeyState()).spend = float(spend or 0.0)
-        async with db.execute(sql.format(col="workspace_id"), (start,)) as cur:
+        async with db.execute(sql.format(col="workspace_id"), (start, self._seen_id)) as cur:
             for wid, spend, tokens in await cur.fetchall():
                 ws = self._workspaces.setdefault(wid, _WorkspaceState())
                 ws.spend, ws.tokens = float(spend or 0.0), int(tokens or 0)
+
+    async def sync(self, db: aiosqlite.Connection, writer_id: int) -> int:
+        """Add the spend and tokens of rows other processes (other workers,
+        another gateway on the same database) wrote since the last look.
+        This process's own rows are skipped: ``settle`` counted them already.
+        Row ids grow in commit order (one writer at a time), so ``id >
+        last seen`` finds exactly the new rows. Returns how many were added."""
+        start, _ = month_bounds(self.clock())
+        hi = await _max_id(db)
+        if hi <= self._seen_id:
+            return 0
+        async with db.execute(
+            "SELECT key_id, workspace_id, SUM(cost), SUM(input_tokens + output_tokens), COUNT(*) "
+            "FROM usage_events WHERE id > ? AND id <= ? AND ts >= ? AND key_id IS NOT NULL "
+            "AND (writer IS NULL OR writer != ?) GROUP BY key_id, workspace_id",
+            (self._seen_id, hi, start, writer_id),
+        ) as cur:
+            groups = await cur.fetchall()
+        self._seen_id = hi
+        n = 0
+        for kid, wid, spend, tokens, count in groups:
+            n += count
+            self._keys.setdefault(kid, _KeyState()).spend += float(spend or 0.0)
+            if wid is not None:
+                ws = self._workspaces.setdefault(wid, _WorkspaceState())
+                ws.spend += float(spend or 0.0)
+                ws.tokens += int(tokens or 0)
+        return n
+
+    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+        """``sync`` every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync(db, writer_id)
+            except Exception as e:  # keep enforcing from what we know
+                log.error("quota sync failed: %s", type(e).__name__)
 
     # -------------------------------------------------------------- helpers
 

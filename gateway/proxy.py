@@ -339,7 +339,12 @@ async def relay(
         out.content_length = length
     ctx.overhead_ms = overhead = _overhead(ctx, perf_counter())
     out.headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
-    await out.prepare(request)
+    try:
+        await out.prepare(request)
+    except ConnectionError:  # the client left while the upstream answered
+        ctx.status, ctx.error_type = 499, "client_disconnected"
+        resp.close()
+        return out
     try:
         while True:
             try:

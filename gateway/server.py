@@ -2,7 +2,9 @@
 
 SIGHUP reloads the config file (see gateway.reload).
 
-Shutdown order on SIGTERM/SIGINT: stop accepting, let in-flight requests
+Shutdown order on SIGTERM/SIGINT: stop accepting, wait ACCEPT_GRACE_S for
+connections accepted just before to send their request, let in-flight
+requests (including requests that arrive meanwhile on open connections)
 and streams finish (up to ``server.graceful_timeout_s``), then the app's
 cleanup contexts run: client session closed, usage queue flushed, database
 closed.
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,15 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
+from .context import GATEWAY
+from .logs import startup_fields
 from .mock.app import create_mock_app
 from .reload import reload_config
 
 log = logging.getLogger("gateway")
 
 MOCK_MODELS = ("mock-gpt", "mock-gpt-mini")
+ACCEPT_GRACE_S = 0.25
 OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini")
 
 
@@ -68,10 +74,16 @@ class Running:
 
 
 async def start_app(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
-                    reuse_port: bool = False) -> Running:
+                    reuse_port: bool = False, sock: socket.socket | None = None) -> Running:
+    """Serve ``app`` on ``host:port``, or on the listening socket ``sock``
+    (a worker under the supervisor: one socket shared by every worker)."""
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=4096)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
     await site.start()
     server = site._server
     assert server is not None
@@ -85,19 +97,30 @@ async def start_mock(host: str = "127.0.0.1", port: int = 0, api_key: str | None
 
 
 async def start_gateway(
-    cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None
+    cfg: Config, *, port: int | None = None, clock: Callable[[], float] | None = None,
+    poller: bool | None = None, retention: bool = False, sock: socket.socket | None = None,
 ) -> Running:
-    app = create_app(cfg) if clock is None else create_app(cfg, clock=clock)
+    kw: dict[str, Any] = {"poller": poller, "retention": retention}
+    if clock is not None:
+        kw["clock"] = clock
+    app = create_app(cfg, **kw)
     return await start_app(
         app, cfg.server.host, cfg.server.port if port is None else port,
-        shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1,
+        shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1, sock=sock,
     )
 
 
 async def run_until_signal(
-    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None
+    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None,
+    worker: int | None = None, sock: socket.socket | None = None, ready_fd: int | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. With no config: the embedded default."""
+    """Serve until SIGTERM or SIGINT. With no config: the embedded default.
+
+    ``worker`` is this process's index under a supervisor (None: the only
+    process). Only the single process or worker 0 runs the video task poller
+    and the usage retention job. ``sock`` is the supervisor's listening
+    socket, shared by the workers. ``ready_fd`` gets one byte, then is closed,
+    once the socket listens (the supervisor waits for it)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,12 +129,23 @@ async def run_until_signal(
     if cfg is None:
         mock = await start_mock()
         cfg = embedded_config(mock.url + "/v1")
-    gw = await start_gateway(cfg)
-    log.info(
-        "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",
-        cfg.server.host, gw.port, ", ".join(u.name for u in cfg.upstreams),
-        ", ".join(m.name for m in cfg.models), cfg.server.workers,
+    first = worker in (None, 0)
+    gw = await start_gateway(
+        cfg, poller=cfg.tasks.poller and first, retention=first, sock=sock,
     )
+    if worker is None:
+        log.info(
+            "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",
+            cfg.server.host, gw.port, ", ".join(u.name for u in cfg.upstreams),
+            ", ".join(m.name for m in cfg.models), cfg.server.workers,
+            extra={"fields": startup_fields(cfg, gw.port, 1)},
+        )
+    else:
+        log.info("worker %d (pid %d) listening on port %d", worker, os.getpid(), gw.port,
+                 extra={"fields": {"event": "worker_ready", "port": gw.port}})
+    if ready_fd is not None:
+        os.write(ready_fd, b"r")
+        os.close(ready_fd)
     if on_ready is not None:
         on_ready(cfg, gw)
     reloads: set[asyncio.Task[None]] = set()
@@ -124,11 +158,18 @@ async def run_until_signal(
     if cfg.source is not None:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
-    log.info("shutting down: finishing in-flight requests, flushing usage")
+    log.info("shutting down: finishing in-flight requests, flushing usage",
+             extra={"fields": {"event": "stopping", "in_flight": gw.runner.app[GATEWAY].in_flight}})
+    # Stop accepting first, then give connections accepted in the last
+    # instant time to send their request: aiohttp's shutdown closes every
+    # connection that is not yet handling one.
+    for site in list(gw.runner.sites):
+        await site.stop()
+    await asyncio.sleep(ACCEPT_GRACE_S)
     await gw.runner.cleanup()
     if mock is not None:
         await mock.runner.cleanup()
-    log.info("stopped")
+    log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
 async def _reload(app: web.Application) -> None:

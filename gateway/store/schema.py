@@ -135,6 +135,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX assets_id ON assets (id);
     """,
     ROLLUP_MIGRATION,
+    # Usage spool files (gateway.store.spool): how far each file has been
+    # written to usage_events, updated in the same transaction as the rows.
+    # usage_events.writer: which process's usage writer inserted a row (a
+    # random id per process; NULL for rows recovered from a spool), so each
+    # worker can add the other workers' spend to its quotas (gateway.limits).
+    """
+    CREATE TABLE usage_spool (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+    ALTER TABLE usage_events ADD COLUMN writer INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -13,6 +13,10 @@ Ordering and delivery guarantees:
   held across event-loop turns. A failed batch is put back at the front of
   the queue and retried.
 - ``close`` drains everything that was recorded before it was called.
+- With a spool directory, ``record`` also appends the row to this process's
+  spool file (gateway.store.spool) and each batch stores the spool offset in
+  the same transaction as its rows: a process killed outright loses no row;
+  the next start (or the supervisor) recovers them exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import sqlite3
 import time
 from collections import deque
@@ -31,11 +37,14 @@ from typing import Any
 from ..config import UsageConfig
 from . import rollup, schema
 from .columns import COLUMNS
+from .spool import ROTATE_BYTES, SET_OFFSET, SpoolFile
 
 log = logging.getLogger("gateway.usage")
 
 Row = tuple[Any, ...]
 INSERT = f"INSERT INTO usage_events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# The same, plus the writer column (this process's writer id) as the last value.
+INSERT_BY = f"INSERT INTO usage_events ({', '.join(COLUMNS)}, writer) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
 
 
 class UsageWriter:
@@ -49,8 +58,16 @@ class UsageWriter:
         on_batch: Callable[[Sequence[Row]], None] | None = None,
         on_flush: Callable[[int, float], None] | None = None,
         on_wait: Callable[[], None] | None = None,
+        spool: Path | None = None,
     ) -> None:
         self._path = path
+        # Marks the rows this process inserts (usage_events.writer), so its
+        # limiter can tell them from other workers' rows.
+        self.writer_id = secrets.randbits(62)
+        self._spool = SpoolFile(spool) if spool is not None else None
+        # Spool offset just past each queued row (None: not spooled), in queue order.
+        self._ends: deque[int | None] = deque()
+        self._retired: list[str] = []
         self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
         self._cfg = cfg
@@ -74,6 +91,16 @@ class UsageWriter:
     def record(self, row: Row) -> None:
         q = self._queue
         q.append(row)
+        spool = self._spool
+        if spool is not None and not spool.failed:
+            try:
+                self._ends.append(spool.append(row))
+            except OSError as e:
+                log.error("usage spool write failed, spooling off for this process: %s", e)
+                spool.failed = True
+                self._ends.append(None)
+        else:
+            self._ends.append(None)
         n = len(q)
         if n >= self._cfg.batch_max:
             self._wake.set()
@@ -113,14 +140,25 @@ class UsageWriter:
     async def _flush_batch(self, n: int) -> bool:
         q = self._queue
         batch = [q.popleft() for _ in range(n)]
+        ends = [self._ends.popleft() for _ in range(n)]
+        spooled = [e for e in ends if e is not None]
+        mark = (self._spool_name, spooled[-1]) if spooled else None
+        retired, self._retired = self._retired, []
         t0 = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch, mark, retired)
         except Exception as e:
             log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
             q.extendleft(reversed(batch))
+            self._ends.extendleft(reversed(ends))
+            self._retired = retired + self._retired
             return False
         self.written += n
+        spool = self._spool
+        if spool is not None and not spool.failed and not q and spool.pos > ROTATE_BYTES:
+            # Every row of the file is committed: start a fresh one.
+            self._retired.append(spool.retire())
+            spool.open_new()
         if self._on_batch is not None:
             try:
                 self._on_batch(batch)
@@ -132,20 +170,34 @@ class UsageWriter:
             self._room.set()
         return True
 
-    def _write(self, batch: list[Row]) -> None:
+    @property
+    def _spool_name(self) -> str:
+        return self._spool.name if self._spool is not None else ""
+
+    def _write(self, batch: list[Row], mark: tuple[str, int] | None = None, retired: Sequence[str] = ()) -> None:
         if self._conn is None:
             self._conn = schema.connect(self._path)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.executemany(INSERT, batch)
+            wid = (self.writer_id,)
+            c.executemany(INSERT_BY, [r + wid for r in batch])
             rollup.apply(c, batch)
+            if mark is not None:
+                c.execute(SET_OFFSET, mark)
+            for name in retired:
+                c.execute("DELETE FROM usage_spool WHERE name = ?", (name,))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
 
-    def _close_conn(self) -> None:
+    def _close_conn(self, retired: Sequence[str] = ()) -> None:
+        if retired:
+            if self._conn is None:
+                self._conn = schema.connect(self._path)
+            for name in retired:
+                self._conn.execute("DELETE FROM usage_spool WHERE name = ?", (name,))
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -157,7 +209,14 @@ class UsageWriter:
         deadline = time.monotonic() + timeout
         while self._queue and time.monotonic() < deadline:
             await self._flush_available()
+        retired, self._retired = self._retired, []
+        spool, self._spool = self._spool, None
         if self._queue:
-            log.error("usage writer closing with %d events unwritten", len(self._queue))
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+            log.error("usage writer closing with %d events unwritten%s", len(self._queue),
+                      "; they stay in the spool for the next start" if spool is not None else "")
+            if spool is not None:
+                os.close(spool.fd)
+        elif spool is not None:
+            retired.append(spool.retire())
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn, retired)
         self._executor.shutdown(wait=True)
