@@ -62,31 +62,29 @@ SMALL_BODY = 256 * 1024
 USER_AGENT = f"gateway/{__version__}"
 
 
-def _end_to_end(headers: CIMultiDict[str] | CIMultiDictProxy[str], strip: frozenset[str]) -> CIMultiDict[str]:
-    """``headers`` less ``strip``, ``Proxy-*`` and what ``Connection`` names."""
+def _dropped(headers: CIMultiDict[str] | CIMultiDictProxy[str], strip: frozenset[str]) -> frozenset[str]:
+    """``strip`` plus what the message's ``Connection`` header names."""
     named = headers.get("Connection")
-    drop = strip | {t.strip().lower() for t in named.split(",")} if named else strip
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk not in drop and not lk.startswith("proxy-"):
-            out.add(k, v)
-    return out
+    return strip | {t.strip().lower() for t in named.split(",")} if named else strip
 
 
-def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
-    out = _end_to_end(headers, STRIP_REQUEST)
+def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tuple[str, str]]:
+    """The client's end-to-end headers, less its credential, plus the
+    upstream's (Authorization or x-api-key: both always stripped above)."""
+    drop = _dropped(headers, STRIP_REQUEST)
+    out = [(k, v) for k, v in headers.items() if (lk := k.lower()) not in drop and not lk.startswith("proxy-")]
     # Usage is read from the bytes, so ask for them uncompressed.
-    out["Accept-Encoding"] = "identity"
-    if "User-Agent" not in out:
-        out["User-Agent"] = USER_AGENT
-    for k, v in target.credential:
-        out[k] = v
+    out.append(("Accept-Encoding", "identity"))
+    if "User-Agent" not in headers:
+        out.append(("User-Agent", USER_AGENT))
+    out.extend(target.credential)
     return out
 
 
 def response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
-    out = _end_to_end(headers, STRIP_RESPONSE)
+    drop = _dropped(headers, STRIP_RESPONSE)
+    out = CIMultiDict([(k, v) for k, v in headers.items() if (lk := k.lower()) not in drop
+                       and not lk.startswith("proxy-")])
     out["x-request-id"] = request_id
     return out
 
@@ -100,6 +98,8 @@ async def read_body(request: web.Request, gw: Gateway) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
     try:
+        if request.content.is_eof():
+            return await request.read()  # all here already (the usual case): no timer needed
         async with asyncio.timeout(server.body_timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -186,7 +186,7 @@ async def forward(
         ctx.t_upstream = perf_counter()
         try:
             resp = await client.request(
-                request.method, url, upstream_headers(request.headers, target).items(), prepared.body,
+                request.method, url, upstream_headers(request.headers, target), prepared.body,
                 connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
                 total_timeout=up.timeout_s,
             )

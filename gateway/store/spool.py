@@ -3,9 +3,13 @@ moment it is recorded, so a worker killed with SIGKILL (or the OOM killer)
 loses none of the rows still waiting in its in-memory queue.
 
 - One file per writer, ``<db>.spool/<pid>-<ns>.rows``, one JSON array per
-  line, written with one ``write`` per row (no fsync: the kernel keeps the
-  bytes when the process dies; a machine crash is what WAL's
-  ``synchronous=NORMAL`` already trades away). The writer holds an
+  line. Rows recorded during one turn of the event loop are written with one
+  ``write`` at the end of that turn (a callback scheduled with call_soon), so
+  under load many requests share a system call; the window in which a
+  killed process can lose a row is that one turn, not the usage writer's
+  flush interval. No fsync: the kernel keeps the bytes when the process
+  dies; a machine crash is what WAL's ``synchronous=NORMAL`` already trades
+  away. The writer holds an
   exclusive ``flock`` on its file for its whole life: a file nobody locks
   belongs to a dead process.
 - Each batch the usage writer commits stores the spool offset just past its
@@ -21,6 +25,7 @@ loses none of the rows still waiting in its in-memory queue.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -53,6 +58,7 @@ class SpoolFile:
         self.fd = -1
         self.pos = 0
         self.failed = False  # a write failed: no more rows go to the file
+        self._pending: list[bytes] = []
         self.open_new()
 
     def open_new(self) -> None:
@@ -62,17 +68,33 @@ class SpoolFile:
         self.name, self.fd, self.pos = name, fd, 0
 
     def append(self, row: tuple[object, ...]) -> int:
-        """Write one row; returns the offset just past it."""
+        """Queue one row for this loop turn's write; returns the offset just
+        past it (where it will end in the file)."""
         line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
-        n = os.write(self.fd, line)
-        if n != len(line):  # a regular file: only on a full disk
-            raise OSError(f"usage spool: short write ({n} of {len(line)} bytes)")
-        self.pos += n
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(line)
+        self.pos += len(line)
         return self.pos
+
+    def flush(self) -> None:
+        """Write the rows queued so far (called at the end of the loop turn)."""
+        if not self._pending or self.fd < 0:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            n = os.write(self.fd, data)
+            if n != len(data):  # a regular file: only on a full disk
+                raise OSError(f"short write ({n} of {len(data)} bytes)")
+        except OSError as e:
+            log.error("usage spool write failed, spooling off for this process: %s", e)
+            self.failed = True
 
     def retire(self) -> str:
         """Close and delete the current file (every row in it is committed).
         Returns its name, whose usage_spool row the caller deletes."""
+        self.flush()
         old = self.name
         os.close(self.fd)
         self.fd = -1

@@ -92,15 +92,7 @@ class UsageWriter:
         q = self._queue
         q.append(row)
         spool = self._spool
-        if spool is not None and not spool.failed:
-            try:
-                self._ends.append(spool.append(row))
-            except OSError as e:
-                log.error("usage spool write failed, spooling off for this process: %s", e)
-                spool.failed = True
-                self._ends.append(None)
-        else:
-            self._ends.append(None)
+        self._ends.append(spool.append(row) if spool is not None and not spool.failed else None)
         n = len(q)
         if n >= self._cfg.batch_max:
             self._wake.set()
@@ -215,6 +207,7 @@ class UsageWriter:
             log.error("usage writer closing with %d events unwritten%s", len(self._queue),
                       "; they stay in the spool for the next start" if spool is not None else "")
             if spool is not None:
+                spool.flush()
                 os.close(spool.fd)
         elif spool is not None:
             retired.append(spool.retire())
