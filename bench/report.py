@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ANTH, CHAT, CONFIG, PY, Load, proc, rss_kib, wrk
+from run import ANTH, CHAT, CONFIG, PY, WRK_UNSENT, Load, proc, rss_kib, wrk
 
 MOCK_PORT, MOCK_STREAM_PORT, MOCK_ANTH_PORT, MOCK_SLOW_PORT = 19500, 19501, 19502, 19503
 GW_PORT = 19600
@@ -73,11 +73,6 @@ routes = [{{ upstream = "fast-slow", model = "bench-slow" }}]
 price = {{ input = 1.0, output = 2.0 }}
 """
 TICK = os.sysconf("SC_CLK_TCK")
-# wrk calls the script's request() once per run for a request it never sends
-# (checked: at c=1, usage rows = responses = SENT - 1 for every run).
-WRK_UNSENT = 1
-
-
 def sent(load: Load) -> int:
     return load.sent - WRK_UNSENT
 
