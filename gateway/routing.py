@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 from yarl import URL
 
 from .config import Config, Route, UpstreamConfig
@@ -128,7 +127,6 @@ class Target:
 
     route: Route
     upstream: UpstreamConfig
-    timeout: aiohttp.ClientTimeout
     credential: tuple[tuple[str, str], ...]
     breaker: Breaker
     cooldown: RouteCooldown
@@ -207,14 +205,6 @@ def credential_headers(up: UpstreamConfig) -> tuple[tuple[str, str], ...]:
     return (("Authorization", f"Bearer {up.api_key}"),)
 
 
-def _timeout(up: UpstreamConfig) -> aiohttp.ClientTimeout:
-    # sock_read bounds the wait for the response head; the proxy narrows it
-    # to the idle timeout once the head has arrived.
-    return aiohttp.ClientTimeout(
-        total=up.timeout_s, sock_connect=up.connect_timeout_s, sock_read=up.first_byte_timeout_s
-    )
-
-
 class Router:
     """Routes of every configured model, resolved once per config."""
 
@@ -231,7 +221,7 @@ class Router:
             by_prio: dict[int, list[Target]] = {}
             for r in m.routes:
                 up = ups[r.upstream]
-                target = Target(r, up, _timeout(up), credential_headers(up), breakers[up.name], health.cooldown(r))
+                target = Target(r, up, credential_headers(up), breakers[up.name], health.cooldown(r))
                 by_prio.setdefault(r.priority, []).append(target)
             self._tiers[m.name] = [by_prio[p] for p in sorted(by_prio)]
 
