@@ -91,13 +91,19 @@ async def wait_http(url: str, timeout: float = 15.0) -> None:
     raise AssertionError(f"{url} never came up")
 
 
-async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstream: Upstream) -> None:
+def serve_with_key(tmp_path: Path, upstream: Upstream) -> tuple[int, str, str, subprocess.Popen[bytes]]:
+    """A `gateway serve` subprocess on a free port and a key made by the CLI."""
     port = free_port()
     cfg = str(write_config(tmp_path, upstream, port))
     gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
     key = gw("keys", "create", "--workspace", "acme", "--config", cfg, cwd=tmp_path).stdout.strip().splitlines()[-1]
     server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", cfg], cwd=tmp_path, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return port, cfg, key, server
+
+
+async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstream: Upstream) -> None:
+    port, cfg, key, server = serve_with_key(tmp_path, upstream)
     try:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz")
@@ -119,12 +125,7 @@ async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstre
 
 
 async def test_sigterm_under_load_loses_no_usage_row(tmp_path: Path, upstream: Upstream) -> None:
-    port = free_port()
-    cfg = str(write_config(tmp_path, upstream, port))
-    gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
-    key = gw("keys", "create", "--workspace", "acme", "--config", cfg, cwd=tmp_path).stdout.strip().splitlines()[-1]
-    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", cfg], cwd=tmp_path, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, _, key, server = serve_with_key(tmp_path, upstream)
     base = f"http://127.0.0.1:{port}"
     await wait_http(base + "/readyz")
     headers = {"Authorization": f"Bearer {key}"}

@@ -57,15 +57,21 @@ MOCK = web.AppKey("mock", MockState)
 WORDS = ("Hello", " from", " the", " mock", " upstream", ".", " It", " streams", " one", " word", " per", " chunk")
 
 
-def count_prompt_tokens(obj: dict[str, Any]) -> int:
+def count_words(items: Any) -> int:
+    """Words in the ``content`` of chat messages or Responses input items
+    (a string, or a list of parts with ``text``); at least 1."""
     n = 0
-    for m in obj.get("messages") or ():
+    for m in items if isinstance(items, list) else ():
         c = m.get("content") if isinstance(m, dict) else None
         if isinstance(c, str):
             n += len(c.split())
         elif isinstance(c, list):
             n += sum(len(str(p.get("text", "")).split()) for p in c if isinstance(p, dict))
     return max(n, 1)
+
+
+def count_prompt_tokens(obj: dict[str, Any]) -> int:
+    return count_words(obj.get("messages"))
 
 
 def _steer(request: web.Request, name: str) -> str | None:

@@ -27,21 +27,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, WORDS, _int, json_body
+from .app import MOCK, WORDS, _int, count_words, json_body
 
 
 def input_tokens(obj: dict[str, Any]) -> int:
     inp = obj.get("input")
     if isinstance(inp, str):
         return max(len(inp.split()), 1)
-    n = 0
-    for item in inp if isinstance(inp, list) else ():
-        c = item.get("content") if isinstance(item, dict) else None
-        if isinstance(c, str):
-            n += len(c.split())
-        elif isinstance(c, list):
-            n += sum(len(str(p.get("text", "")).split()) for p in c if isinstance(p, dict))
-    return max(n, 1)
+    return count_words(inp)
 
 
 def usage(request: web.Request, prompt: int, output: int) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..errors import BadRequest
 from ..errors import Protocol as ErrorShape
-from .base import Counter, JsonBody, Prepared, Tail, Usage, UsageReader, as_int, check_model, last_object
+from .base import Counter, JsonBody, Prepared, Tail, Usage, UsageReader, check_model, last_object
+from .responses import responses_usage
 
 # Text fields longer than this are not decoded (a prompt fits; a file does not).
 FIELD_MAX = 64 * 1024
@@ -107,13 +108,9 @@ class ImageUsage:
         return b""
 
     def finish(self) -> Usage:
-        u = last_object(self._tail.bytes(), b"usage")
-        usage = Usage(images=self._count.count)
-        if u:
-            details = u.get("input_tokens_details")
-            usage.input_tokens = as_int(u.get("input_tokens"))
-            usage.output_tokens = as_int(u.get("output_tokens"))
-            usage.cached_tokens = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        # Image usage has the Responses shape (input/output tokens, details).
+        usage = responses_usage(last_object(self._tail.bytes(), b"usage"))
+        usage.images = self._count.count
         if self._sse and not self._count.count:
             usage.error = "upstream_incomplete_stream"
         return usage
