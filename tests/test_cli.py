@@ -64,8 +64,16 @@ def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream) -> N
     missing = gw("keys", "revoke", "99", "--config", cfg, cwd=tmp_path, check=False)
     assert missing.returncode == 1 and "not found" in missing.stderr
 
-    usage = gw("usage", "--by", "workspace", "--since", "24h", "--config", cfg, cwd=tmp_path).stdout
-    assert "(none)" in usage or "workspace" in usage
+    assert "(none)" in gw("usage", "--config", cfg, cwd=tmp_path).stdout
+    conn.execute("INSERT INTO usage_events (ts, request_id, workspace_id, key_id, endpoint, model, status, "
+                 "input_tokens, output_tokens, cost, latency_ms) VALUES (strftime('%s','now'), 'r1', 1, 1, "
+                 "'/v1/chat/completions', 'gpt-test', 200, 11, 22, 0.5, 3.0)")
+    conn.commit()
+    lines = gw("usage", "--by", "model", "--since", "24h", "--config", cfg, cwd=tmp_path).stdout.splitlines()
+    assert lines[0].split()[:5] == ["model", "requests", "errors", "input_tokens", "output_tokens"]
+    assert lines[1].split()[:5] == ["gpt-test", "1", "0", "11", "22"]
+    old = gw("usage", "--since", "2000-01-01T00:00:00", "--config", cfg, cwd=tmp_path).stdout
+    assert "gpt-test" in old
 
 
 def test_check_config(tmp_path: Path, upstream: Upstream) -> None:
