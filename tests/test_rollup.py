@@ -13,7 +13,7 @@ import pytest
 from gateway.store import analytics, rollup
 from gateway.store.columns import COLUMNS
 from gateway.store.schema import MIGRATIONS, connect
-from gateway.store.usage import INSERT
+from gateway.store.usage import INSERT, insert_rows
 
 
 def synthetic_rows(n: int, seed: int = 7) -> list[tuple[Any, ...]]:
@@ -49,12 +49,17 @@ def snapshot(conn: Any) -> dict[str, list[tuple[Any, ...]]]:
 def test_writer_rollups_equal_sql_backfill(tmp_path: Path) -> None:
     conn = connect(tmp_path / "r.db")
     rows = synthetic_rows(3000)
-    for i in range(0, len(rows), 250):  # as the writer does: one transaction per batch
-        batch = rows[i:i + 250]
+    # As the writer does, one transaction per batch; sizes that take every
+    # path: one row, powers of two, full chunks and a remainder.
+    start = 0
+    for size in (1, 250, 700, 2049):
         conn.execute("BEGIN")
-        conn.executemany(INSERT, batch)
-        rollup.apply(conn, batch)
+        insert_rows(conn, rows[start:start + size], writer=5)
         conn.execute("COMMIT")
+        start += size
+    assert tuple(conn.execute("SELECT COUNT(*), MIN(writer), MAX(writer) FROM usage_events").fetchone()) == (3000, 5, 5)
+    stored = [tuple(r) for r in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage_events ORDER BY id")]
+    assert stored == rows  # every row once, in order, every column as given
     incremental = snapshot(conn)
     assert len(incremental["usage_minute"]) > 1000 and len(incremental["usage_key_totals"]) == 3
     rollup.rebuild(conn)

@@ -208,6 +208,10 @@ async def test_poller_alone_completes_and_bills(
     rows = await wait_billing(gw)
     assert len(rows) == 1
     assert rows[0]["cost"] == pytest.approx(TOKENS * PRICE / 1e6 * 0.5)  # the key's group ratio
+    # The admin aggregates (rollups) count the video spend too.
+    for table in ("usage_minute", "usage_hour"):
+        tokens, cost = gw.conn.execute(f"SELECT SUM(video_tokens), SUM(cost) FROM {table}").fetchone()
+        assert tokens == TOKENS and cost == pytest.approx(rows[0]["cost"]), table
     gets = ark(upstream).gets
     status, data = await poll(http, gw, key, task["id"])
     assert status == 200 and data["status"] == "succeeded" and data["usage"]["video_tokens"] == TOKENS

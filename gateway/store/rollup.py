@@ -1,8 +1,9 @@
 """Usage rollups: pre-aggregated usage so the admin API answers a day's
 aggregate in milliseconds whatever the size of ``usage_events``.
 
-Three tables, kept up to date by the usage writer in the same transaction as
-the raw rows (``apply``), and backfilled from existing rows by the migration:
+Three tables, kept up to date in SQL in the same transaction as the raw rows
+(``add_since``, after each usage batch and each video billing row), and
+backfilled from existing rows by the migration:
 
 - ``usage_minute``: per minute, model and upstream. Serves every time series
   by model or upstream (and totals) at minute, hour or day buckets.
@@ -27,9 +28,6 @@ from __future__ import annotations
 import bisect
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
-
-from .columns import COLUMNS
 
 # Frozen: the migration below embeds these edges; changing them needs a new
 # migration that rebuilds the rollups.
@@ -102,7 +100,10 @@ def _case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
     return f"CASE WHEN {col} < {EDGES[mid - 1]!r} THEN {_case(col, lo, mid - 1)} ELSE {_case(col, mid, hi)} END"
 
 
-def _backfill(name: str, keys: tuple[str, ...], size: int) -> str:
+def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
+    """SQL that adds usage rows to a rollup: every row (the backfill), or with
+    ``since`` only rows whose id is above the ``:since`` parameter, added to
+    what the rollup holds (the writer, once per batch)."""
     # Three passes over the raw rows, each with few aggregates: the sums per
     # key, then (key, bin) counts for each histogram, pivoted into columns on
     # the much smaller grouped result. One pass with 100 SUM(bin = i)
@@ -122,6 +123,7 @@ def _backfill(name: str, keys: tuple[str, ...], size: int) -> str:
         "SUM(cost)", "SUM(latency_ms)", "TOTAL(ttfb_ms)", "COUNT(ttfb_ms)",
     ]
     sum_sel = ", ".join(f"{expr} AS {col}" for expr, col in zip(sums, SUMS, strict=True))
+    rows = "WHERE id > :since" if since else "WHERE true"
 
     def pivot(alias: str, col: str, names: tuple[str, ...], where: str) -> str:
         cols = ", ".join(f"SUM(CASE WHEN b = {i} THEN n ELSE 0 END) AS {c}" for i, c in enumerate(names))
@@ -130,23 +132,42 @@ def _backfill(name: str, keys: tuple[str, ...], size: int) -> str:
 
     join = " AND ".join(f"{{a}}.{k} = s.{k}" for k in keys)
     hist = [f"COALESCE(lp.{c}, 0)" for c in LAT_COLS] + [f"COALESCE(tp.{c}, 0)" for c in TTFB_COLS]
+    # "WHERE true": an upsert's SELECT needs a WHERE clause to parse.
+    upsert = (f" WHERE true ON CONFLICT ({k_list}) DO UPDATE SET "
+              + ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUE_COLS)) if since else ""
     return (
         f"INSERT INTO {name} ({', '.join(keys + VALUE_COLS)})\n"
-        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM usage_events GROUP BY {k_list}),\n"
-        f"{pivot('lp', 'latency_ms', LAT_COLS, '')},\n"
-        f"{pivot('tp', 'ttfb_ms', TTFB_COLS, 'WHERE ttfb_ms IS NOT NULL')}\n"
+        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM usage_events {rows} GROUP BY {k_list}),\n"
+        f"{pivot('lp', 'latency_ms', LAT_COLS, rows)},\n"
+        f"{pivot('tp', 'ttfb_ms', TTFB_COLS, rows + ' AND ttfb_ms IS NOT NULL')}\n"
         f"SELECT {', '.join('s.' + k for k in keys)}, {', '.join('s.' + c for c in SUMS)}, {', '.join(hist)}\n"
-        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')};\n"
+        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')}{upsert};\n"
+    )
+
+
+def _totals(*, since: bool) -> str:
+    upsert = (
+        " ON CONFLICT (key_id) DO UPDATE SET requests = requests + excluded.requests, "
+        "input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens, "
+        "cost = cost + excluded.cost, last_used = MAX(COALESCE(last_used, 0), excluded.last_used)"
+    ) if since else ""
+    return (
+        "INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used)\n"
+        "SELECT key_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost), MAX(ts)\n"
+        f"FROM usage_events WHERE key_id IS NOT NULL{' AND id > :since' if since else ''} GROUP BY key_id{upsert};\n"
     )
 
 
 BACKFILL: tuple[str, ...] = (
-    _backfill("usage_minute", MINUTE_KEYS, 60),
-    _backfill("usage_hour", HOUR_KEYS, 3600),
-    """INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used)
-SELECT key_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost), MAX(ts)
-FROM usage_events WHERE key_id IS NOT NULL GROUP BY key_id;
-""",
+    _fill("usage_minute", MINUTE_KEYS, 60, since=False),
+    _fill("usage_hour", HOUR_KEYS, 3600, since=False),
+    _totals(since=False),
+)
+# The same for the rows above ``:since``, added to the existing rollups.
+SINCE: tuple[str, ...] = (
+    _fill("usage_minute", MINUTE_KEYS, 60, since=True),
+    _fill("usage_hour", HOUR_KEYS, 3600, since=True),
+    _totals(since=True),
 )
 
 MIGRATION = (
@@ -186,90 +207,9 @@ def rebuild(conn: sqlite3.Connection) -> None:
 # ------------------------------------------------------------------ writer
 
 
-def _upsert(name: str, keys: tuple[str, ...], cols: tuple[str, ...]) -> str:
-    sets = ", ".join(f"{c} = {c} + excluded.{c}" for c in cols)
-    return (f"INSERT INTO {name} ({', '.join(keys + cols)}) VALUES ({', '.join('?' * (len(keys) + len(cols)))}) "
-            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}")
-
-
-UPSERT_MINUTE = _upsert("usage_minute", MINUTE_KEYS, VALUE_COLS)
-UPSERT_HOUR = _upsert("usage_hour", HOUR_KEYS, VALUE_COLS)
-UPSERT_TOTALS = (
-    "INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET requests = requests + excluded.requests, "
-    "input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens, "
-    "cost = cost + excluded.cost, last_used = MAX(COALESCE(last_used, 0), excluded.last_used)"
-)
-
-_NS = len(SUMS)
-
-
-def _new() -> list[Any]:
-    return [0] * (_NS + 2 * NBINS)
-
-
-def aggregate(rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The rollup upserts for a batch of usage rows: (sql, parameter rows)."""
-    minute: dict[tuple[Any, ...], list[Any]] = {}
-    hour: dict[tuple[Any, ...], list[Any]] = {}
-    totals: dict[int, list[Any]] = {}
-    _I = {name: i for i, name in enumerate(COLUMNS)}
-    i_ts, i_ws, i_key, i_model, i_up, i_status = (
-        _I["ts"], _I["workspace_id"], _I["key_id"], _I["model"], _I["upstream"], _I["status"])
-    i_in, i_out, i_cached, i_reason, i_img, i_video, i_cost, i_lat, i_ttfb = (
-        _I["input_tokens"], _I["output_tokens"], _I["cached_tokens"], _I["reasoning_tokens"], _I["images"],
-        _I["video_tokens"], _I["cost"], _I["latency_ms"], _I["ttfb_ms"])
-    for r in rows:
-        ts = r[i_ts]
-        model, up = r[i_model] or "", r[i_up] or ""
-        ws, key = r[i_ws] or 0, r[i_key] or 0
-        status = r[i_status]
-        lat, ttfb = r[i_lat], r[i_ttfb]
-        lb = _NS + bin_of(lat)
-        tb = -1 if ttfb is None else _NS + NBINS + bin_of(ttfb)
-        mk = (int(ts // 60) * 60, model, up)
-        hk = (int(ts // 3600) * 3600, ws, key, model, up)
-        for table, k in ((minute, mk), (hour, hk)):
-            acc = table.get(k)
-            if acc is None:
-                acc = table[k] = _new()
-            acc[0] += 1
-            if 400 <= status < 500:
-                acc[1] += 1
-            elif status >= 500:
-                acc[2] += 1
-            acc[3] += r[i_in]
-            acc[4] += r[i_out]
-            acc[5] += r[i_cached]
-            acc[6] += r[i_reason]
-            acc[7] += r[i_img]
-            acc[8] += r[i_video]
-            acc[9] += r[i_cost]
-            acc[10] += lat
-            acc[lb] += 1
-            if tb >= 0:
-                acc[11] += ttfb
-                acc[12] += 1
-                acc[tb] += 1
-        if key:
-            t = totals.get(key)
-            if t is None:
-                t = totals[key] = [0, 0, 0, 0.0, ts]
-            t[0] += 1
-            t[1] += r[i_in]
-            t[2] += r[i_out]
-            t[3] += r[i_cost]
-            t[4] = max(t[4], ts)
-    return [
-        (UPSERT_MINUTE, [(*k, *v) for k, v in minute.items()]),
-        (UPSERT_HOUR, [(*k, *v) for k, v in hour.items()]),
-        (UPSERT_TOTALS, [(k, *v) for k, v in totals.items()]),
-    ]
-
-
-def apply(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Add a batch to the rollups; call inside the batch's transaction (the
-    usage writer does, on its database thread)."""
-    for sql, params in aggregate(rows):
-        if params:
-            conn.executemany(sql, params)
+def add_since(conn: sqlite3.Connection, since: int) -> None:
+    """Add the usage rows whose id is above ``since`` to the rollups; call
+    inside the transaction that inserted them. Runs entirely in SQLite (no
+    Python per row, and the GIL released while it runs)."""
+    for sql in SINCE:
+        conn.execute(sql, {"since": since})

@@ -106,8 +106,7 @@ class SpoolFile:
 def recover(conn: sqlite3.Connection, directory: Path) -> int:
     """Insert the rows of dead processes' spool files that the database does
     not hold yet; delete those files. Returns how many rows were inserted."""
-    from . import rollup
-    from .usage import INSERT
+    from .usage import insert_rows
 
     if not directory.is_dir():
         return 0
@@ -131,8 +130,7 @@ def recover(conn: sqlite3.Connection, directory: Path) -> int:
                 end = data.rfind(b"\n") + 1
                 rows = [tuple(orjson.loads(line)) for line in data[offset:end].splitlines() if line]
                 if rows:
-                    conn.executemany(INSERT, rows)
-                    rollup.apply(conn, rows)
+                    insert_rows(conn, rows)
                 conn.execute(SET_OFFSET, (path.name, max(end, offset)))
                 conn.execute("COMMIT")
             except BaseException:

@@ -29,6 +29,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from . import rollup
 from .schema import connect_async
 from .usage import INSERT as INSERT_USAGE
 
@@ -207,7 +208,10 @@ class TaskStore:
                 ) as cur:
                     won = cur.rowcount == 1
                 if won:
-                    await db.execute(INSERT_USAGE, billing_row)
+                    async with db.execute(INSERT_USAGE, billing_row) as cur:
+                        since = (cur.lastrowid or 1) - 1
+                    for sql in rollup.SINCE:  # the admin aggregates count video spend too
+                        await db.execute(sql, {"since": since})
                 await db.execute("COMMIT")
             except BaseException:
                 # After a cancelled COMMIT there may be nothing to roll back.
