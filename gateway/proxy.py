@@ -62,16 +62,11 @@ SMALL_BODY = 256 * 1024
 USER_AGENT = f"gateway/{__version__}"
 
 
-def _dropped(headers: CIMultiDict[str] | CIMultiDictProxy[str], strip: frozenset[str]) -> frozenset[str]:
-    """``strip`` plus what the message's ``Connection`` header names."""
-    named = headers.get("Connection")
-    return strip | {t.strip().lower() for t in named.split(",")} if named else strip
-
-
 def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tuple[str, str]]:
     """The client's end-to-end headers, less its credential, plus the
     upstream's (Authorization or x-api-key: both always stripped above)."""
-    drop = _dropped(headers, STRIP_REQUEST)
+    named = headers.get("Connection")  # what it names is hop-by-hop too
+    drop = STRIP_REQUEST | {t.strip().lower() for t in named.split(",")} if named else STRIP_REQUEST
     out = [(k, v) for k, v in headers.items() if (lk := k.lower()) not in drop and not lk.startswith("proxy-")]
     # Usage is read from the bytes, so ask for them uncompressed.
     out.append(("Accept-Encoding", "identity"))
@@ -81,12 +76,39 @@ def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tup
     return out
 
 
-def response_headers(headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
-    drop = _dropped(headers, STRIP_RESPONSE)
-    out = CIMultiDict([(k, v) for k, v in headers.items() if (lk := k.lower()) not in drop
-                       and not lk.startswith("proxy-")])
+_STRIP_RESPONSE_RAW = frozenset(h.encode() for h in STRIP_RESPONSE)
+
+
+def response_headers(
+    raw: list[tuple[bytes, bytes]], request_id: str
+) -> tuple[CIMultiDict[str], str, str, int | None]:
+    """From the upstream's raw headers, in one pass: the headers for the
+    client (hop-by-hop and framing dropped, plus ``x-request-id``), and the
+    Content-Type, Content-Encoding and Content-Length."""
+    out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
+    ctype = encoding = ""
+    length: int | None = None
+    named: bytes | None = None
+    for k, v in raw:
+        lk = k.lower()
+        if lk in _STRIP_RESPONSE_RAW or lk.startswith(b"proxy-"):
+            if lk == b"content-length" and v.isdigit():
+                length = int(v)
+            elif lk == b"connection":
+                named = v
+            continue
+        value = v.decode("utf-8", "surrogateescape")
+        if lk == b"content-type":
+            ctype = value
+        elif lk == b"content-encoding":
+            encoding = value
+        add(k.decode("latin-1"), value)
+    if named:  # what the upstream's Connection header names is hop-by-hop too
+        for token in named.decode("latin-1").split(","):
+            out.popall(token.strip(), None)
     out["x-request-id"] = request_id
-    return out
+    return out, ctype, encoding, length
 
 
 async def read_body(request: web.Request, gw: Gateway) -> bytes:
@@ -302,16 +324,15 @@ async def relay(
     """Send the upstream answer to the client as it arrives."""
     ctx.t_head = perf_counter()
     ctx.status = status = resp.status
-    headers = response_headers(resp.headers, ctx.request_id)
+    headers, ctype, encoding, length = response_headers(resp.raw_headers, ctx.request_id)
     if ctx.rate_headers:
         for k, v in ctx.rate_headers:
             headers[k] = v
-    sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    sse = ctype.startswith("text/event-stream")
     reader = endpoint.reader(prepared, sse)
-    if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+    if encoding and encoding.lower() != "identity":
         # Asked for identity, got compressed: relay as sent, read a copy.
         reader = Decompressed(reader)
-    length = resp.content_length
 
     # From the head on, the idle timeout bounds every wait for body bytes.
     resp.set_idle_timeout(target.upstream.idle_timeout_s)

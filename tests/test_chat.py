@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream
+from .conftest import UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
 
 CHAT = "/v1/chat/completions"
 
@@ -71,6 +71,42 @@ async def test_x_api_key_header_and_hop_by_hop_stripped(
     for h in ("X-Secret-Hop", "TE", "Proxy-Authorization"):
         assert h not in sent
     assert sent["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+async def test_upstream_hop_by_hop_response_headers_stripped(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """What the upstream's Connection header names, Keep-Alive and Proxy-*
+    stay between the gateway and the upstream; the rest reaches the client."""
+    body = orjson.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-test", "choices": [],
+                         "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}})
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+                      if k.lower() == b"content-length")
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Up-Hop\r\n"
+                     b"X-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Agent: up/1\r\nX-Kept: yes\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await make_gateway(config_toml(f"http://127.0.0.1:{port}/v1"))
+        key = await gw.key()
+        async with http.post(gw.url + CHAT, json={"model": "gpt-test", "messages": []}, headers=auth(key)) as r:
+            assert r.status == 200 and await r.read() == body
+            assert r.headers["X-Kept"] == "yes" and r.headers["Content-Length"] == str(len(body))
+            for h in ("X-Up-Hop", "Keep-Alive", "Proxy-Agent"):
+                assert h not in r.headers, h
+        row = (await gw.wait_usage(1))[0]
+        assert (row["input_tokens"], row["output_tokens"]) == (4, 6)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_renamed_model_rewrites_only_the_model(
@@ -250,7 +286,6 @@ async def test_upstream_error_status_relayed_unchanged(gateway: Gateway, http: a
 async def test_upstream_rejects_gateway_credential_is_502(
     make_gateway, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .conftest import config_toml
 
     monkeypatch.setenv("WRONG_KEY", "sk-wrong-upstream-key")
     gw = await make_gateway(config_toml(upstream.base_url, api_key_env="WRONG_KEY"))
@@ -264,7 +299,6 @@ async def test_upstream_rejects_gateway_credential_is_502(
 
 
 async def test_upstream_unreachable_is_502(make_gateway, http: aiohttp.ClientSession) -> None:
-    from .conftest import config_toml
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -336,7 +370,6 @@ async def test_unknown_endpoint_is_404_with_usage_row(gateway: Gateway, http: ai
 async def test_stalled_request_body_gets_408(
     make_gateway, upstream: Upstream  # type: ignore[no-untyped-def]
 ) -> None:
-    from .conftest import config_toml
 
     gw = await make_gateway(config_toml(upstream.base_url).replace("key_refresh_ms = 100",
                                                                      "key_refresh_ms = 100\nbody_timeout_s = 0.3"))

@@ -188,6 +188,52 @@ async def test_timeouts(serve, client: UpstreamClient) -> None:  # type: ignore[
     r.release()
 
 
+async def test_timeouts_on_a_reused_connection(serve, client: UpstreamClient) -> None:  # type: ignore[no-untyped-def]
+    """Deadlines live on the connection and its one timer: a later request
+    with a shorter timeout still times out on time, a connection that sat in
+    the pool past an earlier request's deadlines is not cut, and the total
+    deadline holds while chunks keep arriving (so the idle one never fires)."""
+    loop = asyncio.get_running_loop()
+    answers = 0
+
+    async def quick_then_silent_then_trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        answers += 1
+        if answers in (1, 2):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        elif answers == 3:
+            await asyncio.sleep(5)  # never answers
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(100):
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+    s = await serve(quick_then_silent_then_trickle)
+    r = await client.request("POST", s.url, [], b"", first_byte_timeout=0.3, total_timeout=0.4)
+    assert await r.read() == b"ok"
+    r.release()
+    await asyncio.sleep(0.6)  # past both deadlines, idle in the pool
+    r = await client.request("POST", s.url, [], b"", first_byte_timeout=30)
+    assert await r.read() == b"ok"
+    r.release()
+    assert s.connections == 1
+    t0 = loop.time()
+    with pytest.raises(UpstreamTimeout, match="first byte"):
+        await client.request("POST", s.url, [], b"", first_byte_timeout=0.2)
+    assert 0.15 < loop.time() - t0 < 1.0
+    t0 = loop.time()
+    r = await client.request("POST", s.url, [], b"", first_byte_timeout=30, total_timeout=0.5)
+    r.set_idle_timeout(0.2)
+    got = b""
+    with pytest.raises(UpstreamTimeout, match="total"):
+        while True:
+            got += await r.readany()
+    r.release()
+    assert 0.45 < loop.time() - t0 < 1.5 and 3 <= len(got) <= 12
+
+
 async def test_connect_refused(client: UpstreamClient) -> None:
     import socket
 
