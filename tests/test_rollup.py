@@ -120,3 +120,15 @@ def test_admin_bench_runs_small(tmp_path: Path) -> None:
     ).stdout
     assert "usage_events 20,000" in out
     assert "day aggregate: hour buckets by model" in out and "µs/row" in out
+
+
+def test_writer_rollups_read_only_the_batch(tmp_path: Path) -> None:
+    """Each batch's rollup statements reach usage_events through the id
+    range alone: a plan that walked an index instead would visit every row
+    stored so far, on every batch, and the writer would slow down as the
+    table grows."""
+    conn = connect(tmp_path / "q.db")
+    for sql in rollup.SINCE:
+        plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, {"since": 0})]
+        reads = [step for step in plan if "usage_events" in step]
+        assert reads and all(step == "SEARCH usage_events USING INTEGER PRIMARY KEY (rowid>?)" for step in reads), plan
