@@ -132,3 +132,59 @@ def test_writer_rollups_read_only_the_batch(tmp_path: Path) -> None:
         plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, {"since": 0})]
         reads = [step for step in plan if "usage_events" in step]
         assert reads and all(step == "SEARCH usage_events USING INTEGER PRIMARY KEY (rowid>?)" for step in reads), plan
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_metrics_from_a_batch_equal_one_update_per_row(mixed: bool) -> None:
+    """Metrics.observe_rows (columns at a time, once per written batch) gives
+    the same series as updating every metric once per request."""
+    from prometheus_client import Counter as PCounter
+    from prometheus_client import Histogram as PHistogram
+
+    from gateway.metrics import Metrics
+
+    rows = synthetic_rows(2000, seed=5)
+    if not mixed:  # the usual batch: one endpoint and one model
+        i_model = COLUMNS.index("model")
+        rows = [r[:i_model] + ("a",) + r[i_model + 1:] for r in rows]
+    i_ep, i_err = COLUMNS.index("endpoint"), COLUMNS.index("error_type")
+    rows = [r[:i_ep] + (["/v1/chat/completions", "/v1/messages"][i % 2 if mixed else 0],) + r[i_ep + 1:i_err]
+            + ([None, "upstream_timeout", "upstream_500", "bad_request"][i % 4],) + r[i_err + 1:]
+            for i, r in enumerate(rows)]
+    batched, reference = Metrics(), Metrics()
+    batched.observe_rows(rows)
+    col = {name: i for i, name in enumerate(COLUMNS)}
+    for r in rows:
+        rec = {name: r[i] for name, i in col.items()}
+        model = rec["model"] or ""
+        reference.requests.labels(rec["endpoint"], model, str(rec["status"])).inc()
+        reference.duration.labels(rec["endpoint"]).observe(rec["latency_ms"] / 1000)
+        for hist, name in ((reference.ttfb, "ttfb_ms"), (reference.overhead, "overhead_ms")):
+            if rec[name] is not None:
+                hist.labels(rec["endpoint"]).observe(rec[name] / 1000)
+        if rec["upstream"]:
+            reference.upstream_requests.labels(rec["upstream"], str(rec["status"])).inc()
+            if rec["error_type"] and rec["error_type"].startswith("upstream"):
+                reference.upstream_errors.labels(rec["upstream"], rec["error_type"]).inc()
+        if model:
+            for kind in ("input", "output", "cached", "reasoning", "video"):
+                if rec[f"{kind}_tokens"]:
+                    reference.tokens.labels(model, kind).inc(rec[f"{kind}_tokens"])
+            if rec["cost"]:
+                reference.cost.labels(model).inc(rec["cost"])
+
+    def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        out = {}
+        for metric in (m.requests, m.duration, m.ttfb, m.overhead, m.upstream_requests, m.upstream_errors,
+                       m.tokens, m.cost):
+            assert isinstance(metric, (PCounter, PHistogram))
+            for family in metric.collect():
+                for s in family.samples:
+                    if not s.name.endswith("_created"):
+                        out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    got, want = samples(batched), samples(reference)
+    assert got.keys() == want.keys() and len(got) > 50
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9), k
