@@ -21,7 +21,7 @@ from typing import Any
 
 from . import logs
 from .config import Config, ConfigError, load_config
-from .server import Running, embedded_config, run, run_until_signal
+from .server import ListenError, Running, embedded_config, run, run_until_signal
 from .store import queries
 from .store.schema import connect
 
@@ -70,11 +70,15 @@ def cmd_serve(args: argparse.Namespace, cfg: Config | None) -> int:
         cfg = replace(cfg, server=replace(cfg.server, workers=args.workers))
     if cfg is not None:
         logs.configure(cfg.server.log_format)
-    if cfg is not None and cfg.server.workers > 1:
-        from .supervisor import serve
+    try:
+        if cfg is not None and cfg.server.workers > 1:
+            from .supervisor import serve
 
-        return serve(cfg)
-    run(run_until_signal(cfg))
+            return serve(cfg)
+        run(run_until_signal(cfg))
+    except ListenError as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -63,6 +63,14 @@ def embedded_config(mock_base_url: str, env: Mapping[str, str] | None = None,
     )
 
 
+class ListenError(OSError):
+    """The gateway cannot listen on its address (taken, not permitted, ...)."""
+
+    def __init__(self, cause: OSError, host: str, port: int) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        super().__init__(cause.errno, f"cannot listen on {host}:{port}: {reason}")
+
+
 @dataclass
 class Running:
     runner: web.AppRunner
@@ -84,7 +92,15 @@ async def start_app(app: web.Application, host: str, port: int, *, shutdown_time
         site = web.SockSite(runner, sock, backlog=4096)
     else:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException as e:
+        # Undo the setup (database, writer threads): a process that cannot
+        # listen must exit, not hang on threads nobody will stop.
+        await runner.cleanup()
+        if isinstance(e, OSError):
+            raise ListenError(e, host, port) from None
+        raise
     server = site._server
     assert server is not None
     sockets = getattr(server, "sockets", None) or []
@@ -130,9 +146,14 @@ async def run_until_signal(
         mock = await start_mock()
         cfg = embedded_config(mock.url + "/v1")
     first = worker in (None, 0)
-    gw = await start_gateway(
-        cfg, poller=cfg.tasks.poller and first, retention=first, sock=sock,
-    )
+    try:
+        gw = await start_gateway(
+            cfg, poller=cfg.tasks.poller and first, retention=first, sock=sock,
+        )
+    except BaseException:
+        if mock is not None:
+            await mock.runner.cleanup()
+        raise
     if worker is None:
         log.info(
             "gateway listening on %s:%d; upstreams: %s; models: %s; workers: %d",

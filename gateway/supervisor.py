@@ -57,6 +57,7 @@ from dataclasses import dataclass, replace
 
 from .config import Config, ConfigError, load_config
 from .logs import set_worker, startup_fields
+from .server import ListenError, run, run_until_signal
 from .store.schema import connect
 from .store.spool import spool_dir
 
@@ -140,10 +141,13 @@ class Supervisor:
 
     def _listen(self) -> None:
         """The one listening socket every worker accepts on."""
-        self._sock = socket.create_server(
-            (self.cfg.server.host, self.port), backlog=4096, reuse_port=True,
-            family=socket.AF_INET6 if ":" in self.cfg.server.host else socket.AF_INET,
-        )
+        try:
+            self._sock = socket.create_server(
+                (self.cfg.server.host, self.port), backlog=4096, reuse_port=True,
+                family=socket.AF_INET6 if ":" in self.cfg.server.host else socket.AF_INET,
+            )
+        except OSError as e:
+            raise ListenError(e, self.cfg.server.host, self.port) from None
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
 
@@ -171,8 +175,6 @@ class Supervisor:
 
     def _worker_main(self, index: int, ready_fd: int) -> int:
         from prometheus_client import values
-
-        from .server import run, run_until_signal
 
         # A SIGHUP/SIGUSR2 arriving before the event loop installs its handlers
         # must not kill the worker (their default action is to terminate).

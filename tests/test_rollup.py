@@ -143,14 +143,15 @@ def test_metrics_from_a_batch_equal_one_update_per_row(mixed: bool) -> None:
 
     from gateway.metrics import Metrics
 
-    rows = synthetic_rows(2000, seed=5)
+    def setting(r: tuple[Any, ...], **values: Any) -> tuple[Any, ...]:
+        return tuple(values.get(c, v) for c, v in zip(COLUMNS, r, strict=True))
+
+    endpoints = ["/v1/chat/completions", "/v1/messages"] if mixed else ["/v1/chat/completions"]
+    errors = [None, "upstream_timeout", "upstream_500", "bad_request"]
+    rows = [setting(r, endpoint=endpoints[i % len(endpoints)], error_type=errors[i % 4])
+            for i, r in enumerate(synthetic_rows(2000, seed=5))]
     if not mixed:  # the usual batch: one endpoint and one model
-        i_model = COLUMNS.index("model")
-        rows = [r[:i_model] + ("a",) + r[i_model + 1:] for r in rows]
-    i_ep, i_err = COLUMNS.index("endpoint"), COLUMNS.index("error_type")
-    rows = [r[:i_ep] + (["/v1/chat/completions", "/v1/messages"][i % 2 if mixed else 0],) + r[i_ep + 1:i_err]
-            + ([None, "upstream_timeout", "upstream_500", "bad_request"][i % 4],) + r[i_err + 1:]
-            for i, r in enumerate(rows)]
+        rows = [setting(r, model="a") for r in rows]
     batched, reference = Metrics(), Metrics()
     batched.observe_rows(rows)
     col = {name: i for i, name in enumerate(COLUMNS)}
