@@ -70,15 +70,11 @@ def cmd_serve(args: argparse.Namespace, cfg: Config | None) -> int:
         cfg = replace(cfg, server=replace(cfg.server, workers=args.workers))
     if cfg is not None:
         logs.configure(cfg.server.log_format)
-    try:
-        if cfg is not None and cfg.server.workers > 1:
-            from .supervisor import serve
+    if cfg is not None and cfg.server.workers > 1:
+        from .supervisor import serve
 
-            return serve(cfg)
-        run(run_until_signal(cfg))
-    except ListenError as e:
-        print(f"error: {e.strerror}", file=sys.stderr)
-        return 1
+        return serve(cfg)
+    run(run_until_signal(cfg))
     return 0
 
 
@@ -236,4 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (queries.NotFoundError, queries.ConflictError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    except ListenError as e:  # serve or demo: the port is taken, ...
+        print(f"error: {e.strerror}", file=sys.stderr)
         return 1

@@ -85,8 +85,8 @@ def test_check_config(tmp_path: Path, upstream: Upstream) -> None:
     assert bad.returncode == 2 and "upstreams[0].kind" in bad.stderr
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_serve_on_a_taken_port_exits_with_a_clear_error(tmp_path: Path, upstream: Upstream, workers: str) -> None:
+@pytest.mark.parametrize("command", ["serve", "serve --workers 2", "demo"])
+def test_a_taken_port_exits_with_a_clear_error(tmp_path: Path, upstream: Upstream, command: str) -> None:
     """It says why and exits 1, promptly: a process that cannot listen must
     not hang on the database threads it had already started."""
     with socket.socket() as taken:
@@ -94,7 +94,8 @@ def test_serve_on_a_taken_port_exits_with_a_clear_error(tmp_path: Path, upstream
         taken.listen()
         port = taken.getsockname()[1]
         cfg = write_config(tmp_path, upstream, port)
-        r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", workers],
+        where = ["--port", str(port)] if command == "demo" else ["--config", str(cfg)]
+        r = subprocess.run([sys.executable, "-m", "gateway", *command.split(), *where],
                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=20)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
