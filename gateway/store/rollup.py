@@ -25,7 +25,6 @@ workspace or key is 0; ``queries`` maps them back to None.
 
 from __future__ import annotations
 
-import bisect
 import sqlite3
 from collections.abc import Sequence
 
@@ -45,12 +44,6 @@ VALUE_COLS = (*SUMS, *LAT_COLS, *TTFB_COLS)
 
 MINUTE_KEYS = ("bucket", "model", "upstream")
 HOUR_KEYS = ("bucket", "workspace_id", "key_id", "model", "upstream")
-TOTAL_COLS = ("requests", "input_tokens", "output_tokens", "cost")
-
-
-def bin_of(ms: float) -> int:
-    """Histogram bin of a duration in milliseconds (same as the SQL CASE)."""
-    return bisect.bisect_right(EDGES, ms)
 
 
 def bin_bounds(i: int) -> tuple[float, float]:
@@ -93,7 +86,8 @@ def _table(name: str, keys: tuple[str, ...]) -> str:
 
 
 def _case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
-    """SQL for ``bin_of(col)``: a binary search over EDGES (6 comparisons)."""
+    """SQL for the histogram bin of ``col`` (ms): how many EDGES are <= it,
+    found by a binary search over EDGES (6 comparisons)."""
     if lo == hi:
         return str(lo)
     mid = (lo + hi + 1) // 2
