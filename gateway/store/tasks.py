@@ -208,10 +208,11 @@ class TaskStore:
                 ) as cur:
                     won = cur.rowcount == 1
                 if won:
-                    async with db.execute(INSERT_USAGE, billing_row) as cur:
-                        since = (cur.lastrowid or 1) - 1
+                    async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage_events") as cur:
+                        row = await cur.fetchone()
+                    await db.execute(INSERT_USAGE, billing_row)
                     for sql in rollup.SINCE:  # the admin aggregates count video spend too
-                        await db.execute(sql, {"since": since})
+                        await db.execute(sql, {"since": row[0] if row else 0})
                 await db.execute("COMMIT")
             except BaseException:
                 # After a cancelled COMMIT there may be nothing to roll back.
