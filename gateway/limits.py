@@ -110,11 +110,7 @@ class Limiter:
         ):
             return None
         now = self.clock()
-        if now >= self._month_end:
-            self._new_month(now)
-        st = self._keys.get(key.id)
-        if st is None:
-            st = self._keys[key.id] = _KeyState()
+        st = self._state(key.id, now)
 
         if key.spend_limit is not None and st.spend >= key.spend_limit:
             self._reject("key_spend", "This key has reached its monthly spend limit.", self._month_end - now,
@@ -174,11 +170,7 @@ class Limiter:
         if not tokens and not cost:
             return
         now = self.clock()
-        if now >= self._month_end:
-            self._new_month(now)
-        st = self._keys.get(key.id)
-        if st is None:
-            st = self._keys[key.id] = _KeyState()
+        st = self._state(key.id, now)
         st.spend += cost
         if key.tpm is not None and tokens:
             st.tokens.append((now, tokens))
@@ -265,6 +257,15 @@ class Limiter:
             if left < tpm:
                 return ts + WINDOW_S - now
         return WINDOW_S
+
+    def _state(self, key_id: int, now: float) -> _KeyState:
+        """The key's counters, after starting a new month if one began."""
+        if now >= self._month_end:
+            self._new_month(now)
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState()
+        return st
 
     def _new_month(self, now: float) -> None:
         self._month_start, self._month_end = month_bounds(now)

@@ -100,7 +100,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
     start_usage = {**usage, "output_tokens": 1}
     start_usage.pop("output_tokens_details", None)
-    try:
+    with state.stream():
         await send(event("message_start", {"type": "message_start", "message": {**message, "usage": start_usage}}))
         await send(event("content_block_start", {"type": "content_block_start", "index": 0,
                                                  "content_block": {"type": "text", "text": ""}}))
@@ -137,10 +137,6 @@ async def messages(request: web.Request) -> web.StreamResponse:
         if out:
             await resp.write(gzip.compress(b"".join(out)))
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionError):
-        state.disconnects += 1
-        raise
-    state.completed_streams += 1
     return resp
 
 

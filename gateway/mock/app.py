@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,16 @@ class MockState:
     completed_streams: int = 0
     record: bool = True
     steer: dict[str, str] = field(default_factory=dict)
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """Around a streamed answer: counts it completed, or the client gone."""
+        try:
+            yield
+        except (asyncio.CancelledError, ConnectionError):
+            self.disconnects += 1
+            raise
+        self.completed_streams += 1
 
 
 MOCK = web.AppKey("mock", MockState)
@@ -199,7 +211,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             c["usage"] = None
         return b"data: " + orjson.dumps(c) + b"\n\n"
 
-    try:
+    with state.stream():
         await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
         for i in range(n):
             if delay:
@@ -219,10 +231,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionError):
-        state.disconnects += 1
-        raise
-    state.completed_streams += 1
     return resp
 
 

@@ -103,7 +103,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
     loc = {"item_id": mid, "output_index": 0, "content_index": 0}
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    try:
+    with state.stream():
         await resp.write(ev("response.created", response=response_object(rid, model, "in_progress", [], None)))
         await resp.write(ev("response.in_progress", response=response_object(rid, model, "in_progress", [], None)))
         await resp.write(ev("response.output_item.added", output_index=0,
@@ -135,10 +135,6 @@ async def responses(request: web.Request) -> web.StreamResponse:
                 final["error"] = {"code": "server_error", "message": "The model failed."}
             await resp.write(ev(f"response.{end}", response=final))
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionError):
-        state.disconnects += 1
-        raise
-    state.completed_streams += 1
     return resp
 
 

@@ -76,14 +76,20 @@ class Endpoint(Protocol):
     def reader(self, prepared: Prepared, sse: bool) -> UsageReader: ...
 
 
-def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
-    """The JSON object of a request body and its ``model``."""
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; 400 otherwise."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    return obj
+
+
+def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
+    """The JSON object of a request body and its ``model``."""
+    obj = parse_object(raw)
     return obj, check_model(obj.get("model"))
 
 

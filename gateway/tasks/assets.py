@@ -45,16 +45,6 @@ def text_field(obj: dict[str, Any], name: str, *, required: bool = False) -> str
     return v
 
 
-def parse_object(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    return obj
-
-
 def parse_group_body(obj: dict[str, Any]) -> None:
     text_field(obj, "name", required=True)
     text_field(obj, "description")

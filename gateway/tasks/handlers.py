@@ -24,10 +24,11 @@ from ..auth import KeyInfo
 from ..config import UpstreamConfig
 from ..context import CTX, GATEWAY, Gateway
 from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..protocols.base import parse_object
 from ..proxy import admit, read_body, resolve_model
 from ..routing import Target
 from ..store.tasks import TaskRow, TaskStore
-from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, parse_object, text_field
+from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, text_field
 from .poller import Poller
 from .service import VideoTasks, provider_for, public_task
 from .video import parse_video_request
@@ -74,13 +75,20 @@ def task_not_found() -> NotFound:
 # ------------------------------------------------------------ video tasks
 
 
-async def create_video_task(request: web.Request) -> web.Response:
+async def _admitted_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes]:
+    """Authenticate, admit against the key's limits, read the body."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
     admit(gw, ctx, key)
     raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
+    return gw, key, raw
+
+
+async def create_video_task(request: web.Request) -> web.Response:
+    gw, key, raw = await _admitted_body(request)
+    ctx = request[CTX]
     req = parse_video_request(raw)
     ctx.model_cfg = resolve_model(gw, key, req.model)
     ctx.model = req.model
@@ -193,12 +201,7 @@ def platform_upstream(gw: Gateway, platform: str | None) -> tuple[UpstreamConfig
 
 
 async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes, dict[str, Any]]:
-    gw = request.app[GATEWAY]
-    ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
-    admit(gw, ctx, key)
-    raw = await read_body(request, gw)
-    ctx.bytes_in = len(raw)
+    gw, key, raw = await _admitted_body(request)
     return gw, key, raw, parse_object(raw)
 
 
