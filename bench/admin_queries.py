@@ -28,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.store import analytics, queries, rollup
 from gateway.store.columns import COLUMNS
+from gateway.store.rows import INSERT, insert_rows
 from gateway.store.schema import MIGRATIONS, connect
-from gateway.store.usage import INSERT, insert_rows
 
+COLUMNS_V1 = COLUMNS[:23]
+INSERT_V1 = f"INSERT INTO usage_events ({', '.join(COLUMNS_V1)}) VALUES ({', '.join('?' * 23)})"
 MODELS = ("gpt-5.5", "gpt-5-mini", "claude-sonnet", "claude-haiku", "gemini-pro", "seedance", "gpt-image", "o4")
 UPSTREAMS = ("openai", "anthropic", "ark")
 WORKSPACES, KEYS = 20, 200
@@ -66,7 +68,7 @@ def fill(conn: sqlite3.Connection, rows: int, days: float, now: float, chunk: in
                    CASE WHEN r2 % 100 = 0 THEN 500 WHEN r2 % 100 = 1 THEN 429 WHEN r2 % 200 = 3 THEN 400 ELSE 200 END,
                    r2 % 2, r % 4000, r2 % 1000, r % 500, 0, 0, 0, (r % 4000) * 1.25e-6 + (r2 % 1000) * 1e-5,
                    20 + (r % 1000) * (r2 % 1000) / 50.0, 5 + (r % 1000) * (r2 % 1000) / 400.0,
-                   18 + (r % 1000) * (r2 % 1000) / 50.0, 0.15, 800, 4000, NULL
+                   18 + (r % 1000) * (r2 % 1000) / 50.0, 0.15, 800, 4000, NULL, 0, 0
             FROM g""")
         conn.execute("COMMIT")
         done += n
@@ -93,7 +95,7 @@ def write_cost(batches: int = 200, batch: int = 500) -> list[tuple[str, float]]:
     rows = [
         (now + i * 0.01, f"r{i}", 1 + i % 20, 1 + i % 200, "/v1/chat/completions", MODELS[i % 8],
          UPSTREAMS[i % 3], 200 if i % 50 else 500, i % 2, rng.randint(0, 4000), rng.randint(0, 1000), 0, 0, 0, 0,
-         0.001, rng.uniform(20, 5000), rng.uniform(5, 800), 100.0, 0.2, 800, 4000, None)
+         0.001, rng.uniform(20, 5000), rng.uniform(5, 800), 100.0, 0.2, 800, 4000, None, 0, 0)
         for i in range(batches * batch)
     ]
     out = []
@@ -115,6 +117,8 @@ def write_cost(batches: int = 200, batch: int = 500) -> list[tuple[str, float]]:
                 c.execute("BEGIN IMMEDIATE")
                 if with_rollup:
                     insert_rows(c, b)  # what the usage writer runs per batch
+                elif schema_v == 1:  # the first schema's columns
+                    c.executemany(INSERT_V1, [r[:len(COLUMNS_V1)] for r in b])
                 else:
                     c.executemany(INSERT, b)
                 c.execute("COMMIT")

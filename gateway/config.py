@@ -13,7 +13,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .protocols.base import Usage
 
 UPSTREAM_KINDS = ("openai", "anthropic", "ark", "volcengine", "gateway")
 
@@ -110,13 +113,34 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per 1M tokens, per image, per 1M video tokens."""
+    """USD per 1M tokens, per image, per 1M video tokens. Unset prices of
+    cached input and cache writes default as the providers bill them:
+    cached input at the input price, 5-minute cache writes at 1.25x input,
+    1-hour cache writes at 2x input."""
 
     input: float = 0.0
     output: float = 0.0
     cached_input: float | None = None
     image: float = 0.0
     video: float = 0.0
+    cache_write: float | None = None
+    cache_write_1h: float | None = None
+
+    def cost(self, u: Usage) -> float:
+        """USD for one usage (before the group ratio). Input tokens include
+        the cached part and the cache writes; each part is priced once."""
+        cached = min(u.cached_tokens, u.input_tokens)
+        writes = min(u.cache_write_tokens, u.input_tokens - cached)
+        writes_1h = min(u.cache_write_1h_tokens, writes)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input * 1.25 if self.cache_write is None else self.cache_write
+        write_1h_price = self.input * 2.0 if self.cache_write_1h is None else self.cache_write_1h
+        per_token = (
+            (u.input_tokens - cached - writes) * self.input + cached * cached_price
+            + (writes - writes_1h) * write_price + writes_1h * write_1h_price
+            + u.output_tokens * self.output + u.video_tokens * self.video
+        )
+        return per_token / 1e6 + u.images * self.image
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,13 +328,18 @@ def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
         routes.append(Route(up, r.text("model", name), weight, int(r.num("priority", 0, minimum=-1e9, integer=True))))
         r.done()
     p = t.sub("price")
-    cached = p.data.get("cached_input")
+
+    def optional(name: str) -> float | None:
+        return None if p.data.get(name) is None else float(p.num(name, 0.0))
+
     price = Price(
         input=float(p.num("input", 0.0)),
         output=float(p.num("output", 0.0)),
-        cached_input=None if cached is None else float(p.num("cached_input", 0.0)),
+        cached_input=optional("cached_input"),
         image=float(p.num("image", 0.0)),
         video=float(p.num("video", 0.0)),
+        cache_write=optional("cache_write"),
+        cache_write_1h=optional("cache_write_1h"),
     )
     p.done()
     m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"))

@@ -90,11 +90,7 @@ class RequestContext:
         u, m = self.usage, self.model_cfg
         if u is None or m is None:
             return 0.0
-        p = m.price
-        cached_price = p.input if p.cached_input is None else p.cached_input
-        cached = min(u.cached_tokens, u.input_tokens)
-        per_token = (u.input_tokens - cached) * p.input + cached * cached_price + u.output_tokens * p.output
-        total = (per_token + u.video_tokens * p.video) / 1e6 + u.images * p.image
+        total = m.price.cost(u)
         return total * (self.key.ratio if self.key else 1.0)
 
     def row(self, now: float) -> tuple[object, ...]:
@@ -129,6 +125,8 @@ class RequestContext:
             self.bytes_in,
             self.bytes_out,
             self.error_type,
+            u.cache_write_tokens,
+            u.cache_write_1h_tokens,
         )
 
 

@@ -32,7 +32,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 _I = {name: i for i, name in enumerate(COLUMNS)}
-_TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "video_tokens")
+_TOKEN_KINDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "video_tokens",
+                "cache_write_tokens")
 
 
 def _groups(col: Sequence[Any]) -> Mapping[Any, list[int] | None]:

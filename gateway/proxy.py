@@ -11,7 +11,6 @@ middleware from the RequestContext this path fills in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -25,26 +24,19 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import __version__
-from .auth import KeyInfo
 from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
-    Forbidden,
     GatewayError,
     GatewayTimeout,
-    NotFound,
-    PayloadTooLarge,
     RateLimited,
-    RequestTimeout,
     ServiceUnavailable,
 )
-from .protocols.base import Decompressed, Endpoint, Prepared, parse_json_body
+from .intake import admit, read_body, resolve_model
+from .protocols.base import Decompressed, Endpoint, Prepared
 from .routing import DENIED, NORMAL, Target
 from .upstream import UpstreamError, UpstreamResponse
-
-# parse_json_body now lives in protocols.base; still importable from here.
-__all__ = ["forward", "handle_json", "parse_json_body", "read_body", "relay", "resolve_model"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -109,41 +101,6 @@ def response_headers(
             out.popall(token.strip(), None)
     out["x-request-id"] = request_id
     return out, ctype, encoding, length
-
-
-async def read_body(request: web.Request, gw: Gateway) -> bytes:
-    """The whole request body: 413 before reading past ``server.max_body_mb``,
-    408 when the client takes longer than ``server.body_timeout_s`` to send
-    it (a slow or stalled client must not hold a request open forever)."""
-    server = gw.config.server
-    limit = server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
-    try:
-        if request.content.is_eof():
-            return await request.read()  # all here already (the usual case): no timer needed
-        async with asyncio.timeout(server.body_timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
-    except TimeoutError:
-        raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g} s.") from None
-
-
-def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
-    """Check the key's limits (429 if over); the middleware releases the
-    concurrency slot and settles tokens and spend when the request ends."""
-    ctx.rate_headers = gw.limits.admit(key)
-    ctx.admitted = True
-
-
-def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
-    m = gw.config.model(model)
-    if m is None:
-        raise NotFound(f"The model '{model}' does not exist.", code="model_not_found", param="model")
-    if model not in key.models:
-        raise Forbidden(f"This key may not use the model '{model}'.", code="model_not_allowed", param="model")
-    return m
 
 
 async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

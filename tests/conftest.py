@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from gateway.config import Config, load_config
-from gateway.mock.app import MOCK, MockState, create_mock_app
+from gateway.mock.app import create_mock_app
+from gateway.mock.common import MOCK, MockState
 from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.server import Running, start_app, start_gateway
 from gateway.store import queries

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream
+from .conftest import PROTOCOL_MODELS, UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
 
 MSG = "/v1/messages"
 
@@ -54,8 +54,37 @@ async def test_messages_pass_through_with_x_api_key(
     assert (row["input_tokens"], row["output_tokens"], row["cached_tokens"], row["reasoning_tokens"]) == (
         3 + 5 + 7, 5, 7, 2
     )
-    # 3 + 5 uncached at 3.0, 7 cached at 0.3, 5 out at 15.0 (USD per 1M)
-    assert row["cost"] == pytest.approx((8 * 3.0 + 7 * 0.3 + 5 * 15.0) / 1e6)
+    assert (row["cache_write_tokens"], row["cache_write_1h_tokens"]) == (5, 0)
+    # 3 plain at 3.0, 5 cache writes at 1.25 x 3.0, 7 cached at 0.3, 5 out at 15.0 (USD per 1M)
+    assert row["cost"] == pytest.approx((3 * 3.0 + 5 * 3.75 + 7 * 0.3 + 5 * 15.0) / 1e6)
+
+
+async def test_cache_writes_are_priced_apart_five_minute_and_one_hour(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    extra = PROTOCOL_MODELS.format(url=upstream.base_url) + """
+[[models]]
+name = "claude-priced"
+routes = [{ upstream = "mock-anthropic", model = "claude-priced" }]
+price = { input = 2.0, output = 10.0, cached_input = 0.2, cache_write = 3.0, cache_write_1h = 5.0 }
+"""
+    gw = await make_gateway(config_toml(upstream.base_url, extra))
+    key = await gw.key()
+    for model, stream in (("claude-priced", False), ("claude-priced", True), ("claude-test", False)):
+        headers = {"x-api-key": key, "x-mock-cached": "7", "x-mock-cache-creation": "10",
+                   "x-mock-cache-creation-1h": "4"}
+        async with http.post(gw.url + MSG, json=body(model, stream, "a b c"), headers=headers) as r:
+            assert r.status == 200
+            await r.read()
+    rows = await gw.wait_usage(3)
+    for row in rows:
+        assert (row["input_tokens"], row["cached_tokens"]) == (3 + 10 + 7, 7)
+        assert (row["cache_write_tokens"], row["cache_write_1h_tokens"]) == (10, 4)
+    out = 5 * 10.0
+    explicit = (3 * 2.0 + 6 * 3.0 + 4 * 5.0 + 7 * 0.2 + out) / 1e6
+    assert rows[0]["cost"] == pytest.approx(explicit) and rows[1]["cost"] == pytest.approx(explicit)
+    # Unset: 5-minute writes at 1.25x input, 1-hour writes at 2x input.
+    assert rows[2]["cost"] == pytest.approx((3 * 3.0 + 6 * 3.75 + 4 * 6.0 + 7 * 0.3 + 5 * 15.0) / 1e6)
 
 
 async def test_bearer_auth_and_renamed_model(

@@ -23,8 +23,8 @@ import pytest
 
 from gateway.store import queries
 from gateway.store.retention import delete_older_than
+from gateway.store.rows import INSERT
 from gateway.store.schema import connect
-from gateway.store.usage import INSERT
 
 from .conftest import UPSTREAM_KEY, Upstream, config_toml
 
@@ -342,7 +342,7 @@ def test_retention_deletes_old_rows_in_batches(tmp_path: Path) -> None:
     conn = connect(db)
     now = time.time()
     row = [0.0, "r", None, None, "/v1/chat/completions", "m", "u", 200, 0] + [0] * 6 + [0.0, 1.0] + [None] * 3 \
-        + [0, 0, None]
+        + [0, 0, None, 0, 0]
     rows = [tuple([now - 100 * 86400 + i, f"old{i}", *row[2:]]) for i in range(1200)]
     rows += [tuple([now - 3600, f"new{i}", *row[2:]]) for i in range(10)]
     conn.execute("BEGIN")

@@ -58,7 +58,7 @@ def rechunk(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
 
 def test_anthropic_ten_thousand_events_bounded() -> None:
     usage, peak = run(MessageStreamUsage(), rechunk(anthropic_stream(10_000), 7))
-    assert usage == Usage(input_tokens=33, output_tokens=10_000, cached_tokens=20)
+    assert usage == Usage(input_tokens=33, output_tokens=10_000, cached_tokens=20, cache_write_tokens=3)
     assert peak < 256 * 1024
 
 

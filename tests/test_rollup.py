@@ -13,8 +13,8 @@ import pytest
 
 from gateway.store import analytics, rollup
 from gateway.store.columns import COLUMNS
+from gateway.store.rows import INSERT, insert_rows
 from gateway.store.schema import MIGRATIONS, connect
-from gateway.store.usage import INSERT, insert_rows
 
 
 def synthetic_rows(n: int, seed: int = 7) -> list[tuple[Any, ...]]:
@@ -33,7 +33,7 @@ def synthetic_rows(n: int, seed: int = 7) -> list[tuple[Any, ...]]:
             "output_tokens": rng.randint(0, 800), "cached_tokens": rng.randint(0, 50), "reasoning_tokens": 0,
             "images": rng.randint(0, 1), "video_tokens": 0, "cost": rng.random() / 100, "latency_ms": lat,
             "ttfb_ms": ttfb, "upstream_ms": lat / 2, "overhead_ms": 0.2, "bytes_in": 100, "bytes_out": 1000,
-            "error_type": None if status < 400 else "x",
+            "error_type": None if status < 400 else "x", "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
         }
         rows.append(tuple(rec[c] for c in COLUMNS))
     return rows
@@ -75,7 +75,9 @@ def test_migration_backfills_existing_usage(tmp_path: Path) -> None:
     old.executescript(MIGRATIONS[0])
     old.execute("PRAGMA user_version = 1")
     rows = synthetic_rows(500, seed=3)
-    old.executemany(INSERT, rows)
+    first = COLUMNS[:23]  # the columns of the first schema
+    old.executemany(f"INSERT INTO usage_events ({', '.join(first)}) VALUES ({', '.join('?' * len(first))})",
+                    [r[:23] for r in rows])
     old.close()
     conn = connect(path)  # migrates, backfilling the rollups
     total = analytics.usage_series(conn, since=0, until=2e9, bucket="total")

@@ -9,6 +9,8 @@ events; ``x-mock-chunks: 194`` gives a 200-event stream.
 Steering headers, besides the shared ones of gateway.mock.app:
 - ``x-mock-cached: N``         ``cache_read_input_tokens``
 - ``x-mock-cache-creation: N`` ``cache_creation_input_tokens``
+- ``x-mock-cache-creation-1h: N`` of those, written with a 1-hour ttl
+  (``cache_creation.ephemeral_1h_input_tokens``; the rest is 5-minute)
 - ``x-mock-reasoning: N``      ``output_tokens_details.thinking_tokens``
 - ``x-mock-deltas: K``         K message_delta events, cumulative counts
 - ``x-mock-fail: error``       an ``error`` event halfway, then the end
@@ -26,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, WORDS, _check, _int, count_prompt_tokens
+from .common import MOCK, WORDS, _check, _int, count_prompt_tokens
 
 
 def anthropic_error(status: int, message: str) -> web.Response:
@@ -57,6 +59,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     prompt = count_prompt_tokens(obj)
     cache_read = _int(request, "x-mock-cached")
     cache_creation = _int(request, "x-mock-cache-creation")
+    cache_1h = min(_int(request, "x-mock-cache-creation-1h"), cache_creation)
     reasoning = _int(request, "x-mock-reasoning")
     fail = request.headers.get("x-mock-fail")
     mid = f"msg_mock{id(request) & 0xFFFFFF:x}"
@@ -64,6 +67,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "input_tokens": prompt,
         "cache_creation_input_tokens": cache_creation,
         "cache_read_input_tokens": cache_read,
+        "cache_creation": {"ephemeral_5m_input_tokens": cache_creation - cache_1h,
+                           "ephemeral_1h_input_tokens": cache_1h},
         "output_tokens": n,
         "service_tier": "standard",
     }

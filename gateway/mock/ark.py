@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import _check
+from .common import _check
 
 BASE = "/api/v3/contents/generations/tasks"
 CONTENT_TYPES = ("text", "image_url", "video_url", "audio_url")

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, _check, _int, json_body, openai_error
+from .common import MOCK, _check, _int, json_body, openai_error
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import MOCK, WORDS, _int, count_words, json_body
+from .common import MOCK, WORDS, _int, count_words, json_body
 
 
 def input_tokens(obj: dict[str, Any]) -> int:

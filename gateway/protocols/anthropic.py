@@ -3,7 +3,9 @@ route says so); usage is read from the JSON body or from the SSE events as
 they pass.
 
 Input counts ``input_tokens + cache_creation_input_tokens +
-cache_read_input_tokens``; cached is ``cache_read_input_tokens``; reasoning is
+cache_read_input_tokens``; cached is ``cache_read_input_tokens``; cache
+writes are ``cache_creation_input_tokens``, of which
+``cache_creation.ephemeral_1h_input_tokens`` were written for an hour; reasoning is
 ``output_tokens_details.thinking_tokens`` where present. In a stream,
 ``message_start`` carries the input usage and every ``message_delta`` the
 *cumulative* usage so far: the last value wins, nothing is summed.
@@ -21,13 +23,18 @@ def anthropic_usage(u: dict[str, Any] | None) -> Usage:
     if not u:
         return Usage()
     details = u.get("output_tokens_details")
+    writes = as_int(u.get("cache_creation_input_tokens"))
+    split = u.get("cache_creation")
+    writes_1h = as_int(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else 0
+    if isinstance(split, dict) and not writes:
+        writes = writes_1h + as_int(split.get("ephemeral_5m_input_tokens"))
     return Usage(
-        input_tokens=as_int(u.get("input_tokens"))
-        + as_int(u.get("cache_creation_input_tokens"))
-        + as_int(u.get("cache_read_input_tokens")),
+        input_tokens=as_int(u.get("input_tokens")) + writes + as_int(u.get("cache_read_input_tokens")),
         output_tokens=as_int(u.get("output_tokens")),
         cached_tokens=as_int(u.get("cache_read_input_tokens")),
         reasoning_tokens=as_int(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
+        cache_write_tokens=writes,
+        cache_write_1h_tokens=min(writes_1h, writes),
     )
 
 

@@ -37,6 +37,10 @@ class Usage:
     reasoning_tokens: int = 0
     images: int = 0
     video_tokens: int = 0
+    # Prompt-cache writes (part of input_tokens), and the part of them
+    # written for one hour where the upstream says so (Anthropic's ttl).
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
     # Why a stream that relayed fine is still not a clean answer (the
     # upstream sent an error event, or ended before its usage event); it
     # becomes the usage row's error_type.

@@ -25,4 +25,6 @@ COLUMNS = (
     "bytes_in",
     "bytes_out",
     "error_type",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
 )

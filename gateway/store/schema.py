@@ -144,6 +144,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE usage_spool (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
     ALTER TABLE usage_events ADD COLUMN writer INTEGER;
     """,
+    # Prompt-cache writes, priced apart from plain input (price.cache_write,
+    # price.cache_write_1h); both are part of input_tokens.
+    """
+    ALTER TABLE usage_events ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_events ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

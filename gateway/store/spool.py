@@ -36,6 +36,8 @@ from pathlib import Path
 
 import orjson
 
+from .rows import insert_rows, pad_row
+
 log = logging.getLogger("gateway.spool")
 
 ROTATE_BYTES = 4 << 20
@@ -106,8 +108,6 @@ class SpoolFile:
 def recover(conn: sqlite3.Connection, directory: Path) -> int:
     """Insert the rows of dead processes' spool files that the database does
     not hold yet; delete those files. Returns how many rows were inserted."""
-    from .usage import insert_rows
-
     if not directory.is_dir():
         return 0
     total = 0
@@ -128,7 +128,7 @@ def recover(conn: sqlite3.Connection, directory: Path) -> int:
                 offset = row[0] if row else 0
                 # Only whole lines: a write cut short by a crash is not a row.
                 end = data.rfind(b"\n") + 1
-                rows = [tuple(orjson.loads(line)) for line in data[offset:end].splitlines() if line]
+                rows = [pad_row(orjson.loads(line)) for line in data[offset:end].splitlines() if line]
                 if rows:
                     insert_rows(conn, rows)
                 conn.execute(SET_OFFSET, (path.name, max(end, offset)))

@@ -30,8 +30,8 @@ import aiosqlite
 import orjson
 
 from . import rollup
+from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
-from .usage import INSERT as INSERT_USAGE
 
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")

@@ -24,8 +24,8 @@ from ..auth import KeyInfo
 from ..config import UpstreamConfig
 from ..context import CTX, GATEWAY, Gateway
 from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..intake import admit, read_body, resolve_model
 from ..protocols.base import parse_object
-from ..proxy import admit, read_body, resolve_model
 from ..routing import Target
 from ..store.tasks import TaskRow, TaskStore
 from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, text_field

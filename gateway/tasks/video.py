@@ -21,7 +21,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..errors import BadGateway, BadRequest, NotFound
-from ..proxy import parse_json_body
+from ..protocols.base import parse_json_body
 from .upstream import Answer, bad_answer, bearer, call, upstream_error
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -1,0 +1,56 @@
+"""The steps every front door shares, below the pass-through path and the
+task handlers: read the body (bounded in size and time), resolve the model
+for the key, admit the request against the key's limits.
+
+    authenticate (auth.KeyCache) -> read_body -> parse (protocols)
+    -> resolve_model -> admit
+
+Doors: the model endpoints (gateway.proxy), video tasks and assets
+(gateway.tasks.handlers), and any door added beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from .auth import KeyInfo
+from .config import ModelConfig
+from .context import Gateway, RequestContext
+from .errors import Forbidden, NotFound, PayloadTooLarge, RequestTimeout
+
+
+async def read_body(request: web.Request, gw: Gateway) -> bytes:
+    """The whole request body: 413 before reading past ``server.max_body_mb``,
+    408 when the client takes longer than ``server.body_timeout_s`` to send
+    it (a slow or stalled client must not hold a request open forever)."""
+    server = gw.config.server
+    limit = server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
+    try:
+        if request.content.is_eof():
+            return await request.read()  # all here already (the usual case): no timer needed
+        async with asyncio.timeout(server.body_timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g} s.") from None
+
+
+def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
+    """Check the key's limits (429 if over); the middleware releases the
+    concurrency slot and settles tokens and spend when the request ends."""
+    ctx.rate_headers = gw.limits.admit(key)
+    ctx.admitted = True
+
+
+def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
+    m = gw.config.model(model)
+    if m is None:
+        raise NotFound(f"The model '{model}' does not exist.", code="model_not_found", param="model")
+    if model not in key.models:
+        raise Forbidden(f"This key may not use the model '{model}'.", code="model_not_allowed", param="model")
+    return m
