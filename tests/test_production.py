@@ -378,7 +378,7 @@ def _write_usage(db: str, worker: int, per_s: int, seconds: float) -> None:
         t0 = time.monotonic()
         i = 0
         base = [0.0, "", None, None, "/v1/chat/completions", "m", "u", 200, 0] + [1] * 6 + [0.0, 1.0] \
-            + [None] * 3 + [0, 0, None]
+            + [None] * 3 + [0, 0, None, 0, 0]
         while (elapsed := time.monotonic() - t0) < seconds:
             due = int(elapsed * per_s)
             while i < due:
