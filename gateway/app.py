@@ -20,7 +20,7 @@ from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import GatewayError, NotFound, Protocol, render
-from .limits import Limiter
+from .limits import Limiter, LocalLimiter
 from .logs import log_request
 from .metrics import Metrics
 from .protocols.anthropic import Messages
@@ -173,6 +173,24 @@ def recover_spools(db_path: Path, directory: Path) -> int:
         conn.close()
 
 
+def make_limiter(cfg: Config, metrics: Metrics, clock: Callable[[], float]) -> Limiter:
+    """Limits in this process, or shared through Redis when ``[redis] url`` is set."""
+
+    def on_reject(reason: str) -> None:
+        metrics.rate_limited.labels(reason).inc()
+
+    local = LocalLimiter(clock, on_reject=on_reject)
+    if cfg.redis.url is None:
+        return local
+    from .redis_limits import RedisLimiter
+
+    metrics.redis_up.set(1)
+    return RedisLimiter(
+        cfg.redis, local, on_reject=on_reject, on_error=lambda op: metrics.redis_errors.labels(op).inc(),
+        on_state=lambda up: metrics.redis_up.set(1 if up else 0),
+    )
+
+
 def create_app(
     cfg: Config, *, poller: bool | None = None, retention: bool = False,
     clock: Callable[[], float] = time.time,
@@ -191,7 +209,7 @@ def create_app(
         on_change=lambda name, state: metrics.circuit_state.labels(name).set(state),
         on_remove=metrics.circuit_state.remove,
     )
-    limits = Limiter(clock, on_reject=lambda reason: metrics.rate_limited.labels(reason).inc())
+    limits = make_limiter(cfg, metrics, clock)
     gw = Gateway(
         config=cfg, router=Router(cfg, health), keys=KeyCache(cfg), metrics=metrics, limits=limits, clock=clock
     )
@@ -231,6 +249,7 @@ def create_app(
         tasks.pop("quota-sync").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
+        await limits.close()
         await db.close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:

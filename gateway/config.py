@@ -44,7 +44,34 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
+    """SQLite at ``path`` (the default), or PostgreSQL at ``url``
+    (``postgresql://...``) when it is set; see docs/scaling.md. With
+    PostgreSQL, ``path`` still names where this instance keeps its usage
+    spool (``<path>.spool/``), which is local to each instance."""
+
     path: Path = Path("gateway.db")
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    pool_size: int = 4
+
+    @property
+    def postgres(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Shared limits across gateway instances (gateway.redis_limits).
+
+    ``failure``: what admission does while Redis cannot be reached:
+    ``open`` admits on this instance's own (local) limits, ``closed``
+    refuses with 503. Either way a metric counts it and one log line marks
+    each change of state."""
+
+    url: str | None = field(default=None, repr=False)
+    failure: str = "open"
+    timeout_ms: int = 100
+    retry_s: float = 1.0
+    key_prefix: str = "gw"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +203,7 @@ class Config:
     usage: UsageConfig = UsageConfig()
     admin: AdminConfig = AdminConfig()
     routing: RoutingConfig = RoutingConfig()
+    redis: RedisConfig = RedisConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     groups: tuple[GroupConfig, ...] = (GroupConfig("default"),)
@@ -373,8 +401,28 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
 
     d = root.sub("database")
     db_path = Path(d.text("path", "gateway.db"))
-    database = DatabaseConfig(db_path if db_path.is_absolute() else base_dir / db_path)
+    db_url = d.text("url")
+    if db_url is not None and not db_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("database.url: must start with postgresql://")
+    database = DatabaseConfig(
+        db_path if db_path.is_absolute() else base_dir / db_path, db_url,
+        int(d.num("pool_size", 4, minimum=1, integer=True)),
+    )
     d.done()
+
+    rd = root.sub("redis")
+    redis = RedisConfig(
+        url=rd.text("url"),
+        failure=rd.text("failure", "open"),
+        timeout_ms=int(rd.num("timeout_ms", 100, minimum=1, integer=True)),
+        retry_s=float(rd.num("retry_s", 1.0, minimum=0.01)),
+        key_prefix=rd.text("key_prefix", "gw"),
+    )
+    if redis.url is not None and not redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+    if redis.failure not in ("open", "closed"):
+        raise ConfigError('redis.failure: must be "open" or "closed"')
+    rd.done()
 
     u = root.sub("usage")
     usage = UsageConfig(
@@ -449,7 +497,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     tk.done()
     root.done()
     return Config(
-        server=server, database=database, usage=usage, admin=admin, routing=routing,
+        server=server, database=database, usage=usage, admin=admin, routing=routing, redis=redis,
         upstreams=tuple(upstreams), models=tuple(models), groups=tuple(groups), platforms=platforms, tasks=tasks,
     )
 

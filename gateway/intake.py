@@ -40,10 +40,10 @@ async def read_body(request: web.Request, gw: Gateway) -> bytes:
         raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g} s.") from None
 
 
-def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
+async def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
     """Check the key's limits (429 if over); the middleware releases the
     concurrency slot and settles tokens and spend when the request ends."""
-    ctx.rate_headers = gw.limits.admit(key)
+    ctx.rate_headers = await gw.limits.admit(key)
     ctx.admitted = True
 
 

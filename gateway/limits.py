@@ -15,6 +15,10 @@ passed in (wall time, seconds), so tests move windows without sleeping.
 RPM, TPM and concurrency counters are per process. Spend and token quotas
 are shared: ``sync`` adds what other processes recorded (see
 docs/production.md, "What is shared between workers").
+
+``Limiter`` is what the request path sees; ``LocalLimiter`` (here) keeps
+everything in this process, ``gateway.redis_limits.RedisLimiter`` keeps
+RPM, TPM, concurrency and quotas in Redis, shared by every instance.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import aiosqlite
 
@@ -82,8 +87,40 @@ def duration(seconds: float) -> str:
     return f"{int(m)}m{round(s, 3):g}s"
 
 
-class Limiter:
-    """Admission (``admit``/``release``) and settlement (``settle``)."""
+class Limiter(Protocol):
+    """Admission and settlement of a key's requests, as the request path
+    uses them: ``admit`` before going upstream (429 ``RateLimited`` when
+    over a limit), then exactly one ``release`` per admitted request and
+    one ``settle`` with what the request used, once it has ended."""
+
+    async def admit(self, key: KeyInfo) -> Headers | None:
+        """Admit one request or raise RateLimited; returns x-ratelimit-* headers."""
+        ...
+
+    def release(self, key: KeyInfo) -> None:
+        """End of an admitted request (frees its concurrency slot)."""
+        ...
+
+    def settle(self, key: KeyInfo, tokens: int, cost: float) -> None:
+        """Count a finished request's tokens and cost."""
+        ...
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        """This month's spend and tokens from the usage recorded, before serving."""
+        ...
+
+    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+        """Keep quotas current with what other processes record, until cancelled."""
+        ...
+
+    async def close(self) -> None:
+        """Give back what the limiter holds (connections, leases)."""
+        ...
+
+
+class LocalLimiter:
+    """Admission (``admit``/``release``) and settlement (``settle``), all in
+    this process."""
 
     def __init__(
         self,
@@ -99,7 +136,10 @@ class Limiter:
 
     # ------------------------------------------------------------ admission
 
-    def admit(self, key: KeyInfo) -> Headers | None:
+    async def admit(self, key: KeyInfo) -> Headers | None:
+        return self.check(key)
+
+    def check(self, key: KeyInfo) -> Headers | None:
         """Admit one request of ``key`` or raise RateLimited (429 with
         Retry-After). Returns the x-ratelimit-* headers for the response, or
         None when the key has no per-minute limit. A key with a concurrency
@@ -132,8 +172,8 @@ class Limiter:
             if used >= key.tpm:
                 wait = self._tpm_wait(st, key.tpm, now)
                 self._reject("tpm", f"Rate limit reached: {key.tpm} tokens per minute.", wait,
-                             headers=_token_headers(key.tpm, used, wait))
-            headers = _token_headers(key.tpm, used, reset)
+                             headers=token_headers(key.tpm, used, wait))
+            headers = token_headers(key.tpm, used, reset)
         if key.rpm is not None:
             reqs = st.requests
             cutoff = now - WINDOW_S
@@ -142,9 +182,9 @@ class Limiter:
             if len(reqs) >= key.rpm:
                 wait = reqs[0] + WINDOW_S - now
                 self._reject("rpm", f"Rate limit reached: {key.rpm} requests per minute.", wait,
-                             headers=[*_request_headers(key.rpm, 0, wait), *(headers or ())])
+                             headers=[*request_headers(key.rpm, 0, wait), *(headers or ())])
             reqs.append(now)
-            rh = _request_headers(key.rpm, key.rpm - len(reqs), reqs[0] + WINDOW_S - now)
+            rh = request_headers(key.rpm, key.rpm - len(reqs), reqs[0] + WINDOW_S - now)
             headers = rh if headers is None else rh + headers
         if key.max_concurrency is not None:
             if st.active >= key.max_concurrency:
@@ -235,6 +275,15 @@ class Limiter:
             except Exception as e:  # keep enforcing from what we know
                 log.error("quota sync failed: %s", type(e).__name__)
 
+    async def close(self) -> None:
+        return None
+
+    def month_totals(self) -> tuple[dict[int, float], dict[int, tuple[float, int]]]:
+        """This month's spend per key, and spend and tokens per workspace, as
+        this limiter counts them (seeds the shared counters in Redis)."""
+        keys = {kid: st.spend for kid, st in self._keys.items() if st.spend}
+        return keys, {wid: (ws.spend, ws.tokens) for wid, ws in self._workspaces.items()}
+
     # -------------------------------------------------------------- helpers
 
     def spent(self, key_id: int) -> float:
@@ -284,7 +333,7 @@ class Limiter:
         raise RateLimited(message, code=code, headers=h)
 
 
-def _request_headers(limit: int, remaining: int, reset: float) -> Headers:
+def request_headers(limit: int, remaining: int, reset: float) -> Headers:
     return [
         ("x-ratelimit-limit-requests", str(limit)),
         ("x-ratelimit-remaining-requests", str(max(0, remaining))),
@@ -292,7 +341,7 @@ def _request_headers(limit: int, remaining: int, reset: float) -> Headers:
     ]
 
 
-def _token_headers(limit: int, used: int, reset: float) -> Headers:
+def token_headers(limit: int, used: int, reset: float) -> Headers:
     return [
         ("x-ratelimit-limit-tokens", str(limit)),
         ("x-ratelimit-remaining-tokens", str(max(0, limit - used))),

@@ -119,6 +119,14 @@ class Metrics:
         self.rate_limited = Counter(
             "gateway_rate_limit_rejections_total", "Requests rejected by a limit", ["reason"], registry=reg
         )
+        self.redis_errors = Counter(
+            "gateway_redis_errors_total", "Failed Redis calls of the shared limits, by operation", ["op"],
+            registry=reg,
+        )
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 while the shared limits' Redis answers (0: local limits or refusal)",
+            registry=reg, multiprocess_mode="liveall",
+        )
 
     def observe_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Feed per-request series from a written batch of usage rows.

@@ -138,7 +138,7 @@ async def forward(
     """
     key = ctx.key
     assert key is not None
-    admit(gw, ctx, key)
+    await admit(gw, ctx, key)
     router = gw.router
     targets = router.plan(model_cfg.name)
     client = gw.upstream

@@ -80,7 +80,7 @@ async def _admitted_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes]
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
-    admit(gw, ctx, key)
+    await admit(gw, ctx, key)
     raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
     return gw, key, raw
@@ -133,7 +133,7 @@ async def get_video_task(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
-    admit(gw, ctx, key)
+    await admit(gw, ctx, key)
     svc = _service(request)
     task_id = request.match_info["id"]
     t = await svc.store.get(task_id)
@@ -223,7 +223,7 @@ async def _owned_lookup(request: web.Request, kind: str) -> tuple[Gateway, Upstr
     gw = request.app[GATEWAY]
     ctx = request[CTX]
     ctx.key = key = gw.keys.authenticate(request)
-    admit(gw, ctx, key)
+    await admit(gw, ctx, key)
     up, provider = platform_upstream(gw, request.query.get("platform"))
     obj_id = request.match_info["id"]
     store = _service(request).store

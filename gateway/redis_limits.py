@@ -1,0 +1,436 @@
+"""Limits shared by every gateway instance, kept in Redis (``[redis] url``).
+
+One Lua script checks and takes in one round trip, atomically, so N
+instances admit exactly what one would:
+
+- RPM: a sliding 60 s log per key (a sorted set of admitted requests,
+  scored by time): exact, the same rule as the local limiter. Memory is
+  one entry per request of the last minute.
+- TPM: settled tokens per key in one-second buckets (a hash); a request is
+  admitted while the last 60 s hold fewer tokens than the limit (a
+  request's own tokens are known only once it ends, as locally).
+- Concurrency: a sorted set of leases per key, scored by their expiry. An
+  instance refreshes its leases every third of ``LEASE_MS``; a lease of an
+  instance that died (kill -9) expires on its own, so a crash never leaks a
+  slot for longer than ``LEASE_MS``.
+- Monthly spend (per key) and spend and token quotas (per workspace): one
+  hash per UTC month, fields ``k:<key>``, ``w:<ws>:s``, ``w:<ws>:t``. The
+  first instance to find the month's hash without its ``seeded`` field adds
+  the month's totals from the database (at start, and again after Redis
+  lost its data), so Redis holds what the database holds plus what was
+  settled since.
+
+Tokens and cost are reconciled after the response (``settle``): settles and
+releases are summed per key for a few milliseconds and sent as one
+pipeline, off the request path.
+
+Redis unreachable (``redis.failure``): ``open`` admits on this instance's
+own LocalLimiter (which counts every settle all along, so its quotas are
+current; its RPM window starts empty), ``closed`` answers 503 to keys
+that have limits (keys without limits need no Redis). Either way
+``gateway_redis_errors_total`` counts the failure, ``gateway_redis_up``
+drops to 0 and one log line marks the change; Redis is tried again every
+``redis.retry_s`` and shared limits resume as soon as it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import aiosqlite
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
+
+from .auth import KeyInfo
+from .config import RedisConfig
+from .errors import GatewayError, RateLimited
+from .limits import Headers, LocalLimiter, month_bounds, request_headers, token_headers
+
+log = logging.getLogger("gateway.redis")
+
+LEASE_MS = 60_000
+SETTLE_DELAY_S = 0.005
+MONTH_TTL_S = 40 * 86400
+
+# KEYS: rpm zset, tpm hash, concurrency zset, month quota hash.
+# ARGV: now_ms, rpm, tpm, concurrency, key spend limit, workspace spend
+# limit, workspace token limit (-1: none), member, lease_ms, and the quota
+# hash's field names for the key's spend, the workspace's spend and tokens.
+# Returns {code, wait_ms, seeded, tokens_used, tokens_reset_ms, requests,
+# requests_reset_ms}; code 0 admits, 1..6 name the limit that refused.
+ADMIT = """
+local now = tonumber(ARGV[1])
+local rpm, tpm, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local kspend, wspend, wtok = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local member, lease = ARGV[8], tonumber(ARGV[9])
+local seeded = 1
+local q = redis.call('HMGET', KEYS[4], 'seeded', ARGV[10], ARGV[11], ARGV[12])
+if not q[1] then seeded = 0 end
+if kspend >= 0 and tonumber(q[2] or '0') >= kspend then return {1, 0, seeded, 0, 0, 0, 0} end
+if wspend >= 0 and tonumber(q[3] or '0') >= wspend then return {2, 0, seeded, 0, 0, 0, 0} end
+if wtok >= 0 and tonumber(q[4] or '0') >= wtok then return {3, 0, seeded, 0, 0, 0, 0} end
+local used, treset = 0, 0
+if tpm >= 0 then
+  local h = redis.call('HGETALL', KEYS[2])
+  local cutoff = math.floor(now / 1000) - 60
+  local buckets = {}
+  for i = 1, #h, 2 do
+    local s, n = tonumber(h[i]), tonumber(h[i + 1])
+    if s <= cutoff then redis.call('HDEL', KEYS[2], h[i])
+    else used = used + n; buckets[#buckets + 1] = {s, n} end
+  end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  if #buckets > 0 then treset = (buckets[1][1] + 60) * 1000 - now end
+  if used >= tpm then
+    local left, wait = used, 60000
+    for _, b in ipairs(buckets) do
+      left = left - b[2]
+      if left < tpm then wait = (b[1] + 60) * 1000 - now; break end
+    end
+    return {4, wait, seeded, used, treset, 0, 0}
+  end
+end
+local n = 0
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+  n = redis.call('ZCARD', KEYS[1])
+  if n >= rpm then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {5, tonumber(first[2]) + 60000 - now, seeded, used, treset, n, 0}
+  end
+end
+if conc >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= conc then return {6, 1000, seeded, used, treset, 0, 0} end
+  redis.call('ZADD', KEYS[3], now + lease, member)
+  redis.call('PEXPIRE', KEYS[3], lease)
+end
+local rreset = 0
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[1], now, member)
+  redis.call('PEXPIRE', KEYS[1], 60000)
+  n = n + 1
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  rreset = tonumber(first[2]) + 60000 - now
+end
+return {0, 0, seeded, used, treset, n, rreset}
+"""
+
+# KEYS: the month's quota hash. ARGV: field, amount, field, amount, ...
+# Adds the database's totals once per hash (the first caller wins).
+SEED = f"""
+if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 1 then
+  for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], {MONTH_TTL_S})
+  return 1
+end
+return 0
+"""
+
+_MESSAGES = {
+    1: ("key_spend", "This key has reached its monthly spend limit.", "insufficient_quota"),
+    2: ("workspace_spend", "The workspace has reached its monthly spend quota.", "insufficient_quota"),
+    3: ("workspace_tokens", "The workspace has reached its monthly token quota.", "insufficient_quota"),
+    4: ("tpm", "Rate limit reached: {tpm} tokens per minute.", "rate_limit_exceeded"),
+    5: ("rpm", "Rate limit reached: {rpm} requests per minute.", "rate_limit_exceeded"),
+    6: ("concurrency", "Too many concurrent requests: this key allows {conc}.", "concurrency_limit_exceeded"),
+}
+
+
+class LimitsUnavailable(GatewayError):
+    """Redis is unreachable and ``redis.failure = "closed"``."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "limits_unavailable"
+
+
+def _month(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y%m")
+
+
+def _limit(v: float | None) -> float:
+    return -1 if v is None else v
+
+
+class RedisLimiter:
+    """Shared limits (see the module docstring), with a LocalLimiter beside
+    it that counts everything too, for admission while Redis is away."""
+
+    def __init__(
+        self,
+        cfg: RedisConfig,
+        local: LocalLimiter,
+        *,
+        on_reject: Callable[[str], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        assert cfg.url is not None
+        self.cfg = cfg
+        self.local = local
+        self.clock = local.clock
+        timeout = cfg.timeout_ms / 1000
+        # One immediate retry on a broken connection (a pooled connection
+        # to a Redis that restarted fails once), none on a timeout: a request
+        # never waits on Redis much longer than one timeout; the limiter's
+        # own retry_s takes over from there.
+        self.redis = Redis.from_url(
+            cfg.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)), health_check_interval=0,
+        )
+        self._admit = self.redis.register_script(ADMIT)
+        self._seed = self.redis.register_script(SEED)
+        self._prefix = cfg.key_prefix
+        self._instance = secrets.token_hex(6)
+        self._seq = 0
+        self._held: dict[int, list[str]] = defaultdict(list)  # key id -> this instance's leases
+        self._up = True
+        self._retry_at = 0.0
+        self._on_reject = on_reject
+        self._on_error = on_error
+        self._on_state = on_state
+        # Settles and releases waiting for the next pipeline.
+        self._tokens: dict[tuple[int, int], int] = defaultdict(int)  # (key, second) -> tokens
+        self._quota: dict[str, float] = defaultdict(float)  # quota hash field -> amount
+        self._released: list[tuple[int, str]] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._db: aiosqlite.Connection | None = None
+        self._seeding: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ admission
+
+    async def admit(self, key: KeyInfo) -> Headers | None:
+        if (
+            key.rpm is None and key.tpm is None and key.max_concurrency is None and key.spend_limit is None
+            and key.workspace_spend_limit is None and key.workspace_token_limit is None
+        ):
+            return None
+        if not self._up and time.monotonic() < self._retry_at:
+            return self._degraded(key)
+        now = self.clock()
+        now_ms = int(now * 1000)
+        self._seq += 1
+        member = f"{self._instance}:{self._seq}"
+        p = self._prefix
+        month = f"{p}:q:{_month(now)}"
+        try:
+            res = await self._admit(
+                keys=[f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month],
+                args=[now_ms, _limit(key.rpm), _limit(key.tpm), _limit(key.max_concurrency),
+                      _limit(key.spend_limit), _limit(key.workspace_spend_limit), _limit(key.workspace_token_limit),
+                      member, LEASE_MS, f"k:{key.id}", f"w:{key.workspace_id}:s", f"w:{key.workspace_id}:t"],
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed("admit", e)
+            return self._degraded(key)
+        self._recovered()
+        code, wait_ms, seeded, used, treset, requests, rreset = (int(x) for x in res)
+        if not seeded:
+            self._reseed()
+        if code:
+            reason, message, err = _MESSAGES[code]
+            wait = wait_ms / 1000
+            headers: Headers = []
+            if code in (1, 2, 3):
+                wait = month_bounds(now)[1] - now
+            if code == 4 and key.tpm is not None:
+                headers = token_headers(key.tpm, used, wait)
+            if code == 5 and key.rpm is not None:
+                headers = request_headers(key.rpm, 0, wait)
+                if key.tpm is not None:
+                    headers += token_headers(key.tpm, used, treset / 1000)
+            self._reject(reason, message.format(rpm=key.rpm, tpm=key.tpm, conc=key.max_concurrency), wait, err,
+                         headers)
+        if key.max_concurrency is not None:
+            self._held[key.id].append(member)
+        out: Headers | None = None
+        if key.tpm is not None:
+            out = token_headers(key.tpm, used, treset / 1000)
+        if key.rpm is not None:
+            rh = request_headers(key.rpm, key.rpm - requests, rreset / 1000)
+            out = rh if out is None else rh + out
+        return out
+
+    def _degraded(self, key: KeyInfo) -> Headers | None:
+        if self.cfg.failure == "closed":
+            if self._on_reject is not None:
+                self._on_reject("limits_unavailable")
+            raise LimitsUnavailable("Rate limits cannot be checked right now; try again shortly.",
+                                    headers={"Retry-After": str(max(1, math.ceil(self.cfg.retry_s)))})
+        return self.local.check(key)
+
+    def _reject(self, reason: str, message: str, wait: float, code: str, headers: Headers) -> None:
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        h = dict(headers)
+        h["Retry-After"] = str(max(1, math.ceil(wait)))
+        raise RateLimited(message, code=code, headers=h)
+
+    def release(self, key: KeyInfo) -> None:
+        if key.max_concurrency is None:
+            return
+        held = self._held.get(key.id)
+        if held:
+            self._released.append((key.id, held.pop(0)))
+            if not held:
+                del self._held[key.id]
+            self._schedule()
+        else:  # admitted locally, while Redis was away
+            self.local.release(key)
+
+    # ----------------------------------------------------------- settlement
+
+    def settle(self, key: KeyInfo, tokens: int, cost: float) -> None:
+        self.local.settle(key, tokens, cost)
+        if not tokens and not cost:
+            return
+        now = self.clock()
+        if key.tpm is not None and tokens:
+            self._tokens[(key.id, int(now))] += tokens
+        self._quota[f"k:{key.id}"] += cost
+        self._quota[f"w:{key.workspace_id}:s"] += cost
+        self._quota[f"w:{key.workspace_id}:t"] += tokens
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send)
+
+    def _send(self) -> None:
+        self._flush = None
+        tokens, self._tokens = self._tokens, defaultdict(int)
+        quota, self._quota = self._quota, defaultdict(float)
+        released, self._released = self._released, []
+        task = asyncio.create_task(self._pipeline(tokens, quota, released), name="redis-settle")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _pipeline(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
+                        released: list[tuple[int, str]]) -> None:
+        p = self._prefix
+        month = f"{p}:q:{_month(self.clock())}"
+        pipe = self.redis.pipeline(transaction=False)
+        for (kid, second), n in tokens.items():
+            pipe.hincrby(f"{p}:t:{kid}", str(second), n)
+            pipe.expire(f"{p}:t:{kid}", 120)
+        for field, amount in quota.items():
+            if amount:
+                pipe.hincrbyfloat(month, field, amount)
+        if quota:
+            pipe.expire(month, MONTH_TTL_S)
+        for kid, member in released:
+            pipe.zrem(f"{p}:c:{kid}", member)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as e:
+            # The settles are lost to Redis (the database still has them and
+            # seeds a fresh month hash); a lease not released expires.
+            self._failed("settle", e)
+
+    # ------------------------------------------------------------ shared state
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        """Load this month's totals locally, then seed Redis with them if
+        no instance did yet."""
+        self._db = db
+        await self.local.load(db)
+        await self._seed_from(self.local)
+
+    async def _seed_from(self, source: LocalLimiter) -> None:
+        keys, workspaces = source.month_totals()
+        args: list[str | float] = []
+        for kid, spend in keys.items():
+            args += [f"k:{kid}", spend]
+        for wid, (spend, tokens) in workspaces.items():
+            args += [f"w:{wid}:s", spend, f"w:{wid}:t", tokens]
+        try:
+            if await self._seed(keys=[f"{self._prefix}:q:{_month(self.clock())}"], args=args):
+                log.info("seeded this month's quotas in Redis from the database")
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed("seed", e)
+
+    def _reseed(self) -> None:
+        """Redis has no totals for this month (it restarted, or lost its
+        data): add the database's, once, in the background."""
+        if self._db is None or (self._seeding is not None and not self._seeding.done()):
+            return
+
+        async def reseed() -> None:
+            assert self._db is not None
+            fresh = LocalLimiter(self.clock)
+            await fresh.load(self._db)
+            await self._seed_from(fresh)
+
+        self._seeding = asyncio.create_task(reseed(), name="redis-reseed")
+
+    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+        """The local limiter's quota sync (for admission while Redis is
+        away) and the refresh of this instance's concurrency leases."""
+        await asyncio.gather(self.local.run_sync(db, writer_id, interval_s), self._refresh_leases())
+
+    async def _refresh_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_MS / 3000)
+            if not self._held:
+                continue
+            expiry = int(self.clock() * 1000) + LEASE_MS
+            pipe = self.redis.pipeline(transaction=False)
+            for kid, members in self._held.items():
+                pipe.zadd(f"{self._prefix}:c:{kid}", dict.fromkeys(members, expiry), xx=True)
+                pipe.pexpire(f"{self._prefix}:c:{kid}", LEASE_MS)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as e:
+                self._failed("lease", e)
+
+    async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._send()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._seeding is not None:
+            self._seeding.cancel()
+            with contextlib.suppress(BaseException):
+                await self._seeding
+        # Give back this instance's slots now rather than at lease expiry.
+        if self._held:
+            pipe = self.redis.pipeline(transaction=False)
+            for kid, members in self._held.items():
+                pipe.zrem(f"{self._prefix}:c:{kid}", *members)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await pipe.execute()
+        await self.redis.aclose()
+
+    # ------------------------------------------------------------ health
+
+    def _failed(self, op: str, e: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(op)
+        self._retry_at = time.monotonic() + self.cfg.retry_s
+        if self._up:
+            self._up = False
+            if self._on_state is not None:
+                self._on_state(False)
+            mode = ("admitting on this instance's own limits" if self.cfg.failure == "open"
+                    else "refusing limited requests with 503")
+            log.error("redis unreachable (%s during %s): %s until it answers again", type(e).__name__, op, mode)
+
+    def _recovered(self) -> None:
+        if not self._up:
+            self._up = True
+            if self._on_state is not None:
+                self._on_state(True)
+            log.warning("redis reachable again: shared limits resumed")
+

@@ -1,0 +1,181 @@
+"""Limits shared through Redis (gateway.redis_limits): two gateways on one
+database and one Redis admit together exactly what one would; Redis going
+away fails open (local limits) or closed (503) as configured, and shared
+limits resume when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, config_toml
+from .services import RedisServer, drop_prefix, own_redis, shared_redis_url, unique_prefix
+from .test_limits import chat, workspace_key
+
+
+def redis_section(url: str, prefix: str, extra: str = "") -> str:
+    return f'\n[redis]\nurl = "{url}"\nkey_prefix = "{prefix}"\nretry_s = 0.2\n{extra}\n'
+
+
+def slow_sync(toml: str) -> str:
+    """No quota sync or key refresh through the database within a test:
+    whatever one gateway learns of the other's traffic comes from Redis."""
+    return toml.replace("key_refresh_ms = 100", "key_refresh_ms = 600000")
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[tuple[str, str]]:
+    url, prefix = shared_redis_url(), unique_prefix()
+    yield url, prefix
+    drop_prefix(url, prefix)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    with own_redis() as server:
+        yield server
+
+
+async def metric(gw: Gateway, http: aiohttp.ClientSession, name: str) -> dict[str, float]:
+    async with http.get(gw.url + "/metrics") as r:
+        text = await r.text()
+    return {m[1] or "": float(m[2]) for m in re.finditer(rf'^{name}(?:\{{[^=]+="([^"]*)"\}})? (\S+)$', text, re.M)}
+
+
+async def statuses(http: aiohttp.ClientSession, gws: list[Gateway], key: str, n: int) -> list[int]:
+    """``n`` requests spread over ``gws``, all at once."""
+    results = await asyncio.gather(*(chat(http, gws[i % len(gws)], key) for i in range(n)))
+    return [r[0] for r in results]
+
+
+@pytest.fixture
+async def pair(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str]
+) -> AsyncIterator[tuple[Gateway, Gateway, FakeClock]]:
+    clock = FakeClock()
+    toml = config_toml(upstream.base_url, redis_section(*shared_redis))
+    a = await make_gateway(toml, "a.toml", clock=clock)
+    b = await make_gateway(toml, "b.toml", clock=clock)
+    yield a, b, clock
+
+
+async def test_rpm_shared_by_two_gateways(
+    pair: tuple[Gateway, Gateway, FakeClock], http: aiohttp.ClientSession
+) -> None:
+    a, b, clock = pair
+    key = await a.key(rpm=5)
+    await b.wait_key_live(key)
+    got = await statuses(http, [a, b], key, 12)
+    assert got.count(200) == 5 and got.count(429) == 7
+    status, headers, body = await chat(http, b, key)
+    assert status == 429 and "5 requests per minute" in body["error"]["message"]
+    assert 1 <= int(headers["Retry-After"]) <= 60 and headers["x-ratelimit-remaining-requests"] == "0"
+    clock.advance(61)
+    got = await statuses(http, [b, a], key, 8)
+    assert got.count(200) == 5
+    # Every request, admitted or refused, has its usage row.
+    rows = await a.wait_usage(21)
+    assert sorted(r["status"] for r in rows) == sorted([200] * 10 + [429] * 11)
+
+
+async def test_concurrency_shared(pair: tuple[Gateway, Gateway, FakeClock], http: aiohttp.ClientSession) -> None:
+    a, b, _ = pair
+    key = await a.key(max_concurrency=1)
+    await b.wait_key_live(key)
+    slow = asyncio.create_task(chat(http, a, key, **{"x-mock-head-delay-ms": "600"}))
+    await asyncio.sleep(0.2)
+    status, _, body = await chat(http, b, key)
+    assert status == 429 and body["error"]["code"] == "concurrency_limit_exceeded"
+    assert (await slow)[0] == 200
+    deadline = time.monotonic() + 2
+    while (status := (await chat(http, b, key))[0]) != 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # the release reaches Redis a few ms after the response
+    assert status == 200
+
+
+async def test_workspace_token_quota_across_gateways(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
+) -> None:
+    setup = await make_gateway(config_toml(upstream.base_url), "setup.toml")
+    key_a = await workspace_key(setup, "quota", tokens=20)
+    key_b = await setup.key(workspace="quota")
+    toml = slow_sync(config_toml(upstream.base_url, redis_section(*shared_redis)))
+    a = await make_gateway(toml, "a.toml")  # both know the keys from their start
+    b = await make_gateway(toml, "b.toml")
+    assert (await chat(http, a, key_a, words=5, chunks=10))[0] == 200  # 15 tokens
+    await asyncio.sleep(0.05)  # the settle pipeline (5 ms)
+    assert (await chat(http, b, key_b, words=5, chunks=10))[0] == 200  # 15 < 20: admitted, now 30
+    await asyncio.sleep(0.05)
+    for gw, key in ((a, key_a), (b, key_b)):
+        status, _, body = await chat(http, gw, key)
+        assert status == 429 and body["error"]["code"] == "insufficient_quota"
+        assert "monthly token quota" in body["error"]["message"]
+
+
+async def test_quota_seeded_from_database(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
+) -> None:
+    """Spend recorded before Redis knew of it (another month's hash, a
+    flushed Redis) counts: the first gateway to start seeds Redis."""
+    a = await make_gateway(config_toml(upstream.base_url), "a.toml")
+    key = await workspace_key(a, "seeded", tokens=20)
+    assert (await chat(http, a, key, words=5, chunks=10))[0] == 200
+    assert (await chat(http, a, key, words=5, chunks=10))[0] == 200  # 30 tokens recorded
+    await a.wait_usage(2)
+    await a.stop()
+    b = await make_gateway(slow_sync(config_toml(upstream.base_url, redis_section(*shared_redis))), "b.toml")
+    status, _, body = await chat(http, b, key)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+
+
+async def test_fail_open_then_resume(
+    make_gateway: GatewayFactory, upstream: Upstream, private_redis: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    toml = config_toml(upstream.base_url, redis_section(private_redis.url, unique_prefix()))
+    a = await make_gateway(toml, "a.toml", clock=clock)
+    b = await make_gateway(toml, "b.toml", clock=clock)
+    key = await a.key(rpm=3)
+    await b.wait_key_live(key)
+    assert (await statuses(http, [a, b], key, 4)).count(200) == 3
+
+    private_redis.stop()
+    clock.advance(61)
+    # Each gateway now admits on its own limits: 3 a minute each.
+    assert (await statuses(http, [a], key, 4)).count(200) == 3
+    assert (await statuses(http, [b], key, 4)).count(200) == 3
+    assert (await metric(a, http, "gateway_redis_up"))[""] == 0
+    assert (await metric(a, http, "gateway_redis_errors_total"))["admit"] >= 1
+
+    private_redis.start()  # empty: a new window
+    await asyncio.sleep(0.3)  # past retry_s
+    clock.advance(61)
+    assert (await statuses(http, [a, b], key, 6)).count(200) == 3
+    assert (await metric(b, http, "gateway_redis_up"))[""] == 1
+    rows = await a.wait_usage(18)
+    assert len(rows) == 18  # every request recorded, Redis or not
+
+
+async def test_fail_closed(
+    make_gateway: GatewayFactory, upstream: Upstream, private_redis: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    toml = config_toml(upstream.base_url, redis_section(private_redis.url, unique_prefix(), 'failure = "closed"'))
+    gw = await make_gateway(toml)
+    limited = await gw.key(rpm=100)
+    free = await gw.key()
+    assert (await chat(http, gw, limited))[0] == 200
+    private_redis.stop()
+    status, headers, body = await chat(http, gw, limited)
+    assert status == 503 and body["error"]["code"] == "limits_unavailable"
+    assert headers["Retry-After"] == "1"
+    assert (await chat(http, gw, free))[0] == 200  # a key without limits needs no Redis
+    private_redis.start()
+    await asyncio.sleep(0.3)
+    assert (await chat(http, gw, limited))[0] == 200
+    rows = await gw.wait_usage(4)
+    assert [r["status"] for r in rows] == [200, 503, 200, 200]
