@@ -534,3 +534,120 @@ async def test_two_workers_on_one_database_bill_once(
     await asyncio.sleep(0.3)
     rows = billing_rows(gw1)
     assert sorted(r["request_id"] for r in rows) == sorted(t["id"] for t in tasks)
+
+
+def shared_account_toml(upstream: Upstream) -> str:
+    """tasks_toml plus two more ways to one mock Ark: ``ark`` (account
+    acct1) has the same base_url as ``ark2`` (acct2), and ``ark2-alias``
+    reaches ark2's account by another host name with ``account = "acct2"``."""
+    alias_url = upstream.url.replace("127.0.0.1", "localhost") + "/api/v3"
+    return tasks_toml(upstream, poller=False) + f"""
+[[upstreams]]
+name = "ark2-alias"
+kind = "ark"
+base_url = "{alias_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+account = "acct2"
+
+[[models]]
+name = "seedance-same-url"
+routes = [{{ upstream = "ark", model = "doubao-seedance-2-0" }}]
+price = {{ video = {PRICE} }}
+
+[[models]]
+name = "seedance-same-account"
+routes = [{{ upstream = "ark2-alias", model = "doubao-seedance-2-0" }}]
+price = {{ video = {PRICE} }}
+"""
+
+
+async def test_upstream_task_is_never_adopted_by_another_workspace(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """Issue 11, item 3: a task acme created through ark2 is not adopted by
+    globex through another upstream entry of the same provider account
+    (same base_url, or same ``account``), nor a second time by acme; it is
+    one row and one bill."""
+    gw = await make_gateway(shared_account_toml(upstream))
+    key, other = await keys(gw, "acme", "globex")
+    task = await create(http, gw, key, provider_options={"mock": {"queued_polls": 1, "running_polls": 1}})
+    assert task_row(gw, task["id"])["upstream"] == "ark2"
+    upstream_id = next(iter(ark(upstream).tasks))
+    for model in ("seedance", "seedance-same-url", "seedance-same-account"):
+        status, data = await poll(http, gw, other, upstream_id, f"?model={model}")
+        assert status == 404 and data["error"]["code"] == "task_not_found", (model, data)
+    # The owner, by the upstream id through any of them: its own task, not a copy.
+    for model in ("seedance-same-url", "seedance-same-account", "seedance"):
+        status, data = await poll(http, gw, key, upstream_id, f"?model={model}")
+        assert status == 200 and data["id"] == task["id"], (model, data)
+    done = await poll_until_done(http, gw, key, task["id"])
+    assert done["status"] == "succeeded"
+    for model in ("seedance-same-url", "seedance-same-account"):
+        status, _ = await poll(http, gw, other, upstream_id, f"?model={model}")
+        assert status == 404
+    assert gw.conn.execute("SELECT COUNT(*) FROM video_tasks").fetchone()[0] == 1
+    owner = task_row(gw, task["id"])["workspace_id"]
+    assert [(r["request_id"], r["workspace_id"]) for r in billing_rows(gw)] == [(task["id"], owner)]
+
+
+async def test_task_created_elsewhere_is_adopted_once_under_a_race(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """A task made directly on the provider, claimed at once by two
+    workspaces through two upstream entries of its account: one gets it,
+    the other a 404, and it is billed once."""
+    gw = await make_gateway(shared_account_toml(upstream))
+    key, other = await keys(gw, "acme", "globex")
+    body = {"model": "doubao-seedance-2-0", "content": [{"type": "text", "text": "made elsewhere"}],
+            "mock": {"queued_polls": 0, "running_polls": 0}}
+    async with http.post(upstream.url + "/api/v3/contents/generations/tasks", json=body,
+                         headers=auth(UPSTREAM_KEY)) as r:
+        upstream_id = (await r.json())["id"]
+    who = [(k, m) for _ in range(5) for k, m in ((key, "seedance-same-url"), (other, "seedance"),
+                                                  (other, "seedance-same-account"), (key, "seedance-same-account"))]
+    results = await asyncio.gather(*(poll(http, gw, k, upstream_id, f"?model={m}") for k, m in who))
+    assert {d["id"] for s, d in results if s == 200} == {upstream_id}
+    owner = task_row(gw, upstream_id)["workspace_id"]
+    owner_key = key if owner == queries.find_workspace(gw.conn, "acme")["id"] else other
+    # The owner's every claim (through either entry) is answered, the other's never.
+    assert [s for (k, _), (s, _) in zip(who, results, strict=True) if k == owner_key] == [200] * 10
+    assert [s for (k, _), (s, _) in zip(who, results, strict=True) if k != owner_key] == [404] * 10
+    assert gw.conn.execute("SELECT COUNT(*) FROM video_tasks").fetchone()[0] == 1
+    await wait_billing(gw)
+    await asyncio.sleep(0.1)
+    assert [(r["request_id"], r["workspace_id"]) for r in billing_rows(gw)] == [(upstream_id, owner)]
+
+
+async def test_tasks_recorded_before_the_upgrade_get_their_account(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A task row written by the previous schema (no account) is given its
+    upstream's account when the gateway opens the database, so it cannot
+    be adopted by another workspace through a sibling upstream entry."""
+    import sqlite3
+
+    from gateway.store.schema import MIGRATIONS
+
+    body = {"model": "doubao-seedance-2-0", "content": [{"type": "text", "text": "made before the upgrade"}]}
+    async with http.post(upstream.url + "/api/v3/contents/generations/tasks", json=body,
+                         headers=auth(UPSTREAM_KEY)) as r:
+        upstream_id = (await r.json())["id"]
+    old = sqlite3.connect(tmp_path / "gateway.db")
+    for i, script in enumerate(MIGRATIONS[:5]):
+        old.executescript(script)
+        old.execute(f"PRAGMA user_version = {i + 1}")
+    old.execute("INSERT INTO workspaces (id, name, created_at) VALUES (1, 'acme', 0)")
+    now = time.time()
+    old.execute(
+        "INSERT INTO video_tasks (id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id, "
+        "status, created_at, updated_at, next_poll_at) VALUES ('vt_old', 1, 1, 'seedance', 'ark2', 'm', "
+        "?, 'queued', ?, ?, NULL)", (upstream_id, now, now))
+    old.commit()
+    old.close()
+    gw = await make_gateway(shared_account_toml(upstream))
+    row = task_row(gw, "vt_old")
+    assert (row["account"], row["endpoint"]) == ("acct2", upstream.url + "/api/v3")
+    (other,) = await keys(gw, "globex")
+    status, _ = await poll(http, gw, other, upstream_id, "?model=seedance-same-account")
+    assert status == 404
+    assert gw.conn.execute("SELECT COUNT(*) FROM video_tasks").fetchone()[0] == 1

@@ -150,6 +150,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE usage_events ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage_events ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
     """,
+    # Who owns an upstream task is keyed by the provider account it lives
+    # in, not by the upstream entry that reached it: two entries may reach
+    # one account. ``account`` is the upstream's account name (its
+    # ``account`` setting, else its name), ``endpoint`` its normalised
+    # base_url; a task id is unique within either, so no second row (and
+    # no second bill) can be made for one upstream task through another
+    # entry. Rows written before this migration get both from the config
+    # when the task store opens (gateway.store.tasks.TaskStore.backfill).
+    """
+    ALTER TABLE video_tasks ADD COLUMN account TEXT;
+    ALTER TABLE video_tasks ADD COLUMN endpoint TEXT;
+    CREATE UNIQUE INDEX video_tasks_account_task ON video_tasks (account, upstream_task_id);
+    CREATE UNIQUE INDEX video_tasks_endpoint_task ON video_tasks (endpoint, upstream_task_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -39,8 +39,25 @@ _ACTIVE_SQL = "status IN ('queued', 'running')"
 
 _COLUMNS = (
     "id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id, status, ratio, "
-    "video, usage, error, billed, created_at, updated_at, next_poll_at, attempts"
+    "video, usage, error, billed, created_at, updated_at, next_poll_at, attempts, account, endpoint"
 )
+_PLACEHOLDERS = ", ".join("?" * 19)
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """The account names and endpoints of one provider account (see
+    gateway.tasks.service.same_account): the rows of an upstream task id
+    under any of them stand for the same upstream task."""
+
+    accounts: tuple[str, ...]
+    endpoints: tuple[str, ...]
+
+    def where(self) -> tuple[str, tuple[str, ...]]:
+        """The SQL condition (after ``upstream_task_id = ?``) and its arguments."""
+        a = ", ".join("?" * len(self.accounts))
+        e = ", ".join("?" * len(self.endpoints))
+        return f"(account IN ({a}) OR endpoint IN ({e}))", (*self.accounts, *self.endpoints)
 
 
 @dataclass(slots=True)
@@ -64,6 +81,8 @@ class TaskRow:
     updated_at: float = 0.0
     next_poll_at: float | None = None
     attempts: int = 0
+    account: str | None = None  # the provider account the upstream task lives in
+    endpoint: str | None = None  # the upstream's normalised base_url
 
     @property
     def finished(self) -> bool:
@@ -86,7 +105,15 @@ def _row(r: Sequence[Any]) -> TaskRow:
         id=r[0], workspace_id=r[1], key_id=r[2], model=r[3], upstream=r[4], upstream_model=r[5],
         upstream_task_id=r[6], status=r[7], ratio=r[8], video=_loads(r[9]), usage=_loads(r[10]),
         error=_loads(r[11]), billed=bool(r[12]), created_at=r[13], updated_at=r[14], next_poll_at=r[15],
-        attempts=r[16],
+        attempts=r[16], account=r[17], endpoint=r[18],
+    )
+
+
+def _values(t: TaskRow) -> tuple[Any, ...]:
+    return (
+        t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id, t.status,
+        t.ratio, _dumps(t.video), _dumps(t.usage), _dumps(t.error), int(t.billed), t.created_at, t.updated_at,
+        t.next_poll_at, t.attempts, t.account, t.endpoint,
     )
 
 
@@ -117,33 +144,49 @@ class TaskStore:
     # ------------------------------------------------------------- tasks
 
     async def insert(self, t: TaskRow) -> None:
-        await self._write(
-            f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
-            (t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id,
-             t.status, t.ratio, _dumps(t.video), _dumps(t.usage), _dumps(t.error), int(t.billed),
-             t.created_at, t.updated_at, t.next_poll_at, t.attempts),
-        )
+        await self._write(f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _values(t))
 
-    async def adopt(self, t: TaskRow) -> TaskRow | None:
-        """Insert a task first seen by its upstream id, unless a row for that
-        upstream task exists already; returns the row that is stored (None
-        if the public id is taken by another upstream's task)."""
+    async def adopt(self, t: TaskRow, owners: Owners) -> TaskRow | None:
+        """Insert a task first seen by its upstream id, unless a row for
+        that upstream task exists already in its provider account
+        (``owners``), whatever upstream entry or workspace made it. One
+        statement, so two racing adoptions cannot both insert. Returns the
+        row that stands for the upstream task (None if the public id is
+        taken by another task)."""
+        cond, args = owners.where()
         await self._write(
-            f"INSERT OR IGNORE INTO video_tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
-            (t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id,
-             t.status, t.ratio, None, None, None, 0, t.created_at, t.updated_at, t.next_poll_at, 0),
+            f"INSERT INTO video_tasks ({_COLUMNS}) SELECT {_PLACEHOLDERS} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM video_tasks WHERE upstream_task_id = ? AND {cond}) ON CONFLICT DO NOTHING",
+            (*_values(t), t.upstream_task_id, *args),
         )
-        return await self.find_upstream(t.upstream, t.upstream_task_id)
+        found = await self.find_owned(t.upstream_task_id, owners)
+        return found[0] if found else None
+
+    async def find_owned(self, upstream_task_id: str, owners: Owners) -> list[TaskRow]:
+        """The rows of this upstream task id in the provider account
+        ``owners``, oldest first."""
+        cond, args = owners.where()
+        async with self._lock, self._db.execute(
+            f"SELECT {_COLUMNS} FROM video_tasks WHERE upstream_task_id = ? AND {cond} ORDER BY created_at",
+            (upstream_task_id, *args),
+        ) as cur:
+            return [_row(r) for r in await cur.fetchall()]
+
+    async def backfill(self, accounts: Sequence[tuple[str, str, str]]) -> None:
+        """Give rows written before tasks had an account theirs, from the
+        config's (upstream, account, endpoint); a row that would then
+        duplicate another (a task adopted twice before) keeps none."""
+        async with self._lock:
+            for upstream, account, endpoint in accounts:
+                await self._db.execute(
+                    "UPDATE video_tasks SET account = ?, endpoint = ? WHERE upstream = ? AND account IS NULL "
+                    "AND NOT EXISTS (SELECT 1 FROM video_tasks o "
+                    "WHERE o.upstream_task_id = video_tasks.upstream_task_id AND (o.account = ? OR o.endpoint = ?))",
+                    (account, endpoint, upstream, account, endpoint),
+                )
 
     async def get(self, task_id: str) -> TaskRow | None:
         r = await self._one(f"SELECT {_COLUMNS} FROM video_tasks WHERE id = ?", (task_id,))
-        return None if r is None else _row(r)
-
-    async def find_upstream(self, upstream: str, upstream_task_id: str) -> TaskRow | None:
-        r = await self._one(
-            f"SELECT {_COLUMNS} FROM video_tasks WHERE upstream = ? AND upstream_task_id = ?",
-            (upstream, upstream_task_id),
-        )
         return None if r is None else _row(r)
 
     async def due(self, now: float, limit: int) -> list[TaskRow]:

@@ -30,7 +30,7 @@ from ..routing import Target
 from ..store.tasks import TaskRow, TaskStore
 from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, text_field
 from .poller import Poller
-from .service import VideoTasks, provider_for, public_task
+from .service import VideoTasks, account_name, endpoint_of, owner_key, provider_for, public_task, same_account
 from .video import parse_video_request
 
 
@@ -62,10 +62,6 @@ def _json(obj: Any) -> web.Response:
 
 def _envelope(data: dict[str, Any]) -> web.Response:
     return _json({"code": 200, "msg": "OK", "data": data})
-
-
-def account(up: UpstreamConfig) -> str:
-    return up.account or up.name
 
 
 def task_not_found() -> NotFound:
@@ -119,8 +115,8 @@ async def asset_targets(
         owners = await svc.store.asset_upstreams(asset_id, key.workspace_id)
         if not owners:
             raise NotFound(f"Asset '{asset_id}' not found.", code="asset_not_found", param="resources")
-        accounts = {account(u) for u in cfg.upstreams if u.name in owners}
-        targets = [t for t in targets if account(t.upstream) in accounts]
+        accounts = {account_name(u) for u in cfg.upstreams if u.name in owners}
+        targets = [t for t in targets if account_name(t.upstream) in accounts]
         if not targets:
             raise BadRequest(
                 f"No route of model '{model}' reaches the account that owns asset '{asset_id}'.",
@@ -154,17 +150,23 @@ async def adopt_task(
     request: web.Request, gw: Gateway, svc: VideoTasks, key: KeyInfo, model: str, upstream_id: str
 ) -> TaskRow:
     """A task created elsewhere, polled by its upstream id on a model's
-    upstreams; stored on first sight so it is billed once like any other."""
+    upstreams; stored on first sight so it is billed once like any other.
+
+    An upstream task that has a row already, in any provider account the
+    model's routes reach (made by a create here, or adopted through any
+    upstream entry of that account), is never adopted again: its owner
+    gets that row, every other workspace a 404."""
     ctx = request[CTX]
     ctx.model_cfg = resolve_model(gw, key, model)
     ctx.model = model
     targets = video_targets(gw, model)
+    upstreams = gw.config.upstreams
     for target in targets:
-        known = await svc.store.find_upstream(target.upstream.name, upstream_id)
-        if known is not None:
-            if known.workspace_id != key.workspace_id:
+        known = await svc.store.find_owned(upstream_id, same_account(upstreams, target.upstream))
+        if known:
+            if known[0].workspace_id != key.workspace_id:
                 raise task_not_found()
-            return known
+            return known[0]
     for target in targets:
         up = target.upstream
         provider = provider_for(up)
@@ -179,8 +181,9 @@ async def adopt_task(
             id=upstream_id, workspace_id=key.workspace_id, key_id=key.id, model=model, upstream=up.name,
             upstream_model=target.route.model, upstream_task_id=upstream_id, status="queued", ratio=key.ratio,
             created_at=now, updated_at=now, next_poll_at=now + gw.config.tasks.poll_interval_s,
+            account=account_name(up), endpoint=endpoint_of(up),
         )
-        stored = await svc.store.adopt(row)
+        stored = await svc.store.adopt(row, same_account(upstreams, up))
         if stored is None or stored.workspace_id != key.workspace_id:
             raise task_not_found()
         return await svc.apply(stored, snap)
@@ -272,6 +275,7 @@ def setup(app: web.Application, gw: Gateway, *, poller: bool) -> None:
 
     async def task_store(app: web.Application) -> AsyncIterator[None]:
         store = await TaskStore.open(gw.config.database.path)
+        await store.backfill([(u.name, *owner_key(u)) for u in gw.config.upstreams if provider_for(u) is not None])
         state.service = svc = VideoTasks(gw, store)
         runner: asyncio.Task[None] | None = None
         if poller:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..auth import KeyInfo
 from ..config import UpstreamConfig
@@ -15,7 +17,7 @@ from ..context import Gateway
 from ..errors import BadGateway, GatewayError, NotFound
 from ..routing import Target
 from ..store.columns import COLUMNS
-from ..store.tasks import TaskRow, TaskStore
+from ..store.tasks import Owners, TaskRow, TaskStore
 from .upstream import retryable
 from .video import PROVIDERS, Snapshot, VideoProvider, VideoRequest
 
@@ -32,6 +34,52 @@ def new_task_id() -> str:
 
 def provider_for(up: UpstreamConfig) -> VideoProvider | None:
     return PROVIDERS.get(up.kind)
+
+
+def account_name(up: UpstreamConfig) -> str:
+    """The provider account an upstream belongs to: its ``account``
+    setting, else its own name."""
+    return up.account or up.name
+
+
+def endpoint_of(up: UpstreamConfig) -> str:
+    """The upstream's base_url in one spelling (scheme and host in lower
+    case, the default port left out, no trailing slash), so that two
+    entries reaching one provider by one URL compare equal."""
+    u = urlsplit(up.base_url)
+    scheme = u.scheme.lower()
+    host = (u.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = u.port
+    if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{u.path.rstrip('/')}"
+
+
+def owner_key(up: UpstreamConfig) -> tuple[str, str]:
+    """(account, endpoint): where an upstream's tasks live, as stored with
+    each task."""
+    return account_name(up), endpoint_of(up)
+
+
+def same_account(upstreams: Sequence[UpstreamConfig], up: UpstreamConfig) -> Owners:
+    """Every account name and endpoint that may reach the same provider
+    account as ``up``: entries that share an ``account`` or a base_url with
+    it, and so on transitively (A shares a URL with B, B an account with C:
+    all three). Task ownership is looked up over all of them, never by the
+    upstream entry's name."""
+    accounts, endpoints = {account_name(up)}, {endpoint_of(up)}
+    grew = True
+    while grew:
+        grew = False
+        for u in upstreams:
+            a, e = owner_key(u)
+            if (a in accounts) != (e in endpoints):
+                accounts.add(a)
+                endpoints.add(e)
+                grew = True
+    return Owners(tuple(sorted(accounts)), tuple(sorted(endpoints)))
 
 
 def public_task(t: TaskRow, provider: str) -> dict[str, Any]:
@@ -96,7 +144,8 @@ class VideoTasks:
                 id=new_task_id(), workspace_id=key.workspace_id, key_id=key.id, model=req.model,
                 upstream=up.name, upstream_model=target.route.model, upstream_task_id=upstream_id,
                 status="queued", ratio=key.ratio, created_at=now, updated_at=now,
-                next_poll_at=now + self.gw.config.tasks.poll_interval_s,
+                next_poll_at=now + self.gw.config.tasks.poll_interval_s, account=account_name(up),
+                endpoint=endpoint_of(up),
             )
             await self.store.insert(t)
             return t, target
