@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .tasks.options import option_refusal
+
 if TYPE_CHECKING:
     from .protocols.base import Usage
 
@@ -111,6 +113,9 @@ class UpstreamConfig:
     # An Ark upstream and a Volcengine assets upstream of one account share
     # it, so a video task naming an asset goes to that account.
     account: str | None = None
+    # Keys added to the provider kind's ``provider_options`` allow-list for
+    # this upstream (a field the provider added since; gateway.tasks.options).
+    extra_provider_options: tuple[str, ...] = ()
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 300.0
@@ -314,6 +319,13 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
     secret_key_env = t.text("secret_key_env")
     if kind == "volcengine" and (access_key_env is None or secret_key_env is None):
         raise ConfigError(f"{t.where}.access_key_env: volcengine needs access_key_env and secret_key_env")
+    extra_options = t.array("extra_provider_options")
+    if extra_options and kind not in ("ark", "gateway"):
+        raise ConfigError(f"{t.where}.extra_provider_options: only video task upstreams (ark, gateway) take options")
+    for i, name in enumerate(extra_options):
+        problem = option_refusal(name) if isinstance(name, str) and name else "expected a non-empty string"
+        if problem:
+            raise ConfigError(f"{t.where}.extra_provider_options[{i}]: {problem}")
     u = UpstreamConfig(
         name=t.text("name", required=True),
         kind=kind,
@@ -323,6 +335,7 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
         secret_key_env=secret_key_env,
         region=t.text("region", "cn-beijing"),
         account=t.text("account"),
+        extra_provider_options=tuple(extra_options),
         timeout_s=float(t.num("timeout_s", 600.0)),
         connect_timeout_s=float(t.num("connect_timeout_s", 10.0)),
         first_byte_timeout_s=float(t.num("first_byte_timeout_s", 300.0)),

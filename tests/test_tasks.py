@@ -55,6 +55,7 @@ kind = "ark"
 base_url = "{upstream.url}/api/v3"
 api_key_env = "MOCK_UPSTREAM_KEY"
 account = "acct1"
+extra_provider_options = ["mock"]
 
 [[upstreams]]
 name = "ark2"
@@ -62,6 +63,7 @@ kind = "ark"
 base_url = "{upstream.url}/api/v3"
 api_key_env = "MOCK_UPSTREAM_KEY"
 account = "acct2"
+extra_provider_options = ["mock"]
 
 [[upstreams]]
 name = "volc"
@@ -398,6 +400,7 @@ name = "inner"
 kind = "gateway"
 base_url = "{inner.url}/v1"
 api_key_env = "INNER_KEY"
+extra_provider_options = ["mock"]
 
 [[models]]
 name = "video-remote"

@@ -2,8 +2,9 @@
 
 A task moves forward one step per GET: ``queued`` for ``queued_polls``
 polls, then ``running`` for ``running_polls``, then its outcome. Steered by
-an optional ``mock`` object in the create body (the gateway passes a
-client's ``provider_options`` through as is, so tests set it there):
+an optional ``mock`` object in the create body (tests send it in
+``provider_options``, from an upstream with ``extra_provider_options =
+["mock"]``):
 
 - ``queued_polls``, ``running_polls``: ints (default 1 each)
 - ``outcome``: ``succeeded`` (default), ``failed``, ``cancelled``,

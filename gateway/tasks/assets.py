@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -65,17 +65,17 @@ def _iso_now() -> str:
 
 
 class AssetProvider(Protocol):
-    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]: ...
 
     async def get_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, group_id: str,
-                        query: str) -> dict[str, Any]: ...
+                        platform: str) -> dict[str, Any]: ...
 
-    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]: ...
 
     async def get_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, asset_id: str,
-                        query: str) -> dict[str, Any]: ...
+                        platform: str) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------- volcengine
@@ -120,7 +120,7 @@ class VolcengineAssets:
             raise bad_answer(up, "no Result")
         return result
 
-    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]:
         project = obj.get("project_name") or "default"
         payload = {"Name": obj["name"], "Description": obj.get("description") or "", "GroupType": "AIGC",
@@ -133,13 +133,13 @@ class VolcengineAssets:
                 "project_name": project, "status": "Active", "created_at": _iso_now()}
 
     async def get_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, group_id: str,
-                        query: str) -> dict[str, Any]:
+                        platform: str) -> dict[str, Any]:
         r = await self.action(s, up, "GetAssetGroup", {"Id": group_id})
         return {"group_id": r.get("Id", group_id), "name": r.get("Name"), "description": r.get("Description"),
                 "project_name": r.get("ProjectName"), "status": r.get("Status") or "Active",
                 "created_at": r.get("CreateTime")}
 
-    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]:
         payload = {"GroupId": obj["group_id"], "URL": obj["url"], "Name": obj.get("name") or "",
                    "AssetType": obj["asset_type"]}
@@ -152,7 +152,7 @@ class VolcengineAssets:
                 "created_at": _iso_now()}
 
     async def get_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, asset_id: str,
-                        query: str) -> dict[str, Any]:
+                        platform: str) -> dict[str, Any]:
         r = await self.action(s, up, "GetAsset", {"Id": asset_id})
         return {"asset_id": r.get("Id", asset_id), "group_id": r.get("GroupId"), "name": r.get("Name"),
                 "url": r.get("URL"), "asset_type": r.get("AssetType"), "status": r.get("Status"),
@@ -162,8 +162,15 @@ class VolcengineAssets:
 # -------------------------------------------------------------- gateway
 
 
+def _platform(platform: str) -> str:
+    return urlencode({"platform": platform})
+
+
 class GatewayAssets:
-    """An upstream speaking this gateway's public asset API."""
+    """An upstream speaking this gateway's public asset API. What it gets is
+    what was checked here: the parsed body re-encoded (a duplicated key
+    cannot mean one thing here and another there) and the one ``platform``
+    query parameter, never the client's own query string."""
 
     async def _call(self, s: aiohttp.ClientSession, up: UpstreamConfig, method: str, url: str,
                     body: bytes | None = None) -> dict[str, Any]:
@@ -178,27 +185,28 @@ class GatewayAssets:
             raise bad_answer(up, "no data")
         return data
 
-    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_group(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]:
-        data = await self._call(s, up, "POST", up.base_url + "/asset-groups", raw)
+        data = await self._call(s, up, "POST", up.base_url + "/asset-groups", orjson.dumps(obj))
         if not isinstance(data.get("group_id"), str):
             raise bad_answer(up, "no group_id")
         return data
 
     async def get_group(self, s: aiohttp.ClientSession, up: UpstreamConfig, group_id: str,
-                        query: str) -> dict[str, Any]:
-        return await self._call(s, up, "GET", f"{up.base_url}/asset-groups/{quote(group_id, safe='')}?{query}")
+                        platform: str) -> dict[str, Any]:
+        url = f"{up.base_url}/asset-groups/{quote(group_id, safe='')}?{_platform(platform)}"
+        return await self._call(s, up, "GET", url)
 
-    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, raw: bytes,
+    async def create_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig,
                            obj: dict[str, Any]) -> dict[str, Any]:
-        data = await self._call(s, up, "POST", up.base_url + "/assets", raw)
+        data = await self._call(s, up, "POST", up.base_url + "/assets", orjson.dumps(obj))
         if not isinstance(data.get("asset_id"), str):
             raise bad_answer(up, "no asset_id")
         return data
 
     async def get_asset(self, s: aiohttp.ClientSession, up: UpstreamConfig, asset_id: str,
-                        query: str) -> dict[str, Any]:
-        return await self._call(s, up, "GET", f"{up.base_url}/assets/{quote(asset_id, safe='')}?{query}")
+                        platform: str) -> dict[str, Any]:
+        return await self._call(s, up, "GET", f"{up.base_url}/assets/{quote(asset_id, safe='')}?{_platform(platform)}")
 
 
 ASSET_PROVIDERS: dict[str, AssetProvider] = {"volcengine": VolcengineAssets(), "gateway": GatewayAssets()}

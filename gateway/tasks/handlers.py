@@ -29,9 +29,10 @@ from ..protocols.base import parse_object
 from ..routing import Target
 from ..store.tasks import TaskRow, TaskStore
 from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, text_field
+from .options import check_provider_options
 from .poller import Poller
 from .service import VideoTasks, account_name, endpoint_of, owner_key, provider_for, public_task, same_account
-from .video import parse_video_request
+from .video import ID_MAX, parse_video_request
 
 
 @dataclass(slots=True)
@@ -91,6 +92,9 @@ async def create_video_task(request: web.Request) -> web.Response:
     targets = video_targets(gw, req.model)
     if req.asset_ids:
         targets = await asset_targets(_service(request), key, req.model, req.asset_ids, targets)
+    if req.provider_options:
+        check_provider_options(req.provider_options,
+                               ((t.upstream.kind, t.upstream.extra_provider_options) for t in targets))
     t, target = await _service(request).create(key, req, targets)
     ctx.upstream = target.upstream.name
     return _json(public_task(t, target.upstream.kind))
@@ -132,6 +136,8 @@ async def get_video_task(request: web.Request) -> web.Response:
     await admit(gw, ctx, key)
     svc = _service(request)
     task_id = request.match_info["id"]
+    if len(task_id) > ID_MAX:  # never stored, never sent upstream
+        raise task_not_found()
     t = await svc.store.get(task_id)
     if t is not None:
         if t.workspace_id != key.workspace_id:
@@ -203,18 +209,18 @@ def platform_upstream(gw: Gateway, platform: str | None) -> tuple[UpstreamConfig
     return up, ASSET_PROVIDERS[up.kind]
 
 
-async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes, dict[str, Any]]:
+async def _asset_body(request: web.Request) -> tuple[Gateway, KeyInfo, dict[str, Any]]:
     gw, key, raw = await _admitted_body(request)
-    return gw, key, raw, parse_object(raw)
+    return gw, key, parse_object(raw)
 
 
 async def create_asset_group(request: web.Request) -> web.Response:
-    gw, key, raw, obj = await _asset_body(request)
+    gw, key, obj = await _asset_body(request)
     platform = text_field(obj, "platform", required=True)
     up, provider = platform_upstream(gw, platform)
     parse_group_body(obj)
     request[CTX].upstream = up.name
-    data = await provider.create_group(_session(gw), up, raw, obj)
+    data = await provider.create_group(_session(gw), up, obj)
     assert platform is not None
     await _service(request).store.add_group(data["group_id"], up.name, key.workspace_id, platform)
     return _envelope(data)
@@ -240,11 +246,11 @@ async def _owned_lookup(request: web.Request, kind: str) -> tuple[Gateway, Upstr
 
 async def get_asset_group(request: web.Request) -> web.Response:
     gw, up, provider, group_id = await _owned_lookup(request, "group")
-    return _envelope(await provider.get_group(_session(gw), up, group_id, request.query_string))
+    return _envelope(await provider.get_group(_session(gw), up, group_id, request.query["platform"]))
 
 
 async def create_asset(request: web.Request) -> web.Response:
-    gw, key, raw, obj = await _asset_body(request)
+    gw, key, obj = await _asset_body(request)
     platform = text_field(obj, "platform", required=True)
     up, provider = platform_upstream(gw, platform)
     parse_asset_body(obj)
@@ -252,7 +258,7 @@ async def create_asset(request: web.Request) -> web.Response:
     if await store.group_owner(up.name, obj["group_id"]) != key.workspace_id:
         raise NotFound("Asset group not found.", code="group_not_found", param="group_id")
     request[CTX].upstream = up.name
-    data = await provider.create_asset(_session(gw), up, raw, obj)
+    data = await provider.create_asset(_session(gw), up, obj)
     assert platform is not None
     await store.add_asset(data["asset_id"], up.name, key.workspace_id, platform, obj["group_id"])
     return _envelope(data)
@@ -260,7 +266,7 @@ async def create_asset(request: web.Request) -> web.Response:
 
 async def get_asset(request: web.Request) -> web.Response:
     gw, up, provider, asset_id = await _owned_lookup(request, "asset")
-    return _envelope(await provider.get_asset(_session(gw), up, asset_id, request.query_string))
+    return _envelope(await provider.get_asset(_session(gw), up, asset_id, request.query["platform"]))
 
 
 # ------------------------------------------------------------------ setup

@@ -3,11 +3,11 @@
 - ``ark``: Volcengine Ark content generation tasks
   (``POST {base}/contents/generations/tasks``, ``GET .../tasks/{id}``).
   The prompt and resources become Ark's ``content`` list; the options go to
-  the top-level fields where Ark reads them; ``provider_options`` is merged
-  into the body as is, last, so it can set anything Ark accepts.
-- ``gateway``: an upstream speaking this same public API; the body and the
-  poll are forwarded as they are (only the model name is rewritten when the
-  route names another).
+  the top-level fields where Ark reads them; ``provider_options``, checked
+  against Ark's allow-list (gateway.tasks.options), is added to the body.
+- ``gateway``: an upstream speaking this same public API; the body is the
+  unified one as validated (the fields below, resources with assets named
+  by ``asset_id``), the poll is forwarded as is.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import orjson
 from ..config import UpstreamConfig
 from ..errors import BadGateway, BadRequest, NotFound
 from ..protocols.base import parse_json_body
+from .options import resource_url
 from .upstream import Answer, bad_answer, bearer, call, upstream_error
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 RESOURCE_TYPES = ("image", "video", "audio")
 ROLES = ("first_frame", "last_frame", "reference")
 ASSET_SCHEME = "asset://"
+# Ids a client names (an asset, an upstream task) are never longer than this.
+ID_MAX = 256
 
 # Field -> accepted Python types, for the optional scalar fields.
 _OPTIONS: dict[str, tuple[type, ...]] = {
@@ -55,6 +58,16 @@ class VideoRequest:
     def asset_ids(self) -> list[str]:
         return [r["asset_id"] for r in self.resources if "asset_id" in r]
 
+    @property
+    def provider_options(self) -> dict[str, Any]:
+        return self.obj.get("provider_options") or {}
+
+    def unified(self, upstream_model: str) -> dict[str, Any]:
+        """The body as validated, for an upstream speaking this same API:
+        only the unified fields, each resource in its one spelling."""
+        body = {k: self.obj[k] for k in (*_OPTIONS, "provider_options") if self.obj.get(k) is not None}
+        return {"model": upstream_model, **body, "resources": self.resources}
+
 
 def parse_video_request(raw: bytes) -> VideoRequest:
     """Validate a create body; 400 naming the field on any mistake."""
@@ -73,14 +86,15 @@ def parse_video_request(raw: bytes) -> VideoRequest:
         resources = []
     if not isinstance(resources, list):
         raise BadRequest("'resources' must be an array.", code="invalid_type", param="resources")
-    for i, r in enumerate(resources):
-        _check_resource(r, f"resources[{i}]")
+    resources = [_check_resource(r, f"resources[{i}]") for i, r in enumerate(resources)]
     if not obj.get("prompt") and not resources:
         raise BadRequest("A video task needs a 'prompt' or 'resources'.", code="missing_prompt", param="prompt")
     return VideoRequest(raw, obj, model, resources)
 
 
-def _check_resource(r: Any, where: str) -> None:
+def _check_resource(r: Any, where: str) -> dict[str, Any]:
+    """The resource, checked, with an asset named by URL turned into
+    ``asset_id`` (so it resolves through the caller's workspace)."""
     if not isinstance(r, dict):
         raise BadRequest(f"'{where}' must be an object.", code="invalid_type", param=where)
     if r.get("type") not in RESOURCE_TYPES:
@@ -97,6 +111,17 @@ def _check_resource(r: Any, where: str) -> None:
     if role is not None and role not in ROLES:
         raise BadRequest(f"'{where}.role' must be one of first_frame, last_frame, reference.", code="invalid_value",
                          param=f"{where}.role")
+    out = {"type": r["type"], field: r[field]}
+    if has_url:
+        asset_id, _ = resource_url(r["url"], f"{where}.url")
+        if asset_id is not None:
+            out = {"type": r["type"], "asset_id": asset_id}
+    if len(out.get("asset_id", "")) > ID_MAX:
+        raise BadRequest(f"'{where}' names an asset id longer than {ID_MAX} characters.", code="invalid_value",
+                         param=where)
+    if role is not None:
+        out["role"] = role
+    return out
 
 
 @dataclass(slots=True)
@@ -184,7 +209,9 @@ def ark_body(req: VideoRequest, upstream_model: str) -> dict[str, Any]:
     for ours, theirs in _ARK_FIELDS.items():
         if obj.get(ours) is not None:
             body[theirs] = obj[ours]
-    body.update(obj.get("provider_options") or {})
+    # Checked by the handler against Ark's allow-list: no key here can be
+    # one set above.
+    body.update(req.provider_options)
     return body
 
 
@@ -229,7 +256,7 @@ async def _create(session: aiohttp.ClientSession, up: UpstreamConfig, url: str, 
     if answer.status >= 300:
         raise upstream_error(up, answer)
     task_id = answer.obj.get("id") if isinstance(answer.obj, dict) else None
-    if not isinstance(task_id, str) or not task_id:
+    if not isinstance(task_id, str) or not task_id or len(task_id) > ID_MAX:
         raise bad_answer(up, "no task id")
     return task_id
 
@@ -240,9 +267,7 @@ class GatewayVideo:
     async def create(
         self, session: aiohttp.ClientSession, up: UpstreamConfig, upstream_model: str, req: VideoRequest
     ) -> str:
-        body = req.raw
-        if upstream_model != req.model:
-            body = orjson.dumps({**req.obj, "model": upstream_model})
+        body = orjson.dumps(req.unified(upstream_model))
         return await _create(session, up, up.base_url + "/video/tasks", body)
 
     async def get(self, session: aiohttp.ClientSession, up: UpstreamConfig, task_id: str) -> Snapshot:
