@@ -188,6 +188,8 @@ def _check_fields(body: Mapping[str, Any], spec: Mapping[str, str], cfg: Config,
             raise BadRequest(f"{name} must be {what} or null", param=name)
         if kind == "time" and v is not None:
             v = _time(str(v), 0.0, name, spans=False)
+            if name == "expires_at" and v <= time.time():
+                raise BadRequest("expires_at is in the past: a key must expire in the future", param=name)
         out[name] = v
     if "name" in out and out["name"] is None:
         out["name"] = ""

@@ -1,8 +1,18 @@
-"""Command line: serve, demo, workspaces, keys, usage, check-config.
+"""Command line: serve, demo, mock, check-config, workspaces, keys, usage.
 
-Every command takes ``--config PATH``. Without it the gateway looks at
-``$GATEWAY_CONFIG``, then ``./gateway.toml``, and otherwise uses its embedded
-default (SQLite in ./gateway.db, the bundled mock upstream).
+``--config PATH`` may come before the command or after it (or between a
+group and its action: ``gateway keys --config F list``). Without it the
+gateway looks at ``$GATEWAY_CONFIG``, then ``./gateway.toml``, and otherwise
+uses its embedded default (SQLite in ./gateway.db, the bundled mock
+upstream). A config path that does not exist is an error, never a fallback.
+
+Only ``serve`` and ``check-config`` need the upstream secrets the file names;
+the commands that only read or write the database load it without them.
+``demo`` and ``mock`` read no config at all.
+
+Adding a command: a ``cmd_*`` function ``(args, cfg) -> exit code``, and a
+``command(...)`` call in ``build_parser`` (``group(...)`` for a new group of
+actions such as ``keys``), saying what it needs (``Needs``).
 """
 
 from __future__ import annotations
@@ -10,46 +20,96 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import logs
-from .config import Config, ConfigError, load_config
-from .server import ListenError, Running, embedded_config, run, run_until_signal
+from . import __version__, logs
+from .config import MOCK_UPSTREAM, Config, ConfigError, embedded_config, load_config
 from .store import queries
 from .store.schema import connect
 
+CONFIG_HELP = "TOML config file (default: $GATEWAY_CONFIG, then ./gateway.toml, then the embedded default)"
+MOCK_PORT = 8081
 
-def resolve_config(path: str | None) -> Config | None:
-    """The config file named, or found, or None for the embedded default."""
+
+class Needs(Enum):
+    """What a command needs loaded before it runs."""
+
+    NOTHING = "nothing"  # reads no config (demo, mock): --config is refused
+    DATABASE = "database"  # the config without upstream secrets (workspaces, keys, usage)
+    SECRETS = "secrets"  # the full config, every secret set (serve, check-config)
+
+
+class CliError(Exception):
+    """A command cannot do what was asked; the message says why (exit 1)."""
+
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+# ------------------------------------------------------------------ config
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """The --config given (at any level), or None. Two different paths are
+    an error rather than a silent choice."""
+    given = [v for level in range(3) if (v := getattr(args, f"config_{level}", None))]
+    if len({Path(p).resolve() for p in given}) > 1:
+        raise ConfigError(f"--config given twice with different paths: {given[0]}, {given[1]}")
+    return given[0] if given else None
+
+
+def resolve_config(path: str | None, *, secrets: bool = True) -> Config:
+    """The config file named, or found, or else the embedded default
+    (``cfg.source`` is None)."""
     path = path or os.environ.get("GATEWAY_CONFIG")
     if path is None and Path("gateway.toml").exists():
         path = "gateway.toml"
-    return None if path is None else load_config(path)
+    if path is None:
+        return embedded_config()
+    return load_config(path, secrets=secrets)
 
 
-def _db(cfg: Config | None) -> sqlite3.Connection:
-    return connect(cfg.database.path if cfg else Path("gateway.db").resolve())
+def _db(cfg: Config) -> sqlite3.Connection:
+    return connect(cfg.database.path)
 
 
-def _parse_time(value: str) -> float:
-    """ISO 8601, or a relative span back from now: 30m, 24h, 7d."""
-    m = re.fullmatch(r"(\d+)([smhd])", value)
+# ------------------------------------------------------------------ output
+
+
+SPAN = re.compile(r"(\d+)([smhd])")
+SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: str, *, future: bool = False) -> float:
+    """ISO 8601 (UTC unless it says otherwise), or a span from now: 30m,
+    24h, 7d back from now, or ahead of it when ``future``."""
+    m = SPAN.fullmatch(value)
     if m:
-        return time.time() - int(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+        span = int(m[1]) * SPAN_SECONDS[m[2]]
+        return time.time() + span if future else time.time() - span
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
-        raise SystemExit(f"error: cannot read time {value!r}: use ISO 8601 or 30m/24h/7d") from None
+        raise CliError(f"cannot read time {value!r}: use ISO 8601 or 30m/24h/7d") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def dollars(value: float | None) -> str:
+    """$0.000051, $1.50, $0.00: six decimals at most, two at least."""
+    text = f"{value or 0.0:,.6f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -58,147 +118,266 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
         return
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def cmd_serve(args: argparse.Namespace, cfg: Config | None) -> int:
-    if cfg is not None and args.port is not None:
-        cfg = replace(cfg, server=replace(cfg.server, port=args.port))
-    if cfg is not None and args.workers is not None:
-        cfg = replace(cfg, server=replace(cfg.server, workers=args.workers))
-    if cfg is not None:
-        logs.configure(cfg.server.log_format)
-    if cfg is not None and cfg.server.workers > 1:
-        from .supervisor import serve
+# ------------------------------------------------------------------ server commands
 
-        return serve(cfg)
-    run(run_until_signal(cfg))
+
+def _serve_until_signal(cfg: Config, *, bundled_mock: bool, on_ready: Any = None) -> int:
+    """Run the server in this process (or under a supervisor for several
+    workers) until SIGTERM / SIGINT."""
+    from .server import ListenError, run, run_until_signal
+
+    try:
+        if cfg.server.workers > 1:
+            from .supervisor import serve
+
+            return serve(cfg, bundled_mock=bundled_mock)
+        run(run_until_signal(cfg, bundled_mock=bundled_mock, on_ready=on_ready))
+    except ListenError as e:  # the port is taken, ...
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, cfg: Config | None) -> int:
-    from .server import start_mock
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    flags = {name: getattr(args, name) for name in ("host", "port", "workers") if getattr(args, name) is not None}
+    cfg = replace(cfg, server=replace(cfg.server, **flags))
+    logs.configure(cfg.server.log_format)
+    return _serve_until_signal(cfg, bundled_mock=cfg.source is None)
 
-    async def demo() -> None:
-        mock = await start_mock()
-        demo_cfg = embedded_config(mock.url + "/v1", env={}, db_path=Path(args.db))
-        demo_cfg = replace(demo_cfg, server=replace(demo_cfg.server, port=args.port))
-        conn = connect(demo_cfg.database.path)
-        try:
-            ws = queries.find_workspace(conn, "demo")
-        except queries.NotFoundError:
-            ws = queries.create_workspace(conn, "demo")
-        _, key = queries.create_key(conn, ws["id"], name="demo")
-        conn.close()
 
-        def ready(c: Config, gw: Running) -> None:
-            print(f"gateway demo on {gw.url} (mock upstream at {mock.url}, database {c.database.path})")
-            print("try:")
-            print(
-                f"  curl -s {gw.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                "-H 'Content-Type: application/json' "
-                "-d '{\"model\":\"mock-gpt\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
-            )
-            print("press Ctrl-C to stop", flush=True)
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from .server import Running
 
-        try:
-            await run_until_signal(demo_cfg, on_ready=ready)
-        finally:
-            await mock.runner.cleanup()
+    env_token = os.environ.get("GATEWAY_ADMIN_TOKEN")
+    token = env_token or secrets.token_urlsafe(24)
+    demo_cfg = embedded_config({"GATEWAY_ADMIN_TOKEN": token}, db_path=Path(args.db))
+    demo_cfg = replace(demo_cfg, server=replace(demo_cfg.server, port=args.port))
+    conn = connect(demo_cfg.database.path)
+    try:
+        ws = queries.find_workspace(conn, "demo")
+    except queries.NotFoundError:
+        ws = queries.create_workspace(conn, "demo")
+    _, key = queries.create_key(conn, ws["id"], name="demo")
+    conn.close()
 
-    run(demo())
+    def ready(c: Config, gw: Running) -> None:
+        mock = c.upstream(MOCK_UPSTREAM).base_url
+        print(f"gateway demo on {gw.url} (mock upstream at {mock}, database {c.database.path})")
+        print("try:")
+        print(
+            f"  curl -s {gw.url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\":\"mock-gpt\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+        )
+        print(f"console: {gw.url}/console/")
+        if env_token:
+            print("admin token: the value of $GATEWAY_ADMIN_TOKEN")
+        else:
+            print(f"admin token: {token}")
+        print("press Ctrl-C to stop", flush=True)
+
+    return _serve_until_signal(demo_cfg, bundled_mock=True, on_ready=ready)
+
+
+def cmd_mock(args: argparse.Namespace, cfg: Config) -> int:
+    from .mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
+    from .server import ListenError, Running, run, run_mock
+
+    def ready(mock: Running) -> None:
+        base = f"http://{args.host}:{mock.port}"
+        print(f"mock upstream on {base} (any API key is accepted)")
+        print(f'  openai, anthropic upstreams:  base_url = "{base}/v1"')
+        print(f'  ark upstream (video tasks):   base_url = "{base}/api/v3"')
+        print(f'  volcengine upstream (assets): base_url = "{base}", '
+              f"with VOLC_ACCESS_KEY={MOCK_ACCESS_KEY} VOLC_SECRET_KEY={MOCK_SECRET_KEY}")
+        print("press Ctrl-C to stop", flush=True)
+
+    try:
+        run(run_mock(args.host, args.port, ready))
+    except ListenError as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
-def cmd_check_config(args: argparse.Namespace, cfg: Config | None) -> int:
-    if cfg is None:
-        print("no config file given or found: the embedded default would be used")
+def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    models = ", ".join(m.name for m in cfg.models)
+    if cfg.source is None:
+        print("no config file given or found: the embedded default is used")
+        print(f"  database {cfg.database.path}; upstream {MOCK_UPSTREAM} (bundled); models {models}")
         return 0
     print(f"ok: {cfg.source}: {len(cfg.upstreams)} upstreams, {len(cfg.models)} models, {len(cfg.groups)} groups")
+    print(f"  database {cfg.database.path}; models {models}")
+    print("  admin API and console: " + ("on" if cfg.admin.token else f"off (${cfg.admin.token_env} is not set)"))
     return 0
 
 
-def cmd_workspaces(args: argparse.Namespace, cfg: Config | None) -> int:
-    conn = _db(cfg)
-    if args.action == "create":
-        if cfg is not None and cfg.group(args.group) is None:
-            raise SystemExit(f"error: unknown group {args.group!r}")
-        ws = queries.create_workspace(conn, args.name, args.group)
-        print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
-    else:
-        _table(queries.list_workspaces(conn), ["id", "name", "default_group"])
+# ------------------------------------------------------------------ database commands
+
+
+def _check_group(cfg: Config, group: str | None) -> None:
+    if group is not None and cfg.group(group) is None:
+        raise CliError(f"unknown group {group!r}")
+
+
+def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
+    _check_group(cfg, args.group)
+    ws = queries.create_workspace(_db(cfg), args.name, args.group)
+    print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
     return 0
 
 
-def cmd_keys(args: argparse.Namespace, cfg: Config | None) -> int:
-    conn = _db(cfg)
-    if args.action == "create":
-        ws = queries.find_workspace(conn, args.workspace)
-        if cfg is not None and args.group is not None and cfg.group(args.group) is None:
-            raise SystemExit(f"error: unknown group {args.group!r}")
-        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-        limits = queries.KeyLimits(
-            rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency, spend_limit=args.spend_limit,
-            expires_at=_parse_time(args.expires) if args.expires else None,
-        )
-        row, plaintext = queries.create_key(
-            conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
-        )
-        print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
-        print("the key is shown once; store it now:")
-        print(plaintext)
-    elif args.action == "list":
-        ws_id = queries.find_workspace(conn, args.workspace)["id"] if args.workspace else None
-        rows = queries.list_keys(conn, ws_id)
-        for r in rows:
-            r["status"] = "revoked" if r["revoked_at"] else "active"
-        _table(rows, ["id", "prefix", "workspace", "name", "group_name", "status"])
-    else:
-        row = queries.revoke_key(conn, args.id)
-        print(f"revoked key {row['id']} ({row['prefix']}...)")
+def cmd_workspaces_list(args: argparse.Namespace, cfg: Config) -> int:
+    _table(queries.list_workspaces(_db(cfg)), ["id", "name", "default_group"])
     return 0
 
 
-def cmd_usage(args: argparse.Namespace, cfg: Config | None) -> int:
+def cmd_keys_create(args: argparse.Namespace, cfg: Config) -> int:
     conn = _db(cfg)
-    since = _parse_time(args.since) if args.since else 0.0
+    ws = queries.find_workspace(conn, args.workspace)
+    _check_group(cfg, args.group)
+    expires_at = parse_time(args.expires, future=True) if args.expires else None
+    if expires_at is not None and expires_at <= time.time():
+        raise CliError(f"--expires {args.expires} is in the past: a key must expire in the future")
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    limits = queries.KeyLimits(
+        rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency, spend_limit=args.spend_limit,
+        expires_at=expires_at,
+    )
+    row, plaintext = queries.create_key(
+        conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
+    )
+    print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
+    print("the key is shown once; store it now:")
+    print(plaintext)
+    return 0
+
+
+def key_status(key: dict[str, Any], now: float) -> str:
+    if key["revoked_at"]:
+        return "revoked"
+    if key["expires_at"] is not None and key["expires_at"] <= now:
+        return "expired"
+    return "active"
+
+
+def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
+    conn = _db(cfg)
+    ws_id = queries.find_workspace(conn, args.workspace)["id"] if args.workspace else None
+    rows = queries.list_keys(conn, ws_id)
+    now = time.time()
+    for r in rows:
+        expires = r["expires_at"]
+        r["expires"] = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M") if expires else ""
+        r["status"] = key_status(r, now)
+    _table(rows, ["id", "prefix", "workspace", "name", "group_name", "expires", "status"])
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
+    row = queries.revoke_key(_db(cfg), args.id)
+    print(f"revoked key {row['id']} ({row['prefix']}...)")
+    return 0
+
+
+def _usage_labels(conn: sqlite3.Connection, by: str) -> dict[Any, str]:
+    """Names for the ids usage rows hold: keys as ``name (prefix...)``."""
+    if by == "key":
+        return {k["id"]: f"{k['name']} ({k['prefix']}...)" if k["name"] else f"{k['prefix']}..."
+                for k in queries.list_keys(conn)}
+    if by == "workspace":
+        return {w["id"]: w["name"] for w in queries.list_workspaces(conn)}
+    return {}
+
+
+def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
+    conn = _db(cfg)
+    since = parse_time(args.since) if args.since else 0.0
     rows = queries.usage_summary(conn, since=since, by=args.by)
-    _table(rows, [args.by, "requests", "errors", "input_tokens", "output_tokens", "cached_tokens", "cost"])
+    labels = _usage_labels(conn, args.by)
+    for r in rows:
+        value = r[args.by]
+        r[args.by] = f"(no {args.by})" if value is None else labels.get(value, str(value))
+        r["cost"] = dollars(r["cost"])
+    _table(rows, [args.by, "requests", "errors", "input_tokens", "output_tokens", "cached_tokens", "video_tokens",
+                  "cost"])
     return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _port(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return n
+
+
+class Commands:
+    """Adds commands and groups of actions to the parser, each with its own
+    ``--config`` (the level in the dest keeps one level's default from
+    overwriting another's value) and what it needs loaded."""
+
+    def __init__(self, parser: argparse.ArgumentParser, level: int = 1) -> None:
+        self.sub = parser.add_subparsers(dest=f"command_{level}", required=True, metavar="COMMAND")
+        self.level = level
+
+    def command(self, name: str, func: Command, help: str, needs: Needs = Needs.DATABASE) -> argparse.ArgumentParser:
+        p = self.sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", dest=f"config_{self.level}", metavar="PATH", help=CONFIG_HELP)
+        p.set_defaults(func=func, needs=needs)
+        return p
+
+    def group(self, name: str, help: str) -> Commands:
+        p = self.sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", dest=f"config_{self.level}", metavar="PATH", help=CONFIG_HELP)
+        return Commands(p, self.level + 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG, ./gateway.toml, embedded)")
-    p = argparse.ArgumentParser(prog="gateway", description="Self-hosted LLM API gateway.", parents=[common])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="gateway", description="Self-hosted LLM API gateway.")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    p.add_argument("--config", dest="config_0", metavar="PATH", help=CONFIG_HELP)
+    top = Commands(p)
 
-    s = sub.add_parser("serve", parents=[common], help="run the server")
-    s.add_argument("--port", type=int, help="override server.port")
-    s.add_argument("--workers", type=int, help="override server.workers")
-    s.set_defaults(func=cmd_serve)
+    s = top.command("serve", cmd_serve, "run the server", Needs.SECRETS)
+    s.add_argument("--host", help="override server.host")
+    s.add_argument("--port", type=_port, help="override server.port")
+    s.add_argument("--workers", type=_positive, help="override server.workers")
 
-    d = sub.add_parser("demo", parents=[common], help="run with the bundled mock upstream and a fresh key")
-    d.add_argument("--port", type=int, default=8080)
+    d = top.command("demo", cmd_demo, "run the embedded default with a fresh key; prints a curl line and the console",
+                    Needs.NOTHING)
+    d.add_argument("--port", type=_port, default=8080)
     d.add_argument("--db", default="gateway-demo.db", help="SQLite file (default gateway-demo.db)")
-    d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("check-config", parents=[common], help="validate the config and exit")
-    c.set_defaults(func=cmd_check_config)
+    m = top.command("mock", cmd_mock, "run the bundled mock upstream on its own (every protocol it speaks)",
+                    Needs.NOTHING)
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=_port, default=MOCK_PORT, help=f"default {MOCK_PORT}")
 
-    w = sub.add_parser("workspaces", parents=[common], help="create or list workspaces")
-    wsub = w.add_subparsers(dest="action", required=True)
-    wc = wsub.add_parser("create", parents=[common])
+    top.command("check-config", cmd_check_config, "validate the config (and its secrets) and exit", Needs.SECRETS)
+
+    w = top.group("workspaces", "create or list workspaces")
+    wc = w.command("create", cmd_workspaces_create, "create a workspace")
     wc.add_argument("name")
     wc.add_argument("--group", default="default")
-    wsub.add_parser("list", parents=[common])
-    w.set_defaults(func=cmd_workspaces)
+    w.command("list", cmd_workspaces_list, "list workspaces")
 
-    k = sub.add_parser("keys", parents=[common], help="create, list or revoke API keys")
-    ksub = k.add_subparsers(dest="action", required=True)
-    kc = ksub.add_parser("create", parents=[common])
+    k = top.group("keys", "create, list or revoke API keys")
+    kc = k.command("create", cmd_keys_create, "create a key; prints it alone on the last line")
     kc.add_argument("--workspace", required=True)
     kc.add_argument("--name")
     kc.add_argument("--group")
@@ -206,33 +385,37 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--rpm", type=int)
     kc.add_argument("--tpm", type=int)
     kc.add_argument("--concurrency", type=int)
-    kc.add_argument("--spend-limit", type=float)
-    kc.add_argument("--expires", help="ISO 8601 time")
-    kl = ksub.add_parser("list", parents=[common])
+    kc.add_argument("--spend-limit", type=float, help="monthly, USD")
+    kc.add_argument("--expires", help="ISO 8601 time, or a span from now: 12h, 30d")
+    kl = k.command("list", cmd_keys_list, "list keys (prefix only, never the key)")
     kl.add_argument("--workspace")
-    kr = ksub.add_parser("revoke", parents=[common])
+    kr = k.command("revoke", cmd_keys_revoke, "revoke a key")
     kr.add_argument("id", type=int)
-    k.set_defaults(func=cmd_keys)
 
-    u = sub.add_parser("usage", parents=[common], help="usage summary")
-    u.add_argument("--since", help="ISO 8601 time or 30m / 24h / 7d")
+    u = top.command("usage", cmd_usage, "usage summary")
+    u.add_argument("--since", help="ISO 8601 time or 30m / 24h / 7d back")
     u.add_argument("--by", choices=sorted(queries.USAGE_GROUPS), default="model")
-    u.set_defaults(func=cmd_usage)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logs.configure("text")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        cfg = resolve_config(args.config)
+        path = config_path(args)
+        needs: Needs = args.needs
+        if needs is Needs.NOTHING:
+            if path is not None:
+                parser.error(f"{args.command_1} reads no config file: drop --config "
+                             f"(gateway serve --config {path} runs one)")
+            cfg = embedded_config()
+        else:
+            cfg = resolve_config(path, secrets=needs is Needs.SECRETS)
         return int(args.func(args, cfg))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (queries.NotFoundError, queries.ConflictError) as e:
+    except (CliError, queries.NotFoundError, queries.ConflictError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
-    except ListenError as e:  # serve or demo: the port is taken, ...
-        print(f"error: {e.strerror}", file=sys.stderr)
         return 1

@@ -298,16 +298,25 @@ class _Table:
             raise ConfigError(f"{self._path(extra[0])}: unknown key")
 
 
-def _env(name: str | None, where: str, env: Mapping[str, str]) -> str | None:
-    if name is None:
-        return None
-    value = env.get(name)
-    if not value:
-        raise ConfigError(f"{where}: environment variable {name} is not set")
-    return value
+class _Secrets:
+    """Reads the environment variables a config names, noting every one that
+    is missing so that all of them are reported at once."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.missing: list[str] = []
+
+    def get(self, name: str | None, where: str) -> str | None:
+        if name is None:
+            return None
+        value = self.env.get(name)
+        if not value:
+            self.missing.append(f"{where}: environment variable {name} is not set")
+            return None
+        return value
 
 
-def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
+def _upstream(t: _Table, env: _Secrets) -> UpstreamConfig:
     kind = t.text("kind", required=True)
     if kind not in UPSTREAM_KINDS:
         raise ConfigError(f"{t.where}.kind: must be one of {', '.join(UPSTREAM_KINDS)}")
@@ -344,9 +353,9 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
         breaker_cooldown_s=float(t.num("breaker_cooldown_s", 30.0)),
         rate_limit_cooldown_s=float(t.num("rate_limit_cooldown_s", 5.0)),
         rate_limit_cooldown_max_s=float(t.num("rate_limit_cooldown_max_s", 300.0)),
-        api_key=_env(api_key_env, f"{t.where}.api_key_env", env),
-        access_key=_env(access_key_env, f"{t.where}.access_key_env", env),
-        secret_key=_env(secret_key_env, f"{t.where}.secret_key_env", env),
+        api_key=env.get(api_key_env, f"{t.where}.api_key_env"),
+        access_key=env.get(access_key_env, f"{t.where}.access_key_env"),
+        secret_key=env.get(secret_key_env, f"{t.where}.secret_key_env"),
     )
     t.done()
     return u
@@ -388,9 +397,13 @@ def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
     return m
 
 
-def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> Config:
-    """Validate a parsed TOML document into a Config."""
+def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None,
+                 secrets: bool = True) -> Config:
+    """Validate a parsed TOML document into a Config. With ``secrets`` false,
+    the upstream secrets the file names may be unset (left None): for
+    commands that only read or write the database."""
     env = os.environ if env is None else env
+    upstream_secrets = _Secrets(env)
     base_dir = base_dir or Path.cwd()
     root = _Table(data, "")
 
@@ -461,7 +474,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
 
     upstreams = []
     for i, raw in enumerate(root.array("upstreams")):
-        upstreams.append(_upstream(_Table(raw, f"upstreams[{i}]"), env))
+        upstreams.append(_upstream(_Table(raw, f"upstreams[{i}]"), upstream_secrets))
     names = [x.name for x in upstreams]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -509,14 +522,59 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     )
     tk.done()
     root.done()
+    if secrets and upstream_secrets.missing:
+        raise ConfigError("; ".join(upstream_secrets.missing))
     return Config(
         server=server, database=database, usage=usage, admin=admin, routing=routing, redis=redis,
         upstreams=tuple(upstreams), models=tuple(models), groups=tuple(groups), platforms=platforms, tasks=tasks,
     )
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a TOML file; relative paths in it are relative to it."""
+MOCK_UPSTREAM = "mock"
+MOCK_MODELS = ("mock-gpt", "mock-gpt-mini")
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini")
+# The bundled mock's address is known only once it listens; a process that
+# runs the embedded default starts it and puts its address in place of this.
+BUNDLED_MOCK_URL = "http://127.0.0.1:0/v1"
+
+
+def embedded_config(env: Mapping[str, str] | None = None, db_path: Path = Path("gateway.db"),
+                    mock_base_url: str = BUNDLED_MOCK_URL) -> Config:
+    """The configuration used when no file is given: SQLite in the working
+    directory, the bundled mock upstream (models ``mock-gpt``,
+    ``mock-gpt-mini``), OpenAI models when ``OPENAI_API_KEY`` is set, and
+    the admin API and console when ``GATEWAY_ADMIN_TOKEN`` is set."""
+    env = os.environ if env is None else env
+    upstreams = [UpstreamConfig(name=MOCK_UPSTREAM, kind="openai", base_url=mock_base_url)]
+    models = [
+        ModelConfig(m, (Route(MOCK_UPSTREAM, m),), Price(input=1.0, output=2.0, cached_input=0.5), owned_by="mock")
+        for m in MOCK_MODELS
+    ]
+    if env.get("OPENAI_API_KEY"):
+        upstreams.append(UpstreamConfig(
+            name="openai", kind="openai", base_url="https://api.openai.com/v1",
+            api_key_env="OPENAI_API_KEY", api_key=env["OPENAI_API_KEY"],
+        ))
+        models += [ModelConfig(m, (Route("openai", m),), owned_by="openai") for m in OPENAI_MODELS]
+    admin = AdminConfig()
+    return Config(
+        database=DatabaseConfig(db_path.resolve()),
+        admin=replace(admin, token=env.get(admin.token_env) or None),
+        upstreams=tuple(upstreams),
+        models=tuple(models),
+        groups=(GroupConfig("default"),),
+    )
+
+
+def with_mock_url(cfg: Config, mock_base_url: str) -> Config:
+    """``cfg`` with the bundled mock upstream at ``mock_base_url``."""
+    ups = tuple(replace(u, base_url=mock_base_url) if u.name == MOCK_UPSTREAM else u for u in cfg.upstreams)
+    return replace(cfg, upstreams=ups)
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None, secrets: bool = True) -> Config:
+    """Read and validate a TOML file; relative paths in it are relative to it.
+    ``secrets``: see parse_config."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -524,5 +582,5 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    cfg = parse_config(data, env=env, base_dir=path.resolve().parent)
+    cfg = parse_config(data, env=env, base_dir=path.resolve().parent, secrets=secrets)
     return replace(cfg, source=path.resolve())

@@ -17,15 +17,14 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .app import create_app
-from .config import Config, ConfigError, DatabaseConfig, GroupConfig, ModelConfig, Price, Route, UpstreamConfig
+from .config import Config, ConfigError, with_mock_url
 from .context import GATEWAY
 from .logs import startup_fields
 from .mock.app import create_mock_app
@@ -33,34 +32,7 @@ from .reload import reload_config
 
 log = logging.getLogger("gateway")
 
-MOCK_MODELS = ("mock-gpt", "mock-gpt-mini")
 ACCEPT_GRACE_S = 0.25
-OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-5", "gpt-5-mini")
-
-
-def embedded_config(mock_base_url: str, env: Mapping[str, str] | None = None,
-                    db_path: Path = Path("gateway.db")) -> Config:
-    """The configuration used when no file is given: SQLite next to the
-    working directory, the bundled mock upstream, and OpenAI when
-    ``OPENAI_API_KEY`` is set."""
-    env = os.environ if env is None else env
-    upstreams = [UpstreamConfig(name="mock", kind="openai", base_url=mock_base_url)]
-    models = [
-        ModelConfig(m, (Route("mock", m),), Price(input=1.0, output=2.0, cached_input=0.5), owned_by="mock")
-        for m in MOCK_MODELS
-    ]
-    if env.get("OPENAI_API_KEY"):
-        upstreams.append(UpstreamConfig(
-            name="openai", kind="openai", base_url="https://api.openai.com/v1",
-            api_key_env="OPENAI_API_KEY", api_key=env["OPENAI_API_KEY"],
-        ))
-        models += [ModelConfig(m, (Route("openai", m),), owned_by="openai") for m in OPENAI_MODELS]
-    return Config(
-        database=DatabaseConfig(db_path.resolve()),
-        upstreams=tuple(upstreams),
-        models=tuple(models),
-        groups=(GroupConfig("default"),),
-    )
 
 
 class ListenError(OSError):
@@ -126,25 +98,47 @@ async def start_gateway(
     )
 
 
-async def run_until_signal(
-    cfg: Config | None, *, on_ready: Callable[[Config, Running], None] | None = None,
-    worker: int | None = None, sock: socket.socket | None = None, ready_fd: int | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT. With no config: the embedded default.
-
-    ``worker`` is this process's index under a supervisor (None: the only
-    process). Only the single process or worker 0 runs the video task poller
-    and the usage retention job. ``sock`` is the supervisor's listening
-    socket, shared by the workers. ``ready_fd`` gets one byte, then is closed,
-    once the socket listens (the supervisor waits for it)."""
+def stop_event() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_mock(host: str, port: int, on_ready: Callable[[Running], None]) -> None:
+    """The bundled mock upstream on its own (``gateway mock``) until SIGTERM
+    or SIGINT; it accepts any credential and records nothing."""
+    stop = stop_event()
+    mock = await start_app(create_mock_app(None, record=False), host, port, shutdown_timeout=1.0)
+    on_ready(mock)
+    try:
+        await stop.wait()
+    finally:
+        await mock.runner.cleanup()
+
+
+async def run_until_signal(
+    cfg: Config, *, bundled_mock: bool = False, on_ready: Callable[[Config, Running], None] | None = None,
+    worker: int | None = None, sock: socket.socket | None = None, ready_fd: int | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT.
+
+    ``bundled_mock``: start the bundled mock upstream in this process first
+    and point the config's ``mock`` upstream at it (the embedded default;
+    under a supervisor each worker runs its own). ``worker`` is this
+    process's index under a supervisor (None: the only process). Only the
+    single process or worker 0 runs the video task poller and the usage
+    retention job. ``sock`` is the supervisor's listening socket, shared by
+    the workers. ``ready_fd`` gets one byte, then is closed, once the socket
+    listens (the supervisor waits for it)."""
+    loop = asyncio.get_running_loop()
+    stop = stop_event()
     mock = None
-    if cfg is None:
+    if bundled_mock:
         mock = await start_mock()
-        cfg = embedded_config(mock.url + "/v1")
+        cfg = with_mock_url(cfg, mock.url + "/v1")
     first = worker in (None, 0)
     try:
         gw = await start_gateway(

@@ -82,8 +82,9 @@ class Supervisor:
     """Starts, watches and stops the worker processes. ``run`` returns the
     exit code."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, bundled_mock: bool = False) -> None:
         self.cfg = cfg
+        self.bundled_mock = bundled_mock  # each worker runs its own (see run_until_signal)
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.failed = False
@@ -187,7 +188,8 @@ class Supervisor:
         # when it is imported, which here was before the supervisor set
         # PROMETHEUS_MULTIPROC_DIR: pick again, now that it is set.
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-        run(run_until_signal(self.cfg, worker=index, sock=self._sock, ready_fd=ready_fd))
+        run(run_until_signal(self.cfg, bundled_mock=self.bundled_mock, worker=index, sock=self._sock,
+                             ready_fd=ready_fd))
         return 0
 
     def _wait_ready(self, w: Worker) -> bool:
@@ -297,10 +299,15 @@ class Supervisor:
         always has a listening worker."""
         if self.cfg.source is not None:
             try:
-                self.cfg = load_config(self.cfg.source)
+                loaded = load_config(self.cfg.source)
             except ConfigError as e:
                 log.error("rolling restart refused: %s", e)
                 return
+            # The socket and the worker count stay as they are (and so do
+            # any --host / --port / --workers given on the command line).
+            kept = self.cfg.server
+            server = replace(loaded.server, host=kept.host, port=kept.port, workers=kept.workers)
+            self.cfg = replace(loaded, server=server)
         log.info("rolling restart of %d workers", len(self.workers), extra={"fields": {"event": "rolling_restart"}})
         for old in self._by_index():
             new = self._spawn(old.index)
@@ -329,6 +336,6 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, *, bundled_mock: bool = False) -> int:
     """``gateway serve`` with ``server.workers > 1``."""
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, bundled_mock=bundled_mock).run()

@@ -296,3 +296,18 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(
     err = await api(http, admin_gateway, "POST", "/reload", expect=400)
     assert "upstreams[0].kind" in err["error"]["message"]
     assert "added-by-reload" in (await api(http, admin_gateway, "GET", "/config"))["models"]
+
+
+async def test_a_key_cannot_be_created_or_set_to_expire_in_the_past(
+    admin_gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    gw = admin_gateway
+    ws = await api(http, gw, "POST", "/workspaces", {"name": "past"}, expect=201)
+    for past in ("2000-01-01T00:00:00Z", time.time() - 1):
+        err = await api(http, gw, "POST", "/keys", {"workspace_id": ws["id"], "expires_at": past}, expect=400)
+        assert "in the past" in err["error"]["message"]
+    assert (await api(http, gw, "GET", "/keys"))["data"] == []
+    key = (await api(http, gw, "POST", "/keys", {"workspace_id": ws["id"]}, expect=201))["key"]
+    await api(http, gw, "PATCH", f"/keys/{key['id']}", {"expires_at": "2000-01-01"}, expect=400)
+    soon = await api(http, gw, "PATCH", f"/keys/{key['id']}", {"expires_at": time.time() + 3600})
+    assert soon["status"] == "active" and soon["expires_at"] > time.time()

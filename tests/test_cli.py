@@ -204,3 +204,36 @@ def test_demo_prints_a_working_curl_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["--help"], ["keys", "--help"]])
 def test_help(tmp_path: Path, args: list[str]) -> None:
     assert "usage" in gw(*args, cwd=tmp_path).stdout
+
+
+def test_usage_shows_names_dollars_and_video_tokens(tmp_path: Path, upstream: Upstream) -> None:
+    """Before the fix: ids instead of names, 5.1e-05 for a cost, a blank
+    label for rows without a model, and no video tokens."""
+    cfg = str(write_config(tmp_path, upstream))
+    gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
+    key = gw("keys", "create", "--workspace", "acme", "--name", "ci", "--config", cfg,
+             cwd=tmp_path).stdout.strip().splitlines()[-1]
+    conn = sqlite3.connect(tmp_path / "gateway.db")
+    insert = ("INSERT INTO usage_events (ts, request_id, workspace_id, key_id, endpoint, model, status, input_tokens, "
+              "output_tokens, video_tokens, cost, latency_ms) VALUES (strftime('%s','now'), ?, ?, ?, ?, ?, ?, ?, ?, "
+              "?, ?, 1.0)")
+    conn.execute(insert, ("r1", 1, 1, "/v1/chat/completions", "gpt-test", 200, 17, 17, 0, 0.000051))
+    conn.execute(insert, ("r2", 1, 1, "/v1/video/tasks", "seedance", 200, 0, 0, 108900, 0.7623))
+    conn.execute(insert, ("r3", None, None, "/v1/chat/completions", None, 401, 0, 0, 0, 0.0))
+    conn.commit()
+
+    def table(by: str) -> dict[str, list[str]]:
+        lines = gw("usage", "--by", by, "--config", cfg, cwd=tmp_path).stdout.splitlines()
+        header = lines[0].split()
+        assert header[-2:] == ["video_tokens", "cost"]
+        return {line.rsplit(None, len(header) - 1)[0]: line.split()[-(len(header) - 1):] for line in lines[1:]}
+
+    by_model = table("model")
+    assert by_model["gpt-test"][-1] == "$0.000051"
+    assert by_model["seedance"][-2:] == ["108900", "$0.7623"]
+    assert by_model["(no model)"][:2] == ["1", "1"], "the 401 is a request and an error"
+    by_key = table("key")
+    assert f"ci ({key[:10]}...)" in by_key and by_key[f"ci ({key[:10]}...)"][-1] == "$0.762351"
+    assert "(no key)" in by_key
+    by_workspace = table("workspace")
+    assert by_workspace["acme"][0] == "2" and "(no workspace)" in by_workspace

@@ -79,3 +79,15 @@ def test_bad_config_names_the_field(tmp_path: Path, toml: str, field: str) -> No
     with pytest.raises(ConfigError) as e:
         load_config(path, env={})
     assert field in str(e.value)
+
+
+def test_every_missing_secret_is_named_at_once_and_optional_for_database_commands(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text((ROOT / "config.example.toml").read_text())
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={"OPENAI_API_KEY": "sk-x"})
+    for name in ("ANTHROPIC_API_KEY", "ARK_API_KEY", "VOLC_ACCESS_KEY", "VOLC_SECRET_KEY"):
+        assert f"environment variable {name} is not set" in str(e.value)
+    assert "OPENAI_API_KEY" not in str(e.value)
+    cfg = load_config(path, env={"OPENAI_API_KEY": "sk-x"}, secrets=False)
+    assert cfg.upstream("openai").api_key == "sk-x" and cfg.upstream("ark").api_key is None
