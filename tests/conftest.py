@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
+import httpx2
+import openai
 import pytest
 from aiohttp import web
 
@@ -336,6 +339,25 @@ routes = [{{ upstream = "mock", model = "gpt-image-upstream" }}]
 async def pgateway(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
     """A gateway with the default test models plus PROTOCOL_MODELS."""
     return await make_gateway(config_toml(upstream.base_url, PROTOCOL_MODELS.format(url=upstream.base_url)))
+
+
+@pytest.fixture
+async def httpx_client() -> AsyncIterator[httpx2.AsyncClient]:
+    # No proxy from the environment: the gateway is on 127.0.0.1.
+    async with httpx2.AsyncClient(trust_env=False) as c:
+        yield c
+
+
+@pytest.fixture
+async def oai(pgateway: Gateway, httpx_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
+    key = await pgateway.key()
+    return openai.AsyncOpenAI(base_url=pgateway.url + "/v1", api_key=key, http_client=httpx_client, max_retries=0)
+
+
+@pytest.fixture
+async def claude(pgateway: Gateway, httpx_client: httpx2.AsyncClient) -> anthropic.AsyncAnthropic:
+    key = await pgateway.key()
+    return anthropic.AsyncAnthropic(base_url=pgateway.url, api_key=key, http_client=httpx_client, max_retries=0)
 
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"

@@ -6,36 +6,14 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anthropic
-import httpx2
 import openai
-import pytest
 
 from gateway.mock.images import IMAGE_FORMS
 
 from .conftest import Gateway, Upstream
-
-
-@pytest.fixture
-async def httpx_client() -> AsyncIterator[httpx2.AsyncClient]:
-    # No proxy from the environment: the gateway is on 127.0.0.1.
-    async with httpx2.AsyncClient(trust_env=False) as c:
-        yield c
-
-
-@pytest.fixture
-async def oai(pgateway: Gateway, httpx_client: httpx2.AsyncClient) -> openai.AsyncOpenAI:
-    key = await pgateway.key()
-    return openai.AsyncOpenAI(base_url=pgateway.url + "/v1", api_key=key, http_client=httpx_client, max_retries=0)
-
-
-@pytest.fixture
-async def claude(pgateway: Gateway, httpx_client: httpx2.AsyncClient) -> anthropic.AsyncAnthropic:
-    key = await pgateway.key()
-    return anthropic.AsyncAnthropic(base_url=pgateway.url, api_key=key, http_client=httpx_client, max_retries=0)
 
 
 def write_png(path: Path, w: int = 48, h: int = 32) -> bytes:

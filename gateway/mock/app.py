@@ -16,7 +16,11 @@ upstream, and it is steered per request by headers the gateway forwards:
 upstreams behind a gateway can be made to fail while the others answer.
 
 Anthropic Messages, Responses and Images live in gateway.mock.anthropic,
-.responses and .images (each documents its own extra headers).
+.responses and .images (each documents its own extra headers). Tool calls
+and reasoning, in all three text protocols, are steered as described in
+gateway.mock.tools (``x-mock-tool``, ``x-mock-tool-args``), so a real agent
+can run its tool loop against the mock. ``MockState.reported`` keeps the
+usage object of every answer, as sent.
 """
 
 from __future__ import annotations

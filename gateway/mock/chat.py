@@ -1,5 +1,6 @@
 """OpenAI Chat Completions, normal and streaming (steered by the headers
-listed in gateway.mock.app)."""
+listed in gateway.mock.app; tool calls and ``reasoning_content`` as in
+gateway.mock.tools)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .common import MOCK, WORDS, _int, _steer, chat_usage, count_prompt_tokens, json_body
+from .common import MOCK, _int, _steer, chat_usage, count_prompt_tokens, json_body
+from .tools import chat_tools, new_id, plan, reasoning_content_on
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -20,22 +22,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return early
     assert obj is not None
     model = obj.get("model", "mock")
-    n = _int(request, "x-mock-chunks", 5)
+    p = plan(request, *chat_tools(obj), call_prefix="call_")
+    words, call = p.words, p.call
+    n = p.output_tokens
     prompt = count_prompt_tokens(obj)
     created = int(time.time())
-    cid = f"chatcmpl-mock{id(request) & 0xFFFFFF:x}"
+    cid = new_id("chatcmpl-mock")
+    state = request.app[MOCK]
+    usage = chat_usage(request, prompt, n)
+    state.report("/v1/chat/completions", usage)
+    thinking = "".join(p.thinking) if reasoning_content_on(request) else ""
+    finish = "tool_calls" if call is not None else "stop"
     if obj.get("stream") is not True:
-        text = "".join(WORDS[i % len(WORDS)] for i in range(n))
+        text = "".join(words) if call is None else None
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if call is not None:
+            message["tool_calls"] = [{"id": call.call_id, "type": "function",
+                                      "function": {"name": call.name, "arguments": call.arguments}}]
+        if thinking:
+            message["reasoning_content"] = thinking
         body = {
             "id": cid,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                 "logprobs": None, "finish_reason": "stop"}
-            ],
-            "usage": chat_usage(request, prompt, n),
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage,
             "system_fingerprint": "fp_mock",
         }
         data = orjson.dumps(body)
@@ -50,7 +62,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     delay = _int(request, "x-mock-delay-ms") / 1000
     fail = _steer(request, "x-mock-fail")
-    state = request.app[MOCK]
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         c: dict[str, Any] = {
@@ -63,22 +74,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return b"data: " + orjson.dumps(c) + b"\n\n"
 
     with state.stream():
-        await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
-        for i in range(n):
+        await resp.write(chunk({"role": "assistant", "content": "" if call is None else None, "refusal": None}))
+        if thinking:
+            for w in p.thinking:
+                await resp.write(chunk({"reasoning_content": w}))
+        for i, w in enumerate(words):
             if delay:
                 await asyncio.sleep(delay)
-            if fail == "midstream" and i == n // 2:
+            if fail == "midstream" and i == len(words) // 2:
                 # Die without finishing the chunked body.
                 assert request.transport is not None
                 request.transport.close()
                 return resp
-            if fail == "stall" and i == n // 2:
+            if fail == "stall" and i == len(words) // 2:
                 await asyncio.sleep(3600)
-            await resp.write(chunk({"content": WORDS[i % len(WORDS)]}))
-        await resp.write(chunk({}, "stop"))
+            await resp.write(chunk({"content": w}))
+        if call is not None:
+            await resp.write(chunk({"tool_calls": [{"index": 0, "id": call.call_id, "type": "function",
+                                                    "function": {"name": call.name, "arguments": ""}}]}))
+            for part in call.halves():
+                await resp.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+        await resp.write(chunk({}, finish))
         if include_usage:
             u = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "system_fingerprint": "fp_mock", "choices": [], "usage": chat_usage(request, prompt, n)}
+                 "system_fingerprint": "fp_mock", "choices": [], "usage": usage}
             await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

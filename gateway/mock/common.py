@@ -34,6 +34,18 @@ class MockState:
     completed_streams: int = 0
     record: bool = True
     steer: dict[str, str] = field(default_factory=dict)
+    # The usage object of every answer, as sent (path, usage), so a test can
+    # compare each usage row with what the upstream reported.
+    reported: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # Responses kept for GET/DELETE /v1/responses/{id} and previous_response_id
+    # (gateway.mock.responses), by id.
+    responses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Text frames received on Responses WebSockets, in order.
+    ws_frames: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, path: str, usage: dict[str, Any]) -> None:
+        if self.record:
+            self.reported.append((path, usage))
 
     @contextmanager
     def stream(self) -> Iterator[None]:
