@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,9 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from aiohttp import web
 
+from .bounds import shown
 from .config import Config, ConfigError
 from .context import GATEWAY
 from .errors import BadRequest, GatewayError, NotFound, Protocol, Unauthorized, render
+from .intake import read_body
 from .reload import reload_config
 from .store import analytics, queries
 from .store.schema import connect
@@ -67,7 +70,8 @@ def _authorised(request: web.Request) -> bool:
     if scheme.lower() != "bearer":
         return False
     # Digests first, so the comparison does not even reveal the token's length.
-    given = hashlib.sha256(value.strip().encode()).digest()
+    # surrogateescape: header bytes that are not UTF-8 are a mismatch, not an error.
+    given = hashlib.sha256(value.strip().encode("utf-8", "surrogateescape")).digest()
     return hmac.compare_digest(given, hashlib.sha256(token.encode()).digest())
 
 
@@ -110,7 +114,7 @@ async def _db(request: web.Request, fn: Callable[[sqlite3.Connection], T]) -> T:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        data = orjson.loads(await request.read() or b"{}")
+        data = orjson.loads(await read_body(request, request.app[GATEWAY]) or b"{}")
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -118,11 +122,15 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+# SQLite integers are signed 64-bit: a larger one fails in the driver, not here.
+INT_MAX = 2**63 - 1
+
+
 def _int_id(request: web.Request, name: str = "id") -> int:
-    try:
-        return int(request.match_info[name])
-    except ValueError:
-        raise NotFound(f"{name} must be an integer") from None
+    v = request.match_info[name]
+    if not (v.isascii() and v.isdigit() and len(v) <= 19 and int(v) <= INT_MAX):
+        raise NotFound(f"{name} must be a positive integer")
+    return int(v)
 
 
 def _time(value: str | None, default: float, field: str, *, spans: bool = True) -> float:
@@ -130,42 +138,57 @@ def _time(value: str | None, default: float, field: str, *, spans: bool = True) 
     if not value:
         return default
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if spans and value[-1] in units and value[:-1].isdigit():
+    wrong = BadRequest(f"{field}: expected unix seconds, ISO 8601 or a span like 24h", param=field)
+    if spans and value[-1] in units and value[:-1].isascii() and value[:-1].isdigit():
+        if len(value) > 12:  # more than 30 million years back
+            raise wrong
         return time.time() - int(value[:-1]) * units[value[-1]]
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(t) or abs(t) > 1e12:
+            raise wrong
+        return t
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
-        raise BadRequest(f"{field}: expected unix seconds, ISO 8601 or a span like 24h", param=field) from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        raise wrong from None
+    try:
+        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    except (OverflowError, ValueError):
+        raise wrong from None
 
 
 def _opt_int(q: Mapping[str, str], name: str) -> int | None:
     v = q.get(name)
     if v in (None, ""):
         return None
-    try:
-        return int(v)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", param=name) from None
+    assert v is not None
+    digits = v[1:] if v[:1] == "-" else v
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19 and abs(int(v)) <= INT_MAX):
+        raise BadRequest(f"{name} must be an integer", param=name)
+    return int(v)
 
 
 def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT_MAX
 
 
 def _is_amount(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1e15 and math.isfinite(x)
+
+
+# Names an admin gives workspaces and keys: shown in the console and the CLI.
+NAME_MAX = 200
 
 
 # Field kinds of admin bodies: (check, what the message says it must be).
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "int": (_is_count, "a non-negative integer"),
     "num": (_is_amount, "a non-negative number"),
-    "str": (lambda x: isinstance(x, str), "a string"),
+    "str": (lambda x: isinstance(x, str) and len(x) <= NAME_MAX, f"a string of at most {NAME_MAX} characters"),
     "list": (lambda x: isinstance(x, list) and all(isinstance(i, str) and i for i in x), "an array of model names"),
     "time": (lambda x: isinstance(x, int | float | str) and not isinstance(x, bool), "unix seconds or ISO 8601"),
 }
@@ -218,8 +241,8 @@ async def list_workspaces(request: web.Request) -> web.Response:
 async def create_workspace(request: web.Request) -> web.Response:
     body = await _body(request)
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise BadRequest("name is required", param="name")
+    if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX:
+        raise BadRequest(f"name is required, at most {NAME_MAX} characters", param="name")
     fields = _check_fields(body, WORKSPACE_FIELDS, request.app[GATEWAY].config, ("name",))
     group = fields.pop("default_group", None) or "default"
 
@@ -277,7 +300,9 @@ async def create_key(request: web.Request) -> web.Response:
     body = await _body(request)
     cfg = request.app[GATEWAY].config
     ws_ref = body.get("workspace_id", body.get("workspace"))
-    if not isinstance(ws_ref, int | str) or isinstance(ws_ref, bool) or ws_ref == "":
+    if (not isinstance(ws_ref, int | str) or isinstance(ws_ref, bool) or ws_ref == ""
+            or (isinstance(ws_ref, int) and not 0 < ws_ref <= INT_MAX)
+            or (isinstance(ws_ref, str) and len(ws_ref) > NAME_MAX)):
         raise BadRequest("workspace_id (or workspace name) is required", param="workspace_id")
     f = _check_fields(body, KEY_FIELDS, cfg, ("workspace_id", "workspace"))
     limits = queries.KeyLimits(rpm=f.get("rpm"), tpm=f.get("tpm"), max_concurrency=f.get("max_concurrency"),
@@ -420,7 +445,7 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"Unknown admin endpoint {request.method} {request.path}.", code="unknown_endpoint")
+    raise NotFound(f"Unknown admin endpoint {shown(request.method)} {shown(request.path)}.", code="unknown_endpoint")
 
 
 # ------------------------------------------------------------------ console
@@ -442,9 +467,15 @@ async def console_redirect(request: web.Request) -> web.StreamResponse:
 
 async def console_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info.get("path") or "index.html"
+    if not name.isprintable():  # a NUL or an undecodable byte names no file
+        raise web.HTTPNotFound()
     root = CONSOLE_DIR.resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        path = (root / name).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise web.HTTPNotFound()
     return web.FileResponse(path, headers=_CONSOLE_HEADERS)
 

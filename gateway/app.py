@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import admin
+from . import admin, bounds
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -65,7 +65,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     row per request, whatever happens (errors, client gone: 499)."""
     t0 = perf_counter()
     gw = request.app[GATEWAY]
-    request_id = request.headers.get("x-request-id") or gw.new_request_id()
+    # The client's id is stored, logged and echoed: kept only if it looks like one.
+    request_id = bounds.request_id(request.headers.get("x-request-id")) or gw.new_request_id()
     if not request.path.startswith("/v1/"):
         resp = await handler(request)
         if not resp.prepared:
@@ -84,7 +85,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             resp = await handler(request)
         except web.HTTPException as e:
             if e.status == 404:
-                raise NotFound(f"Unknown endpoint {request.method} {request.path}.", code="unknown_endpoint") from None
+                raise NotFound(f"Unknown endpoint {bounds.shown(request.method)} {bounds.shown(request.path)}.",
+                               code="unknown_endpoint") from None
             raise GatewayError(e.reason, code="http_error", status=e.status) from None
         if not ctx.status:
             ctx.status = resp.status
@@ -148,7 +150,7 @@ async def get_model(request: web.Request) -> web.Response:
     key = request[CTX].key = gw.keys.authenticate(request)
     name = request.match_info["model"]
     if name not in key.models:
-        raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
+        raise NotFound(f"The model '{bounds.shown(name)}' does not exist.", code="model_not_found", param="model")
     request[CTX].model = name
     body = orjson.dumps(_model_object(gw, name, int(request.app[STARTED])))
     return web.Response(body=body, content_type="application/json")

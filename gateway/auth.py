@@ -27,6 +27,8 @@ from .errors import Unauthorized
 
 log = logging.getLogger("gateway.auth")
 
+KEY_MAX = 256  # longer than any key the gateway makes
+
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
@@ -94,7 +96,10 @@ class KeyCache:
         return len(self._by_hash)
 
     def lookup(self, plaintext: str) -> KeyInfo | None:
-        info = self._by_hash.get(hashlib.sha256(plaintext.encode()).hexdigest())
+        if len(plaintext) > KEY_MAX:
+            return None  # no key is that long: not worth hashing
+        # surrogateescape: header bytes that are not UTF-8 hash to a miss, not an error.
+        info = self._by_hash.get(hashlib.sha256(plaintext.encode("utf-8", "surrogateescape")).hexdigest())
         if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
             return None
         return info

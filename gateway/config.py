@@ -36,6 +36,11 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     key_refresh_ms: int = 1000
     body_timeout_s: float = 60.0
+    # A client must send a whole request head within this time of connecting
+    # (or of starting its next request); an idle kept-alive connection is
+    # closed after keepalive_timeout_s (gateway.connections).
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
     log_requests: bool = False
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
 
@@ -416,6 +421,8 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         graceful_timeout_s=float(s.num("graceful_timeout_s", 30.0)),
         key_refresh_ms=int(s.num("key_refresh_ms", 1000, minimum=50, integer=True)),
         body_timeout_s=float(s.num("body_timeout_s", 60.0, minimum=0.01)),
+        header_timeout_s=float(s.num("header_timeout_s", 10.0, minimum=0.01)),
+        keepalive_timeout_s=float(s.num("keepalive_timeout_s", 75.0, minimum=0.01)),
         log_requests=s.flag("log_requests", False),
         log_format=s.text("log_format", "text"),
     )

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import KeyCache, KeyInfo
+from .bounds import bounded
 from .config import Config, ModelConfig
 from .errors import Protocol as ErrorShape
 from .limits import Limiter
@@ -94,7 +95,9 @@ class RequestContext:
         return total * (self.key.ratio if self.key else 1.0)
 
     def row(self, now: float) -> tuple[object, ...]:
-        """The usage row; also sets ``cost_usd``."""
+        """The usage row; also sets ``cost_usd``. Text a client or an upstream
+        chose (a model name, an upstream's error code) is bounded here, so no
+        request can store more than a fixed amount."""
         self.cost_usd = self.cost()
         u = self.usage or Usage()
         k = self.key
@@ -107,7 +110,7 @@ class RequestContext:
             k.workspace_id if k else None,
             k.id if k else None,
             self.endpoint,
-            self.model,
+            None if self.model is None else bounded(self.model),
             self.upstream,
             self.status,
             int(self.stream),
@@ -124,7 +127,7 @@ class RequestContext:
             self.overhead_ms,
             self.bytes_in,
             self.bytes_out,
-            self.error_type,
+            None if self.error_type is None else bounded(self.error_type, 64),
             u.cache_write_tokens,
             u.cache_write_1h_tokens,
         )

@@ -79,6 +79,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
@@ -111,6 +117,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     408: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     502: "api_error",
     503: "overloaded_error",

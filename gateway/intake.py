@@ -14,21 +14,30 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import KeyInfo
+from .bounds import shown
 from .config import ModelConfig
 from .context import Gateway, RequestContext
-from .errors import Forbidden, NotFound, PayloadTooLarge, RequestTimeout
+from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 
 async def read_body(request: web.Request, gw: Gateway) -> bytes:
     """The whole request body: 413 before reading past ``server.max_body_mb``,
     408 when the client takes longer than ``server.body_timeout_s`` to send
-    it (a slow or stalled client must not hold a request open forever)."""
+    it (a slow or stalled client must not hold a request open forever),
+    400 when it does not match its framing. A compressed body is refused
+    (415): the gateway reads the body it forwards, and decompressing a
+    client's bytes is a way to make it hold far more than ``max_body_mb``."""
     server = gw.config.server
     limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding '{shown(encoding)}' is not accepted: send the body "
+                                   "uncompressed.")
     try:
         if request.content.is_eof():
             return await request.read()  # all here already (the usual case): no timer needed
@@ -37,7 +46,11 @@ async def read_body(request: web.Request, gw: Gateway) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body exceeds {limit} bytes.") from None
     except TimeoutError:
+        gw.metrics.client_timeouts.labels("body").inc()
         raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g} s.") from None
+    except RequestPayloadError:
+        raise BadRequest("The request body does not match its framing (Content-Length or chunked encoding).",
+                         code="invalid_body") from None
 
 
 async def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
@@ -50,7 +63,8 @@ async def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
 def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
     m = gw.config.model(model)
     if m is None:
-        raise NotFound(f"The model '{model}' does not exist.", code="model_not_found", param="model")
+        raise NotFound(f"The model '{shown(model)}' does not exist.", code="model_not_found", param="model")
     if model not in key.models:
-        raise Forbidden(f"This key may not use the model '{model}'.", code="model_not_allowed", param="model")
+        raise Forbidden(f"This key may not use the model '{shown(model)}'.", code="model_not_allowed",
+                        param="model")
     return m

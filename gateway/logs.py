@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .bounds import shown
 from .config import Config
 from .store.columns import COLUMNS
 
@@ -88,7 +89,10 @@ def set_worker(index: int) -> None:
 
 def log_request(row: tuple[Any, ...], method: str, path: str) -> None:
     """The one line per request (``server.log_requests``). Called after the
-    usage row is built, off the streaming path: once per request."""
+    usage row is built, off the streaming path: once per request. The method
+    and path are the client's: bounded, and no control character can start
+    a forged line."""
+    method, path = shown(method), shown(path)
     fields: dict[str, Any] = {"event": "request", "method": method, "path": path}
     for name, i in _INDEX:
         v = row[i]

@@ -116,6 +116,16 @@ class Metrics:
             "gateway_usage_backpressure_waits_total", "Requests that waited for room in the usage queue",
             registry=reg,
         )
+        self.client_timeouts = Counter(
+            "gateway_client_timeouts_total",
+            "Slow or idle clients cut off, by phase: header (no whole request head in server.header_timeout_s), "
+            "idle (kept-alive connection unused for server.keepalive_timeout_s), body (408)",
+            ["phase"], registry=reg,
+        )
+        self.bad_http = Counter(
+            "gateway_bad_http_requests_total", "Requests refused as malformed HTTP before reaching the gateway",
+            ["reason"], registry=reg,
+        )
         self.rate_limited = Counter(
             "gateway_rate_limit_rejections_total", "Requests rejected by a limit", ["reason"], registry=reg
         )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -52,6 +53,21 @@ STRIP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Bodies up to this size with a Content-Length are answered in one write.
 SMALL_BODY = 256 * 1024
 USER_AGENT = f"gateway/{__version__}"
+
+
+# Characters left as they are when the route's own path has to be encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def upstream_target(request: web.Request) -> tuple[str, str]:
+    """The path after ``/v1`` and the query, as the client sent them, byte
+    for byte (aiohttp's decoded ``path`` and ``query_string`` would turn
+    ``%20`` into a space and cut at ``%23``). The raw path is used when it
+    decodes to the path the route matched; otherwise that path, encoded."""
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    if not raw_path.startswith("/v1/") or ("%" in raw_path and unquote(raw_path) != request.path):
+        raw_path = quote(request.path, safe=_PATH_SAFE)
+    return raw_path[3:], raw_query
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tuple[str, str]]:
@@ -144,8 +160,7 @@ async def forward(
     client = gw.upstream
     assert client is not None
     clock = gw.clock
-    path = request.path[3:]  # after /v1
-    query = request.query_string
+    path, query = upstream_target(request)
     deadline = ctx.t0 + router.retry_budget_s
     attempts_left = router.max_attempts
     failure: GatewayError | None = None

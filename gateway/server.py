@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, with_mock_url
+from .connections import ConnectionLimits, GatewayRunner
 from .context import GATEWAY
 from .logs import startup_fields
 from .mock.app import create_mock_app
@@ -54,10 +55,13 @@ class Running:
 
 
 async def start_app(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
-                    reuse_port: bool = False, sock: socket.socket | None = None) -> Running:
+                    reuse_port: bool = False, sock: socket.socket | None = None,
+                    limits: ConnectionLimits | None = None) -> Running:
     """Serve ``app`` on ``host:port``, or on the listening socket ``sock``
-    (a worker under the supervisor: one socket shared by every worker)."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None)
+    (a worker under the supervisor: one socket shared by every worker), with
+    the header-read and idle timeouts of ``limits`` (gateway.connections)."""
+    runner = GatewayRunner(app, limits=limits or ConnectionLimits(), handler_cancellation=True,
+                           shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
     site: web.BaseSite
     if sock is not None:
@@ -92,9 +96,16 @@ async def start_gateway(
     if clock is not None:
         kw["clock"] = clock
     app = create_app(cfg, **kw)
+    metrics = app[GATEWAY].metrics
+    limits = ConnectionLimits(
+        header_timeout_s=cfg.server.header_timeout_s, keepalive_timeout_s=cfg.server.keepalive_timeout_s,
+        on_timeout=lambda phase: metrics.client_timeouts.labels(phase).inc(),
+        on_bad_request=lambda reason: metrics.bad_http.labels(reason).inc(),
+    )
     return await start_app(
         app, cfg.server.host, cfg.server.port if port is None else port,
         shutdown_timeout=cfg.server.graceful_timeout_s, reuse_port=cfg.server.workers > 1, sock=sock,
+        limits=limits,
     )
 
 

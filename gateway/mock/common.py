@@ -18,10 +18,11 @@ from aiohttp import web
 @dataclass
 class Recorded:
     method: str
-    path: str
-    query: str
+    path: str  # decoded
+    query: str  # as on the wire (percent-encoding kept)
     headers: dict[str, str]
     body: bytes
+    target: str = ""  # the request target as on the wire
 
 
 @dataclass
@@ -103,7 +104,8 @@ async def _check(request: web.Request, *, anthropic: bool = False) -> tuple[byte
     body = await request.read()
     if state.record:
         state.requests.append(
-            Recorded(request.method, request.path, request.query_string, dict(request.headers), body)
+            Recorded(request.method, request.path, request.raw_path.partition("?")[2], dict(request.headers), body,
+                     request.raw_path)
         )
     if state.api_key is not None:
         got = request.headers.get("x-api-key") if anthropic else None

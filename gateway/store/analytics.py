@@ -11,6 +11,7 @@ row 50 as at row 5 million.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from typing import Any
 
@@ -113,9 +114,12 @@ def encode_cursor(ts: float, row_id: int) -> str:
 def decode_cursor(cursor: str) -> tuple[float, int]:
     try:
         ts, row_id = cursor.split("_")
-        return float(ts), int(row_id)
+        t, i = float(ts), int(row_id)
     except ValueError:
         raise QueryError("invalid cursor") from None
+    if not (math.isfinite(t) and 0 <= i < 2**63):  # SQLite integers are 64-bit
+        raise QueryError("invalid cursor")
+    return t, i
 
 
 def request_log(
@@ -142,7 +146,7 @@ def request_log(
         if status in _STATUS_CLASSES:
             where.append("status BETWEEN ? AND ?")
             args.extend(_STATUS_CLASSES[status])
-        elif status.isdigit():
+        elif status.isascii() and status.isdigit() and len(status) <= 3:
             where.append("status = ?")
             args.append(int(status))
         else:
