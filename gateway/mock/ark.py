@@ -11,6 +11,9 @@ an optional ``mock`` object in the create body (tests send it in
   ``expired``, or any other string, reported as the status as is
 - ``tokens``: completion tokens reported on success (default 108900)
 - ``create_status``: answer the create with this HTTP status
+- ``create_delay_ms``: make the task at once, answer the create this much
+  later (as a provider does whose answer is slow: the task exists even if
+  the caller gives up waiting)
 - ``get_status``: answer every GET of this task with this HTTP status
 - ``get_fail``: ``garbage`` (a non-JSON body) or ``close`` (drop the connection)
 - ``get_delay_ms``: pause before answering a GET
@@ -89,6 +92,9 @@ async def create_task(request: web.Request) -> web.Response:
     state.creates += 1
     task_id = f"cgt-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
     state.tasks[task_id] = ArkTask(task_id, obj, steer, int(time.time()))
+    delay = _steer_int(steer, "create_delay_ms", 0)
+    if delay:
+        await asyncio.sleep(delay / 1000)
     return web.Response(body=orjson.dumps({"id": task_id}), content_type="application/json")
 
 

@@ -164,6 +164,50 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX video_tasks_account_task ON video_tasks (account, upstream_task_id);
     CREATE UNIQUE INDEX video_tasks_endpoint_task ON video_tasks (endpoint, upstream_task_id);
     """,
+    # A video task is recorded before the upstream is asked to start it
+    # (status 'creating', no upstream id yet) and gets its upstream id right
+    # after, so a task that exists upstream always has a row to be polled
+    # and billed through (gateway.tasks.service). Hence upstream_task_id may
+    # be NULL now: SQLite cannot drop NOT NULL in place, so the table is
+    # rebuilt. ``idempotency_key`` (the client's Idempotency-Key, unique per
+    # workspace) and ``request_hash`` (SHA-256 of the create body) let a
+    # retried create return the task it made instead of making another.
+    """
+    CREATE TABLE video_tasks_new (
+        id TEXT PRIMARY KEY,
+        workspace_id INTEGER NOT NULL,
+        key_id INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        upstream_model TEXT NOT NULL,
+        upstream_task_id TEXT,              -- NULL while status = 'creating'
+        status TEXT NOT NULL,               -- creating|queued|running|succeeded|failed|cancelled
+        ratio REAL NOT NULL DEFAULT 1.0,
+        video TEXT,
+        usage TEXT,
+        error TEXT,
+        billed INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        next_poll_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        account TEXT,
+        endpoint TEXT,
+        idempotency_key TEXT,
+        request_hash TEXT
+    );
+    INSERT INTO video_tasks_new (id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id,
+        status, ratio, video, usage, error, billed, created_at, updated_at, next_poll_at, attempts, account, endpoint)
+    SELECT id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id, status, ratio, video,
+        usage, error, billed, created_at, updated_at, next_poll_at, attempts, account, endpoint FROM video_tasks;
+    DROP TABLE video_tasks;
+    ALTER TABLE video_tasks_new RENAME TO video_tasks;
+    CREATE INDEX video_tasks_due ON video_tasks (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE UNIQUE INDEX video_tasks_upstream_task ON video_tasks (upstream, upstream_task_id);
+    CREATE UNIQUE INDEX video_tasks_account_task ON video_tasks (account, upstream_task_id);
+    CREATE UNIQUE INDEX video_tasks_endpoint_task ON video_tasks (endpoint, upstream_task_id);
+    CREATE UNIQUE INDEX video_tasks_idempotency ON video_tasks (workspace_id, idempotency_key);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

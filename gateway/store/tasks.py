@@ -5,6 +5,14 @@ the database itself, whoever races (client polls, the background poller,
 other worker processes): a task is billed at most once, and a finished task
 never changes again.
 
+- A task is recorded before the upstream is asked to start it (``begin``:
+  status ``creating``, no upstream id) and given its upstream id right after
+  (``record_created``, guarded by ``upstream_task_id IS NULL``), so a task
+  that exists upstream always has a row. A ``creating`` row whose creator
+  is gone is found by the poller once its ``next_poll_at`` (set past any
+  upstream timeout) has come.
+- An Idempotency-Key is unique per workspace (an index), so of two racing
+  creates with one key exactly one inserts.
 - Every write that moves a task is an UPDATE guarded by
   ``status IN ('queued', 'running')``, so the first writer of a final state
   wins and later ones change nothing.
@@ -33,15 +41,18 @@ from . import rollup
 from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
 
+CREATING = "creating"  # recorded, upstream asked, upstream id not known yet
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 _ACTIVE_SQL = "status IN ('queued', 'running')"
+_UNRECORDED = "status = 'creating' AND upstream_task_id IS NULL"
 
 _COLUMNS = (
     "id, workspace_id, key_id, model, upstream, upstream_model, upstream_task_id, status, ratio, "
-    "video, usage, error, billed, created_at, updated_at, next_poll_at, attempts, account, endpoint"
+    "video, usage, error, billed, created_at, updated_at, next_poll_at, attempts, account, endpoint, "
+    "idempotency_key, request_hash"
 )
-_PLACEHOLDERS = ", ".join("?" * 19)
+_PLACEHOLDERS = ", ".join("?" * 21)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +81,7 @@ class TaskRow:
     model: str
     upstream: str
     upstream_model: str
-    upstream_task_id: str
+    upstream_task_id: str | None
     status: str
     ratio: float = 1.0
     video: dict[str, Any] | None = None
@@ -83,6 +94,8 @@ class TaskRow:
     attempts: int = 0
     account: str | None = None  # the provider account the upstream task lives in
     endpoint: str | None = None  # the upstream's normalised base_url
+    idempotency_key: str | None = None  # the client's, unique in the workspace
+    request_hash: str | None = None  # SHA-256 (hex) of the create body, with an idempotency key
 
     @property
     def finished(self) -> bool:
@@ -105,7 +118,7 @@ def _row(r: Sequence[Any]) -> TaskRow:
         id=r[0], workspace_id=r[1], key_id=r[2], model=r[3], upstream=r[4], upstream_model=r[5],
         upstream_task_id=r[6], status=r[7], ratio=r[8], video=_loads(r[9]), usage=_loads(r[10]),
         error=_loads(r[11]), billed=bool(r[12]), created_at=r[13], updated_at=r[14], next_poll_at=r[15],
-        attempts=r[16], account=r[17], endpoint=r[18],
+        attempts=r[16], account=r[17], endpoint=r[18], idempotency_key=r[19], request_hash=r[20],
     )
 
 
@@ -113,7 +126,7 @@ def _values(t: TaskRow) -> tuple[Any, ...]:
     return (
         t.id, t.workspace_id, t.key_id, t.model, t.upstream, t.upstream_model, t.upstream_task_id, t.status,
         t.ratio, _dumps(t.video), _dumps(t.usage), _dumps(t.error), int(t.billed), t.created_at, t.updated_at,
-        t.next_poll_at, t.attempts, t.account, t.endpoint,
+        t.next_poll_at, t.attempts, t.account, t.endpoint, t.idempotency_key, t.request_hash,
     )
 
 
@@ -143,8 +156,59 @@ class TaskStore:
 
     # ------------------------------------------------------------- tasks
 
-    async def insert(self, t: TaskRow) -> None:
-        await self._write(f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _values(t))
+    async def begin(self, t: TaskRow, key_ttl_s: float) -> TaskRow | None:
+        """Record a task about to be created upstream (``t.status`` is
+        ``creating``). Returns None once it is recorded, or, when
+        ``t.idempotency_key`` is held by another task of the workspace, that
+        task (nothing is recorded then). A key held longer than
+        ``key_ttl_s`` is released first, so it may be used again."""
+        idem = t.idempotency_key
+        for _ in range(3):  # the holder may be deleted (abandoned) between the two statements
+            if idem is not None:
+                await self._write(
+                    "UPDATE video_tasks SET idempotency_key = NULL "
+                    "WHERE workspace_id = ? AND idempotency_key = ? AND created_at < ?",
+                    (t.workspace_id, idem, t.created_at - key_ttl_s),
+                )
+            n = await self._write(
+                f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS}) ON CONFLICT DO NOTHING", _values(t)
+            )
+            if n == 1 or idem is None:
+                return None
+            r = await self._one(
+                f"SELECT {_COLUMNS} FROM video_tasks WHERE workspace_id = ? AND idempotency_key = ?",
+                (t.workspace_id, idem),
+            )
+            if r is not None:
+                return _row(r)
+        raise RuntimeError(f"video task {t.id}: idempotency key neither free nor held")
+
+    async def record_created(self, t: TaskRow, now: float) -> bool:
+        """Give a recorded task the upstream's task id and where it lives
+        (``t``'s upstream fields), and make it ``queued``. Also after the
+        poller gave up on it (``give_up_creating``): the task exists upstream
+        after all, so it is polled and billed. False if it has its id already."""
+        n = await self._write(
+            "UPDATE video_tasks SET upstream = ?, upstream_model = ?, upstream_task_id = ?, account = ?, "
+            "endpoint = ?, status = 'queued', error = NULL, updated_at = ?, next_poll_at = ? "
+            "WHERE id = ? AND upstream_task_id IS NULL AND billed = 0",
+            (t.upstream, t.upstream_model, t.upstream_task_id, t.account, t.endpoint, now, t.next_poll_at, t.id),
+        )
+        return n == 1
+
+    async def abandon(self, task_id: str) -> None:
+        """Forget a recorded task the upstream certainly did not start."""
+        await self._write(f"DELETE FROM video_tasks WHERE id = ? AND {_UNRECORDED}", (task_id,))
+
+    async def give_up_creating(self, task_id: str, upstream: str, error: dict[str, Any], now: float) -> bool:
+        """A recorded task whose creation ended without an upstream id and
+        without certainty that nothing was started: failed, not billed."""
+        n = await self._write(
+            f"UPDATE video_tasks SET status = 'failed', upstream = ?, error = ?, updated_at = ?, next_poll_at = NULL "
+            f"WHERE id = ? AND {_UNRECORDED}",
+            (upstream, _dumps(error), now, task_id),
+        )
+        return n == 1
 
     async def adopt(self, t: TaskRow, owners: Owners) -> TaskRow | None:
         """Insert a task first seen by its upstream id, unless a row for
@@ -153,6 +217,7 @@ class TaskStore:
         statement, so two racing adoptions cannot both insert. Returns the
         row that stands for the upstream task (None if the public id is
         taken by another task)."""
+        assert t.upstream_task_id is not None
         cond, args = owners.where()
         await self._write(
             f"INSERT INTO video_tasks ({_COLUMNS}) SELECT {_PLACEHOLDERS} WHERE NOT EXISTS "
@@ -190,10 +255,12 @@ class TaskStore:
         return None if r is None else _row(r)
 
     async def due(self, now: float, limit: int) -> list[TaskRow]:
-        """Unfinished tasks whose next poll time has come, oldest first."""
+        """Unfinished tasks whose next poll time has come, oldest first
+        (``creating`` ones: those whose creator should have recorded them
+        by now)."""
         async with self._lock, self._db.execute(
             f"SELECT {_COLUMNS} FROM video_tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ? "
-            f"AND {_ACTIVE_SQL} ORDER BY next_poll_at LIMIT ?",
+            f"AND status IN ('creating', 'queued', 'running') ORDER BY next_poll_at LIMIT ?",
             (now, limit),
         ) as cur:
             return [_row(r) for r in await cur.fetchall()]

@@ -44,6 +44,7 @@ class TaskState:
 
 
 TASK_STATE = web.AppKey("task_state", TaskState)
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def _service(request: web.Request) -> VideoTasks:
@@ -95,9 +96,29 @@ async def create_video_task(request: web.Request) -> web.Response:
     if req.provider_options:
         check_provider_options(req.provider_options,
                                ((t.upstream.kind, t.upstream.extra_provider_options) for t in targets))
-    t, target = await _service(request).create(key, req, targets)
-    ctx.upstream = target.upstream.name
-    return _json(public_task(t, target.upstream.kind))
+    svc = _service(request)
+    t, replayed = await svc.create(key, req, targets, idempotency_key(request))
+    ctx.upstream = t.upstream
+    resp = _json(public_task(t, svc.provider_name(t)))
+    if replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The client's Idempotency-Key: at most one, 1 to 255 printable ASCII
+    characters (it is stored, and compared per workspace)."""
+    values = request.headers.getall("Idempotency-Key", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("Send one Idempotency-Key header, not several.", code="invalid_idempotency_key",
+                         param="Idempotency-Key")
+    key = values[0]
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in key):
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
+                         code="invalid_idempotency_key", param="Idempotency-Key")
+    return key
 
 
 def video_targets(gw: Gateway, model: str) -> list[Target]:
@@ -291,6 +312,7 @@ def setup(app: web.Application, gw: Gateway, *, poller: bool) -> None:
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
+        await svc.close(gw.config.server.graceful_timeout_s)
         await store.close()
 
     app.cleanup_ctx.append(task_store)

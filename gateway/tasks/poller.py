@@ -52,7 +52,10 @@ class Poller:
                 if not await store.claim(t, lease):
                     return 0
                 try:
-                    await self.tasks.refresh(t)
+                    if t.upstream_task_id is None:
+                        await self.tasks.give_up_stale(t)  # its creator is gone
+                    else:
+                        await self.tasks.refresh(t)
                 except GatewayError as e:
                     log.warning("video task %s poll failed: %s", t.id, e.code)
                     await self.tasks.retry_later(t)

@@ -4,21 +4,25 @@ create upstream, refresh from upstream, apply what was seen to the row
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import secrets
+import sqlite3
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..auth import KeyInfo
 from ..config import UpstreamConfig
 from ..context import Gateway
-from ..errors import BadGateway, GatewayError, NotFound
+from ..errors import BadGateway, Conflict, GatewayError, NotFound, ServiceUnavailable, Unprocessable
 from ..routing import Target
 from ..store.columns import COLUMNS
-from ..store.tasks import Owners, TaskRow, TaskStore
-from .upstream import retryable
+from ..store.tasks import CREATING, Owners, TaskRow, TaskStore
+from .upstream import retryable, took_nothing
 from .video import PROVIDERS, Snapshot, VideoProvider, VideoRequest
 
 log = logging.getLogger("gateway.tasks")
@@ -26,6 +30,28 @@ log = logging.getLogger("gateway.tasks")
 BILLING_ENDPOINT = "video.task.billing"
 TIMEOUT_ERROR = {"code": "task_timeout", "message": "The task did not finish in time."}
 LOST_ERROR = {"code": "upstream_task_not_found", "message": "The upstream no longer knows this task."}
+CREATE_UNKNOWN_ERROR = {
+    "code": "upstream_create_unknown",
+    "message": "The upstream did not confirm the task; it was not retried, to avoid starting it twice.",
+}
+# How long an Idempotency-Key keeps naming its task (then it may be reused).
+IDEMPOTENCY_TTL_S = 24 * 3600
+# After the last route's upstream timeout, how long before the poller takes
+# a task still without an upstream id as abandoned by its creator.
+CREATE_GRACE_S = 60.0
+
+_T = TypeVar("_T")
+
+
+def _replayed(held: TaskRow, intent: TaskRow) -> TaskRow:
+    """The task a repeated Idempotency-Key names, if the request is the same."""
+    if held.request_hash != intent.request_hash:
+        raise Unprocessable("This Idempotency-Key was used with a different request body.",
+                            code="idempotency_key_reused", param="Idempotency-Key")
+    if held.status == CREATING:
+        raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
+                       code="idempotency_key_in_use", param="Idempotency-Key", headers={"Retry-After": "1"})
+    return held
 
 
 def new_task_id() -> str:
@@ -83,13 +109,13 @@ def same_account(upstreams: Sequence[UpstreamConfig], up: UpstreamConfig) -> Own
 
 
 def public_task(t: TaskRow, provider: str) -> dict[str, Any]:
-    """The poll answer of the public API."""
+    """The poll answer of the public API (a task being created is queued)."""
     return {
         "id": t.id,
         "object": "video.task",
         "model": t.model,
         "provider": provider,
-        "status": t.status,
+        "status": "queued" if t.status == CREATING else t.status,
         "video": t.video if t.status == "succeeded" else None,
         "usage": t.usage if t.status == "succeeded" else None,
         "error": t.error if t.status in ("failed", "cancelled") else None,
@@ -105,6 +131,9 @@ class VideoTasks:
     def __init__(self, gw: Gateway, store: TaskStore) -> None:
         self.gw = gw
         self.store = store
+        # Creates and recordings running on their own (see create); kept so
+        # they are not collected mid-run and close() can wait for them.
+        self._jobs: set[asyncio.Task[Any]] = set()
 
     @property
     def _session(self) -> Any:
@@ -124,9 +153,52 @@ class VideoTasks:
         except KeyError:
             return "unknown"
 
-    async def create(self, key: KeyInfo, req: VideoRequest, targets: list[Target]) -> tuple[TaskRow, Target]:
-        """Start the task on the first target that takes it (5xx, 429 and
-        transport errors move on to the next) and store it as queued."""
+    async def create(
+        self, key: KeyInfo, req: VideoRequest, targets: list[Target], idempotency_key: str | None = None
+    ) -> tuple[TaskRow, bool]:
+        """Record the task, then start it upstream on the first target that
+        takes it, then record the upstream's task id (see ``_start``).
+
+        With an ``idempotency_key`` already used in the workspace (within
+        IDEMPOTENCY_TTL_S) nothing is started: the task made by that first
+        request is returned; 409 while that request is still running, 422 if
+        its body differed. The flag is True for such a replay.
+
+        The upstream call and its recording run in a task of their own that
+        the client leaving does not cancel: a task started upstream is always
+        recorded, polled and billed."""
+        now = time.time()
+        first = targets[0]
+        intent = TaskRow(
+            id=new_task_id(), workspace_id=key.workspace_id, key_id=key.id, model=req.model,
+            upstream=first.upstream.name, upstream_model=first.route.model, upstream_task_id=None,
+            status=CREATING, ratio=key.ratio, created_at=now, updated_at=now,
+            # When the poller may conclude the creator is gone: after every
+            # route's upstream timeout has passed (and a margin).
+            next_poll_at=now + sum(t.upstream.timeout_s for t in targets) + CREATE_GRACE_S,
+            idempotency_key=idempotency_key,
+            request_hash=hashlib.sha256(req.raw).hexdigest() if idempotency_key is not None else None,
+        )
+        try:
+            held = await self.store.begin(intent, IDEMPOTENCY_TTL_S)
+        except sqlite3.Error as e:
+            log.error("video task not recorded, so not started: %s", e)
+            raise ServiceUnavailable("The task database is unavailable; nothing was started. Retry shortly.",
+                                     code="task_store_unavailable", headers={"Retry-After": "1"}) from None
+        if held is not None:
+            return _replayed(held, intent), True
+        job = self._spawn(self._start(intent, req, targets), f"video-task-create-{intent.id}")
+        return await asyncio.shield(job), False
+
+    async def _start(self, intent: TaskRow, req: VideoRequest, targets: list[Target]) -> TaskRow:
+        """Start the recorded task ``intent`` upstream and record its id.
+
+        A target that certainly did not act (no connection, or an error
+        answer: 5xx and 429 move on to the next route) leaves nothing
+        upstream: once no target is left the record is deleted. A timeout or
+        a dropped connection after the request went out may have started
+        the task: it is not tried elsewhere (that could start a second one)
+        and the record becomes ``failed`` with ``upstream_create_unknown``."""
         failure: GatewayError | None = None
         for i, target in enumerate(targets):
             up = target.upstream
@@ -135,25 +207,105 @@ class VideoTasks:
             try:
                 upstream_id = await provider.create(self._session, up, target.route.model, req)
             except GatewayError as e:
+                if not took_nothing(e):
+                    await self._give_up(intent, up.name, e.code)
+                    raise
                 if retryable(e) and i < len(targets) - 1:
                     failure = e
                     continue
+                await self._quietly(self.store.abandon(intent.id), intent)
                 raise
-            now = time.time()
-            t = TaskRow(
-                id=new_task_id(), workspace_id=key.workspace_id, key_id=key.id, model=req.model,
-                upstream=up.name, upstream_model=target.route.model, upstream_task_id=upstream_id,
-                status="queued", ratio=key.ratio, created_at=now, updated_at=now,
-                next_poll_at=now + self.gw.config.tasks.poll_interval_s, account=account_name(up),
-                endpoint=endpoint_of(up),
+            except Exception as e:
+                await self._give_up(intent, up.name, type(e).__name__)
+                raise
+            t = replace(
+                intent, upstream=up.name, upstream_model=target.route.model, upstream_task_id=upstream_id,
+                status="queued", account=account_name(up), endpoint=endpoint_of(up),
+                next_poll_at=time.time() + self.gw.config.tasks.poll_interval_s,
             )
-            await self.store.insert(t)
-            return t, target
+            await self._record(t)
+            return t
         assert failure is not None
         raise failure
 
+    async def _record(self, t: TaskRow) -> None:
+        """Store the upstream id of a started task. While the database
+        refuses (locked, gone), keep trying in the background: the client
+        gets its task now, the poller finds it once it is written."""
+        try:
+            await self.store.record_created(t, time.time())
+        except sqlite3.IntegrityError:
+            # The upstream gave an id its account already has a row for:
+            # that row is polled and billed; this record is not.
+            log.error("video task %s: upstream %s answered with task id %s, which is recorded already",
+                      t.id, t.upstream, t.upstream_task_id)
+            await self._give_up(t, t.upstream, "upstream_duplicate_task")
+        except sqlite3.Error as e:
+            log.warning("video task %s: started on upstream %s as %s but not recorded yet (%s); retrying",
+                        t.id, t.upstream, t.upstream_task_id, e)
+            self._spawn(self._record_until_done(t), f"video-task-record-{t.id}")
+
+    async def _record_until_done(self, t: TaskRow) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.record_created(t, time.time())
+            except asyncio.CancelledError:
+                log.error("video task %s: started on upstream %s as %s and never recorded (the gateway stopped)",
+                          t.id, t.upstream, t.upstream_task_id)
+                raise
+            except sqlite3.Error as e:
+                delay = min(delay * 2, 5.0)
+                log.warning("video task %s: still not recorded (%s); retrying", t.id, e)
+                continue
+            log.info("video task %s: upstream task recorded", t.id)
+            return
+
+    async def _give_up(self, t: TaskRow, upstream: str, reason: str | None) -> None:
+        log.error("video task %s: upstream %s may have started it (%s); recorded as failed, not billed",
+                  t.id, upstream, reason)
+        await self._quietly(self.store.give_up_creating(t.id, upstream, CREATE_UNKNOWN_ERROR, time.time()), t)
+
+    async def _quietly(self, write: Awaitable[Any], t: TaskRow) -> None:
+        """A clean-up write after a failed create: if the database refuses
+        it too, the poller finds the ``creating`` row later (give_up_stale)."""
+        try:
+            await write
+        except sqlite3.Error as e:
+            log.warning("video task %s: clean-up write failed (%s); the poller will settle it", t.id, e)
+
+    def _spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
+        job = asyncio.create_task(coro, name=name)
+        self._jobs.add(job)
+        job.add_done_callback(self._job_done)
+        return job
+
+    def _job_done(self, job: asyncio.Task[Any]) -> None:
+        self._jobs.discard(job)
+        if not job.cancelled():
+            job.exception()  # retrieved: the client that awaited it (if any) got it
+
+    async def give_up_stale(self, t: TaskRow) -> None:
+        """The poller's due ``creating`` task: its creator is gone (killed,
+        stopped) without recording an upstream id."""
+        await self._give_up(t, t.upstream, "the creating process is gone")
+
+    async def close(self, timeout: float) -> None:
+        """Let creates and recordings in progress finish (up to ``timeout``
+        seconds), then cancel the rest."""
+        if self._jobs:
+            await asyncio.wait(set(self._jobs), timeout=timeout)
+        for job in list(self._jobs):
+            job.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+
     async def refresh(self, t: TaskRow) -> TaskRow:
-        """Ask the task's upstream for its state and apply it."""
+        """Ask the task's upstream for its state and apply it (a task
+        without an upstream id yet is returned as it is)."""
+        if t.upstream_task_id is None:
+            return t
         up = self.upstream(t.upstream)
         provider = provider_for(up)
         if provider is None:

@@ -22,6 +22,13 @@ from ..errors import BadGateway, GatewayError, GatewayTimeout
 log = logging.getLogger("gateway.tasks")
 
 MAX_ANSWER = 4 * 1024 * 1024
+UNREACHABLE = "upstream_unreachable"
+
+
+class UpstreamRefused(GatewayError):
+    """The upstream answered with an error status: it did not act on the request."""
+
+    type = "upstream_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +71,20 @@ async def call(
                     raise bad_answer(up, f"more than {MAX_ANSWER} bytes")
                 chunks.append(chunk)
             raw = b"".join(chunks)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        # No connection was made: the upstream never saw the request.
+        log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
+        raise BadGateway(f"Upstream '{up.name}' is unreachable.", code=UNREACHABLE) from None
     except TimeoutError:
         raise GatewayTimeout(f"Upstream '{up.name}' timed out.") from None
     except aiohttp.ClientError as e:
-        log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
-        raise BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable") from None
+        log.warning("upstream %s broke off: %s", up.name, type(e).__name__)
+        raise BadGateway(f"Upstream '{up.name}' broke off the connection.", code="upstream_disconnected") from None
     if status in (401, 403):
         log.error("upstream %s rejected the gateway's credential (%d)", up.name, status)
-        raise BadGateway(
-            f"Upstream '{up.name}' rejected the gateway's credential (HTTP {status}).", code="upstream_auth_failed"
+        raise UpstreamRefused(
+            f"Upstream '{up.name}' rejected the gateway's credential (HTTP {status}).", code="upstream_auth_failed",
+            status=502,
         )
     try:
         obj = orjson.loads(raw)
@@ -109,13 +121,11 @@ def upstream_error(up: UpstreamConfig, answer: Answer) -> GatewayError:
     status and message, in the endpoint's error shape."""
     code, message = _error_fields(answer.obj)
     status = answer.status if 400 <= answer.status <= 599 else 502
-    err = GatewayError(
+    return UpstreamRefused(
         f"Upstream '{up.name}' answered HTTP {answer.status}" + (f": {message}" if message else "."),
         code=f"upstream_{code}" if code else f"upstream_{answer.status}",
         status=status,
     )
-    err.type = "upstream_error"
-    return err
 
 
 def bad_answer(up: UpstreamConfig, what: str) -> BadGateway:
@@ -125,3 +135,12 @@ def bad_answer(up: UpstreamConfig, what: str) -> BadGateway:
 def retryable(err: GatewayError) -> bool:
     """Worth trying the next route: the upstream did not take the request."""
     return err.status >= 500 or err.status == 429
+
+
+def took_nothing(err: GatewayError) -> bool:
+    """The upstream certainly did not act on the request: no connection
+    was made, or it answered with an error status (a rejected credential
+    included). False for a timeout or a dropped connection after the
+    request went out, and for a success answer the gateway could not read:
+    then the upstream may have acted (e.g. started a task)."""
+    return err.code == UNREACHABLE or isinstance(err, UpstreamRefused)
