@@ -139,7 +139,7 @@ def _model_object(gw: Gateway, name: str, created: int) -> dict[str, object]:
 
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    key = request[CTX].key = gw.keys.authenticate(request)
+    key = request[CTX].key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     created = int(request.app[STARTED])
     data = [_model_object(gw, n, created) for n in sorted(key.models)]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
@@ -147,7 +147,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    key = request[CTX].key = gw.keys.authenticate(request)
+    key = request[CTX].key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     name = request.match_info["model"]
     if name not in key.models:
         raise NotFound(f"The model '{bounds.shown(name)}' does not exist.", code="model_not_found", param="model")
@@ -213,7 +213,8 @@ def create_app(
     )
     limits = make_limiter(cfg, metrics, clock)
     gw = Gateway(
-        config=cfg, router=Router(cfg, health), keys=KeyCache(cfg), metrics=metrics, limits=limits, clock=clock
+        config=cfg, router=Router(cfg, health), metrics=metrics, limits=limits, clock=clock,
+        keys=KeyCache(cfg, on_lookup=lambda result: metrics.key_lookups.labels(result).inc()),
     )
     app[GATEWAY] = gw
     app[STARTED] = time.time()

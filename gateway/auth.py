@@ -5,6 +5,15 @@ may use already computed. A background task polls a generation counter that
 triggers bump on every change to keys or workspaces (from any process: another
 worker, the CLI, the admin API) and reloads when it moves, so a revocation
 takes effect within ``server.key_refresh_ms`` plus one reload.
+
+A key created since the last reload works on its first request anyway: a
+well-formed key the cache does not hold is looked up once in the database
+(``KeyCache.authenticate_new``). Known keys never wait on anything. The
+lookups are bounded so that made-up keys cannot turn into database load:
+concurrent requests for one key share one lookup, an unknown key is
+remembered for MISS_TTL_S (until the next reload), and at most
+LOOKUPS_PER_S lookups run per second per process; past that, an unknown
+key is refused without one (it works within ``key_refresh_ms`` anyway).
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -23,11 +33,27 @@ import orjson
 from aiohttp import web
 
 from .config import Config
-from .errors import Unauthorized
+from .errors import ServiceUnavailable, Unauthorized
 
 log = logging.getLogger("gateway.auth")
 
 KEY_MAX = 256  # longer than any key the gateway makes
+# The shape of every key the gateway makes (store.queries.new_key): "gw-"
+# and 32 random bytes in url-safe base64. Only such a token is worth a
+# database lookup.
+_KEY_SHAPE = re.compile(r"gw-[A-Za-z0-9_-]{43}")
+LOOKUPS_PER_S = 20
+MISS_TTL_S = 30.0
+MISS_MAX = 10_000
+
+
+def well_formed(token: str) -> bool:
+    return _KEY_SHAPE.fullmatch(token) is not None
+
+
+def _hash(token: str) -> str:
+    # surrogateescape: header bytes that are not UTF-8 hash to a miss, not an error.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,28 +110,27 @@ WHERE k.revoked_at IS NULL
 
 
 class KeyCache:
-    """Live keys by hash; see the module docstring for how it stays fresh."""
+    """Live keys by hash; see the module docstring for how it stays fresh
+    and how a key it does not hold yet is found."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, on_lookup: Callable[[str], None] = lambda result: None) -> None:
         self._cfg = cfg
         self._by_hash: dict[str, KeyInfo] = {}
         self._rows: list[tuple[Any, ...]] = []
         self._generation: int | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._on_lookup = on_lookup  # found | unknown | throttled | failed
+        self._unknown: dict[str, float] = {}  # hash -> monotonic time until which it stays unknown
+        self._pending: dict[str, asyncio.Task[KeyInfo | None]] = {}
+        self._window_end = 0.0
+        self._window_lookups = 0
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
-    def lookup(self, plaintext: str) -> KeyInfo | None:
-        if len(plaintext) > KEY_MAX:
-            return None  # no key is that long: not worth hashing
-        # surrogateescape: header bytes that are not UTF-8 hash to a miss, not an error.
-        info = self._by_hash.get(hashlib.sha256(plaintext.encode("utf-8", "surrogateescape")).hexdigest())
-        if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
-            return None
-        return info
-
-    def authenticate(self, request: web.Request) -> KeyInfo:
-        """The key of a request, from ``Authorization: Bearer`` or ``x-api-key``."""
+    @staticmethod
+    def _token(request: web.Request) -> str:
+        """The key a request carries, from ``Authorization: Bearer`` or ``x-api-key``."""
         headers = request.headers
         auth = headers.get("Authorization")
         token: str | None = None
@@ -119,10 +144,98 @@ class KeyCache:
             raise Unauthorized(
                 "Missing API key: send Authorization: Bearer <key> or x-api-key.", code="missing_api_key"
             )
-        info = self.lookup(token)
+        return token
+
+    def authenticate(self, request: web.Request) -> KeyInfo | None:
+        """The key of a request, from memory. None: a well-formed key this
+        process does not hold yet; ``await authenticate_new(request)`` then
+        looks it up (callers write ``authenticate(r) or await
+        authenticate_new(r)``, so a known key costs no await)."""
+        token = self._token(request)
+        if len(token) > KEY_MAX:
+            raise _invalid()  # no key is that long: not worth hashing
+        info = self._by_hash.get(_hash(token))
+        if info is not None:
+            if info.expires_at is not None and info.expires_at <= time.time():
+                raise _invalid()
+            return info
+        if not well_formed(token):
+            raise _invalid()
+        return None
+
+    async def authenticate_new(self, request: web.Request) -> KeyInfo:
+        """A well-formed key missing from the cache, looked up once in the
+        database (bounded: see the module docstring); 401 if unknown."""
+        key_hash = _hash(self._token(request))
+        info = self._by_hash.get(key_hash)  # a reload or another request may have found it meanwhile
         if info is None:
-            raise Unauthorized("Invalid, revoked or expired API key.")
+            task = self._pending.get(key_hash)
+            if task is None:
+                now = time.monotonic()
+                if self._unknown.get(key_hash, 0.0) > now:
+                    raise _invalid()
+                if not self._may_look_up(now):
+                    self._on_lookup("throttled")
+                    raise _invalid()
+                task = asyncio.create_task(self._look_up(key_hash), name="key-lookup")
+                self._pending[key_hash] = task
+                task.add_done_callback(self._lookup_done)
+            # Shielded: a client that goes away does not cancel the lookup
+            # other requests for the same key are waiting on.
+            info = await asyncio.shield(task)
+        if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
+            raise _invalid()
         return info
+
+    def _lookup_done(self, task: asyncio.Task[KeyInfo | None]) -> None:
+        for key_hash, t in list(self._pending.items()):
+            if t is task:
+                del self._pending[key_hash]
+        if not task.cancelled():
+            task.exception()  # retrieved here, in case every waiter went away
+
+    def _may_look_up(self, now: float) -> bool:
+        if now >= self._window_end:
+            self._window_end, self._window_lookups = now + 1.0, 0
+        if self._window_lookups >= LOOKUPS_PER_S:
+            return False
+        self._window_lookups += 1
+        return True
+
+    async def _look_up(self, key_hash: str) -> KeyInfo | None:
+        try:
+            generation, row = await self.fetch_key(key_hash)
+        except Exception as e:
+            self._on_lookup("failed")
+            log.error("key lookup failed: %s", type(e).__name__)
+            raise ServiceUnavailable("The API key could not be checked; retry.", code="key_lookup_failed") from None
+        if row is None:
+            self._on_lookup("unknown")
+            if len(self._unknown) >= MISS_MAX:
+                self._unknown.clear()
+            self._unknown[key_hash] = time.monotonic() + MISS_TTL_S
+            return None
+        self._on_lookup("found")
+        info = self._info(row, {})
+        # Keep it only if the cache holds nothing newer than what was read:
+        # a reload that saw a later change (a revocation) wins, and the next
+        # reload would not come to take back a stale entry.
+        if self._generation is None or generation >= self._generation:
+            self._rows.append(row)
+            self._by_hash[key_hash] = info
+        return info
+
+    async def fetch_key(self, key_hash: str) -> tuple[int, tuple[Any, ...] | None]:
+        """The key generation, then the live key's row (None if there is no
+        such key or it is revoked), as ``refresh`` reads them."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("the key cache has not been loaded")
+        async with db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
+            gen = await cur.fetchone()
+        async with db.execute(_LOAD + " AND k.key_hash = ?", (key_hash,)) as cur:
+            row = await cur.fetchone()
+        return (int(gen[0]) if gen else 0), (tuple(row) if row is not None else None)
 
     def set_config(self, cfg: Config) -> None:
         """Recompute every key's model set for a reloaded config."""
@@ -131,6 +244,7 @@ class KeyCache:
 
     async def refresh(self, db: aiosqlite.Connection) -> bool:
         """Reload from the database if anything changed; True if it did."""
+        self._db = db
         async with db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
             row = await cur.fetchone()
         generation = int(row[0]) if row else 0
@@ -140,27 +254,31 @@ class KeyCache:
             self._rows = [tuple(r) for r in await cur.fetchall()]
         self._generation = generation
         self._build()
+        self._unknown.clear()  # a key created since is in the reloaded set
         return True
 
-    def _build(self) -> None:
+    def _info(self, row: tuple[Any, ...], memo: dict[tuple[Any, ...], frozenset[str]]) -> KeyInfo:
+        """A KeyInfo from a row of _LOAD; ``memo`` shares model sets between
+        keys of one group and allow-lists."""
         cfg = self._cfg
+        (kid, _, name, prefix, kgroup, kmodels, rpm, tpm, conc, spend, expires,
+         wid, wname, wgroup, wmodels, wspend, wtokens) = row
+        group = kgroup or wgroup
+        memo_key = (group, wmodels, kmodels)
+        models = memo.get(memo_key)
+        if models is None:
+            models = memo[memo_key] = enabled_models(cfg, group, _patterns(wmodels), _patterns(kmodels))
+        g = cfg.group(group)
+        return KeyInfo(
+            id=kid, workspace_id=wid, workspace=wname, name=name, prefix=prefix, group=group,
+            ratio=g.ratio if g else 1.0, models=models, rpm=rpm, tpm=tpm, max_concurrency=conc,
+            spend_limit=spend, expires_at=expires, workspace_spend_limit=wspend,
+            workspace_token_limit=wtokens,
+        )
+
+    def _build(self) -> None:
         memo: dict[tuple[Any, ...], frozenset[str]] = {}
-        by_hash: dict[str, KeyInfo] = {}
-        for (kid, khash, name, prefix, kgroup, kmodels, rpm, tpm, conc, spend, expires,
-             wid, wname, wgroup, wmodels, wspend, wtokens) in self._rows:
-            group = kgroup or wgroup
-            memo_key = (group, wmodels, kmodels)
-            models = memo.get(memo_key)
-            if models is None:
-                models = memo[memo_key] = enabled_models(cfg, group, _patterns(wmodels), _patterns(kmodels))
-            g = cfg.group(group)
-            by_hash[khash] = KeyInfo(
-                id=kid, workspace_id=wid, workspace=wname, name=name, prefix=prefix, group=group,
-                ratio=g.ratio if g else 1.0, models=models, rpm=rpm, tpm=tpm, max_concurrency=conc,
-                spend_limit=spend, expires_at=expires, workspace_spend_limit=wspend,
-                workspace_token_limit=wtokens,
-            )
-        self._by_hash = by_hash
+        self._by_hash = {row[1]: self._info(row, memo) for row in self._rows}
 
     async def run(self, db: aiosqlite.Connection, interval_s: float) -> None:
         while True:
@@ -170,3 +288,7 @@ class KeyCache:
                     log.info("key cache reloaded: %d live keys", len(self._by_hash))
             except Exception as e:  # keep serving from the last good cache
                 log.error("key cache refresh failed: %s", type(e).__name__)
+
+
+def _invalid() -> Unauthorized:
+    return Unauthorized("Invalid, revoked or expired API key.")

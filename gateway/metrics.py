@@ -129,6 +129,11 @@ class Metrics:
         self.rate_limited = Counter(
             "gateway_rate_limit_rejections_total", "Requests rejected by a limit", ["reason"], registry=reg
         )
+        self.key_lookups = Counter(
+            "gateway_key_lookups_total",
+            "Database lookups of keys missing from the cache, by result (found, unknown, throttled: refused "
+            "without a lookup, failed)", ["result"], registry=reg,
+        )
         self.redis_errors = Counter(
             "gateway_redis_errors_total", "Failed Redis calls of the shared limits, by operation", ["op"],
             registry=reg,

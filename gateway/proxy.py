@@ -124,7 +124,7 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     the endpoint's ``parse`` accepts one)."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
+    ctx.key = key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
     obj, model = endpoint.parse(request.headers.get("Content-Type", ""), raw)

@@ -77,7 +77,7 @@ async def _admitted_body(request: web.Request) -> tuple[Gateway, KeyInfo, bytes]
     """Authenticate, admit against the key's limits, read the body."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
+    ctx.key = key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     await admit(gw, ctx, key)
     raw = await read_body(request, gw)
     ctx.bytes_in = len(raw)
@@ -153,7 +153,7 @@ async def asset_targets(
 async def get_video_task(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
+    ctx.key = key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     await admit(gw, ctx, key)
     svc = _service(request)
     task_id = request.match_info["id"]
@@ -252,7 +252,7 @@ async def _owned_lookup(request: web.Request, kind: str) -> tuple[Gateway, Upstr
     workspace owns the id on the platform's upstream (404 otherwise)."""
     gw = request.app[GATEWAY]
     ctx = request[CTX]
-    ctx.key = key = gw.keys.authenticate(request)
+    ctx.key = key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     await admit(gw, ctx, key)
     up, provider = platform_upstream(gw, request.query.get("platform"))
     obj_id = request.match_info["id"]
