@@ -461,6 +461,10 @@ _CONSOLE_HEADERS = {
 }
 
 
+async def favicon(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(CONSOLE_DIR / "favicon.ico", headers={"Cache-Control": "max-age=86400"})
+
+
 async def console_redirect(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/console/")
 
@@ -506,6 +510,7 @@ def register(app: web.Application) -> None:
     """Add the admin API and the console to the gateway app."""
     for method, path, handler in ROUTES:
         app.router.add_route(method, PREFIX + path, _guarded(handler))
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/console", console_redirect)
     app.router.add_get("/console/", console_file)
     app.router.add_get("/console/{path:.+}", console_file)

@@ -19,7 +19,7 @@ from . import admin, bounds
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
-from .errors import GatewayError, NotFound, Protocol, render
+from .errors import GatewayError, MethodNotAllowed, NotFound, Protocol, render
 from .limits import Limiter, LocalLimiter
 from .logs import log_request
 from .metrics import Metrics
@@ -54,6 +54,19 @@ def error_shape(path: str) -> Protocol:
     return Protocol.OPENAI
 
 
+def routing_error(request: web.Request, e: web.HTTPException) -> GatewayError:
+    """aiohttp's plain-text 404 and 405, as the gateway's JSON errors."""
+    method, path = bounds.shown(request.method), bounds.shown(request.path)
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = " or ".join(sorted(e.allowed_methods))
+        return MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}.",
+                                headers={"Allow": ",".join(sorted(e.allowed_methods))})
+    if request.path.startswith("/v1/"):
+        return NotFound(f"Unknown endpoint {method} {path}.", code="unknown_endpoint")
+    return NotFound(f"Nothing at {path}: the API is under /v1 (POST /v1/chat/completions, ...), "
+                    "the console at /console/.")
+
+
 def _endpoint_label(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
@@ -68,7 +81,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     # The client's id is stored, logged and echoed: kept only if it looks like one.
     request_id = bounds.request_id(request.headers.get("x-request-id")) or gw.new_request_id()
     if not request.path.startswith("/v1/"):
-        resp = await handler(request)
+        try:
+            resp = await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:
+            resp = render(routing_error(request, e), Protocol.OPENAI)
         if not resp.prepared:
             resp.headers["x-request-id"] = request_id
         return resp
@@ -83,10 +99,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         try:
             resp = await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:
+            raise routing_error(request, e) from None
         except web.HTTPException as e:
-            if e.status == 404:
-                raise NotFound(f"Unknown endpoint {bounds.shown(request.method)} {bounds.shown(request.path)}.",
-                               code="unknown_endpoint") from None
             raise GatewayError(e.reason, code="http_error", status=e.status) from None
         if not ctx.status:
             ctx.status = resp.status

@@ -37,7 +37,7 @@ from .errors import (
 from .intake import admit, read_body, resolve_model
 from .protocols.base import Decompressed, Endpoint, Prepared
 from .routing import DENIED, NORMAL, Target
-from .upstream import UpstreamError, UpstreamResponse
+from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
 
@@ -184,8 +184,9 @@ async def forward(
                 connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
                 total_timeout=up.timeout_s,
             )
-        except TimeoutError:
+        except TimeoutError as e:
             breaker.failure(grant, clock())
+            log.warning("upstream %s timed out: %s", up.name, _timeout_reason(e, up))
             failure = GatewayTimeout(f"Upstream '{up.name}' timed out.")
             ctx.error_type = "upstream_timeout"
             if not _more(targets, i, attempts_left, deadline, clock):
@@ -193,7 +194,7 @@ async def forward(
             continue
         except UpstreamError as e:
             breaker.failure(grant, clock())
-            log.warning("upstream %s unreachable: %s", up.name, type(e).__name__)
+            log.warning("upstream %s unreachable: %s", up.name, e)  # host, port and why: never the request
             failure = BadGateway(f"Upstream '{up.name}' is unreachable.", code="upstream_unreachable")
             ctx.error_type = "upstream_unreachable"
             if not _more(targets, i, attempts_left, deadline, clock):
@@ -233,6 +234,17 @@ async def forward(
     if failure is not None:
         raise failure
     raise _unavailable(gw, model_cfg.name, targets, clock())
+
+
+def _timeout_reason(e: TimeoutError, up: UpstreamConfig) -> str:
+    kind = e.kind if isinstance(e, UpstreamTimeout) else None
+    if kind == "connect":
+        return f"no connection within {up.connect_timeout_s:g} s"
+    if kind == "first byte":
+        return f"no response head within {up.first_byte_timeout_s:g} s"
+    if kind == "total":
+        return f"the exchange took longer than {up.timeout_s:g} s"
+    return str(e)
 
 
 def _more(targets: list[Target], i: int, attempts_left: int, deadline: float, clock: Callable[[], float]) -> bool:

@@ -34,6 +34,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -55,11 +57,31 @@ class UpstreamError(Exception):
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
-    """Connect, first-byte, idle or total timeout."""
+    """Connect, first-byte, idle or total timeout (``kind``)."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # connect | first byte | idle | total
 
 
 class UpstreamPayloadError(UpstreamError):
     """The connection ended before the response body did."""
+
+
+def connect_failure(e: BaseException) -> str:
+    """Why a connection could not be made, for a log line: refused, DNS,
+    TLS, or the system's words for it (never anything from the request)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({getattr(e, 'verify_message', None) or 'verify failed'})"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS handshake failed ({e.reason or type(e).__name__})"
+    if isinstance(e, socket.gaierror):
+        return f"DNS lookup failed ({e.strerror})"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno).lower()
+    return type(e).__name__
 
 
 class _Stale(Exception):
@@ -182,7 +204,7 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def timeout(self, what: str) -> None:
-        self._fail(UpstreamTimeout(f"upstream {what} timeout"))
+        self._fail(UpstreamTimeout(f"upstream {what} timeout", kind=what))
         self.close()
 
     def arm(self, at: float) -> None:
@@ -358,9 +380,9 @@ class UpstreamClient:
                 timeout,
             )
         except TimeoutError:
-            raise UpstreamTimeout(f"connect to {host}:{port} timed out") from None
+            raise UpstreamTimeout(f"connect to {host}:{port} timed out", kind="connect") from None
         except (OSError, ssl.SSLError) as e:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {type(e).__name__}") from None
+            raise UpstreamError(f"cannot connect to {host}:{port}: {connect_failure(e)}") from None
         return proto
 
     async def request(
