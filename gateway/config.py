@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     from .protocols.base import Usage
 
 UPSTREAM_KINDS = ("openai", "anthropic", "ark", "volcengine", "gateway")
+# The chat wire protocols (public endpoint names) each upstream kind speaks
+# unless its ``protocols`` says otherwise; a client of another one is
+# translated to the first of them (gateway.translate).
+CHAT_PROTOCOLS = ("chat", "messages", "responses")
+KIND_PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "openai": ("chat", "responses"), "anthropic": ("messages",), "gateway": CHAT_PROTOCOLS,
+    "ark": (), "volcengine": (),
+}
 
 
 class ConfigError(Exception):
@@ -133,6 +141,9 @@ class UpstreamConfig:
     # is honoured up to rate_limit_cooldown_max_s).
     rate_limit_cooldown_s: float = 5.0
     rate_limit_cooldown_max_s: float = 300.0
+    # The chat wire protocols it speaks, in order of preference for
+    # translation (default by kind: KIND_PROTOCOLS).
+    protocols: tuple[str, ...] = ()
     # Secrets resolved from the environment; kept out of repr so they never
     # reach a log line through an f-string of the config.
     api_key: str | None = field(default=None, repr=False)
@@ -186,6 +197,9 @@ class ModelConfig:
     routes: tuple[Route, ...]
     price: Price = Price()
     owned_by: str = "gateway"
+    # The output limit sent when a client names none and the upstream's
+    # protocol needs one (Anthropic's max_tokens, on a translated request).
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +343,9 @@ def _upstream(t: _Table, env: _Secrets) -> UpstreamConfig:
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{t.where}.base_url: must start with http:// or https://")
     api_key_env = t.text("api_key_env")
+    protocols = tuple(t.array("protocols")) or KIND_PROTOCOLS[kind]
+    if not all(p in CHAT_PROTOCOLS for p in protocols) or len(set(protocols)) != len(protocols):
+        raise ConfigError(f"{t.where}.protocols: expected distinct names among {', '.join(CHAT_PROTOCOLS)}")
     access_key_env = t.text("access_key_env")
     secret_key_env = t.text("secret_key_env")
     if kind == "volcengine" and (access_key_env is None or secret_key_env is None):
@@ -358,6 +375,7 @@ def _upstream(t: _Table, env: _Secrets) -> UpstreamConfig:
         breaker_cooldown_s=float(t.num("breaker_cooldown_s", 30.0)),
         rate_limit_cooldown_s=float(t.num("rate_limit_cooldown_s", 5.0)),
         rate_limit_cooldown_max_s=float(t.num("rate_limit_cooldown_max_s", 300.0)),
+        protocols=protocols,
         api_key=env.get(api_key_env, f"{t.where}.api_key_env"),
         access_key=env.get(access_key_env, f"{t.where}.access_key_env"),
         secret_key=env.get(secret_key_env, f"{t.where}.secret_key_env"),
@@ -397,7 +415,10 @@ def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
         cache_write_1h=optional("cache_write_1h"),
     )
     p.done()
-    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"))
+    limit = t.data.get("max_output_tokens")
+    max_output = None if limit is None else int(t.num("max_output_tokens", 0, minimum=1, integer=True))
+    t.seen.add("max_output_tokens")
+    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"), max_output)
     t.done()
     return m
 

@@ -2,8 +2,10 @@
 
     authenticate -> read body -> parse model -> resolve model for the key
     -> admit (key limits, gateway.limits) -> route (skipping open breakers
-    and cooling routes) -> for each target: strip + inject headers, forward
-    -> relay (chunk by chunk, usage read by the protocol's reader)
+    and cooling routes) -> for each target: pass through or translate
+    (decided once per target: does its upstream speak the client's
+    protocol?) -> strip + inject headers, forward -> relay (chunk by chunk,
+    usage read by the protocol's reader; or translated event by event)
 
 Nothing here awaits the database; the usage row is recorded by the
 middleware from the RequestContext this path fills in.
@@ -15,12 +17,14 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
 from urllib.parse import quote, unquote
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -35,8 +39,10 @@ from .errors import (
     ServiceUnavailable,
 )
 from .intake import admit, read_body, resolve_model
-from .protocols.base import Decompressed, Endpoint, Prepared
+from .protocols.base import Decompressed, Endpoint, Prepared, UsageReader
 from .routing import DENIED, NORMAL, Target
+from .translate import PATHS, TranslatedStream, client_error, pair
+from .translate.common import DEFAULT_MAX_TOKENS
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
@@ -168,19 +174,33 @@ async def forward(
         now = clock()
         if now < target.cooldown.until:
             continue
+        wire = target.bridges.get(endpoint.name) if target.bridges else None
+        bridge: Bridge | None = None
+        if wire is not None:
+            try:
+                bridge = Bridge(endpoint.name, wire, obj, target.route.model, model_cfg)
+            except GatewayError as e:  # a field this route's protocol cannot carry
+                failure = e
+                continue
         breaker = target.breaker
         grant = breaker.acquire(now)
         if grant == DENIED:
             continue
         attempts_left -= 1
         up = target.upstream
-        prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
-        url = target.url(path, query)
+        if bridge is None:
+            prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
+            url = target.url(path, query)
+            headers = upstream_headers(request.headers, target)
+        else:
+            prepared = bridge.prepared
+            url = target.url(PATHS[bridge.wire], "")  # the client's query string is its protocol's
+            headers = bridge.headers(upstream_headers(request.headers, target))
         ctx.upstream = up.name
         ctx.t_upstream = perf_counter()
         try:
             resp = await client.request(
-                request.method, url, upstream_headers(request.headers, target), prepared.body,
+                request.method, url, headers, prepared.body,
                 connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
                 total_timeout=up.timeout_s,
             )
@@ -225,7 +245,10 @@ async def forward(
                     code="upstream_auth_failed",
                 )
             ctx.error_type = None
-            out = await relay(request, ctx, endpoint, prepared, resp, target)
+            if bridge is None:
+                out = await relay(request, ctx, endpoint, prepared, resp, target)
+            else:
+                out = await relay_translated(request, ctx, bridge, resp, target)
             if ctx.error_type in ("upstream_idle_timeout", "upstream_disconnected"):
                 breaker.failure(NORMAL, clock())
             return out
@@ -342,6 +365,15 @@ async def relay(
     out = web.StreamResponse(status=status, headers=headers)
     if length is not None and not sse:
         out.content_length = length
+    return await pump(request, ctx, reader, resp, out)
+
+
+async def pump(
+    request: web.Request, ctx: RequestContext, reader: UsageReader, resp: UpstreamResponse,
+    out: web.StreamResponse,
+) -> web.StreamResponse:
+    """Send the head, then every body chunk as the reader returns it, as it
+    arrives; the usage seen is recorded however the stream ends."""
     ctx.overhead_ms = overhead = _overhead(ctx, perf_counter())
     out.headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
     try:
@@ -398,3 +430,115 @@ async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes) -> N
     ctx.bytes_out += len(data)
     await out.write(data)
 
+
+
+class Bridge:
+    """One attempt's translation: the client's request in the route's wire
+    protocol (built when the route is chosen, so a field the wire protocol
+    cannot carry is a 400 before anything is sent), and how to translate
+    what comes back (gateway.translate; docs/translation.md)."""
+
+    __slots__ = ("client", "module", "prepared", "public_model", "req", "wire")
+
+    def __init__(self, client: str, wire: str, obj: dict[str, Any], upstream_model: str, model_cfg: ModelConfig):
+        self.client, self.wire, self.req = client, wire, obj
+        self.module = pair(client, wire)
+        self.public_model = model_cfg.name
+        body = self.module.request(obj, upstream_model, model_cfg.max_output_tokens or DEFAULT_MAX_TOKENS)
+        self.prepared = Prepared(orjson.dumps(body), body.get("stream") is True)
+
+    def headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The forwarded headers less the client protocol's own, plus what
+        the wire protocol requires (Anthropic's API version)."""
+        out = [(k, v) for k, v in headers if not k.lower().startswith(("anthropic-", "content-type"))]
+        out.append(("Content-Type", "application/json"))
+        if self.wire == "messages":
+            version = next((v for k, v in headers if k.lower() == "anthropic-version"), ANTHROPIC_VERSION)
+            out.append(("anthropic-version", version))
+        return out
+
+
+ANTHROPIC_VERSION = "2023-06-01"
+# A translated answer that is not a stream is parsed whole; bound it.
+MAX_TRANSLATED_BODY = 64 * 1024 * 1024
+
+
+async def relay_translated(
+    request: web.Request, ctx: RequestContext, bridge: Bridge, resp: UpstreamResponse, target: Target,
+) -> web.StreamResponse:
+    """Send the upstream answer to the client in the client's protocol: an
+    error in the client's error shape with the upstream's status, a JSON
+    answer translated whole, a stream translated event by event as it
+    arrives."""
+    ctx.t_head = perf_counter()
+    ctx.status = status = resp.status
+    up = target.upstream
+    headers, ctype, encoding, _ = response_headers(resp.raw_headers, ctx.request_id)
+    for name in ("Content-Type", "Content-Encoding"):
+        headers.popall(name, None)
+    if ctx.rate_headers:
+        for k, v in ctx.rate_headers:
+            headers[k] = v
+    compressed = bool(encoding) and encoding.lower() != "identity"
+    resp.set_idle_timeout(up.idle_timeout_s)
+    if status < 300 and ctype.startswith("text/event-stream") and not compressed:
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        reader = TranslatedStream(bridge.module.Stream(bridge.req, bridge.public_model))
+        return await pump(request, ctx, reader, resp, web.StreamResponse(status=status, headers=headers))
+    body = await _read_whole(resp, ctx, up.name)
+    if compressed:
+        body = _decompress(body, up.name, ctx)
+    if status >= 300:
+        ctx.usage = None
+        data = client_error(bridge.client, status, body, up.name)
+    else:
+        try:
+            answer = orjson.loads(body)
+            if not isinstance(answer, dict):
+                raise ValueError
+            translated, ctx.usage = bridge.module.response(answer, bridge.req)
+            data = orjson.dumps(translated)
+        except (ValueError, GatewayError):
+            ctx.error_type = "upstream_bad_answer"
+            raise BadGateway(f"Upstream '{up.name}' sent an answer that could not be translated.",
+                             code="upstream_bad_answer") from None
+    now = perf_counter()
+    ctx.overhead_ms = overhead = _overhead(ctx, now)
+    ctx.ttfb_ms = (now - ctx.t0) * 1000
+    ctx.bytes_out = len(data)
+    headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
+    headers["Content-Type"] = "application/json"
+    return web.Response(status=status, body=data, headers=headers)
+
+
+async def _read_whole(resp: UpstreamResponse, ctx: RequestContext, name: str) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await resp.readany():
+            size += len(chunk)
+            if size > MAX_TRANSLATED_BODY:
+                ctx.error_type = "upstream_bad_answer"
+                raise BadGateway(f"Upstream '{name}' sent an answer too large to translate.",
+                                 code="upstream_bad_answer")
+            parts.append(chunk)
+    except TimeoutError:
+        ctx.error_type = "upstream_idle_timeout"
+        raise GatewayTimeout(f"Upstream '{name}' stalled mid-answer.") from None
+    except UpstreamError:
+        ctx.error_type = "upstream_disconnected"
+        raise BadGateway(f"Upstream '{name}' broke off its answer.", code="upstream_disconnected") from None
+    return b"".join(parts)
+
+
+def _decompress(body: bytes, name: str, ctx: RequestContext) -> bytes:
+    """An answer compressed although identity was asked for (gzip or zlib)."""
+    z = zlib.decompressobj(47)
+    try:
+        data = z.decompress(body, MAX_TRANSLATED_BODY)
+    except zlib.error:
+        data = b""
+    if not data or z.unconsumed_tail:
+        ctx.error_type = "upstream_bad_answer"
+        raise BadGateway(f"Upstream '{name}' sent an answer that could not be translated.", code="upstream_bad_answer")
+    return data

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from .config import Config, Route, UpstreamConfig
+from .config import CHAT_PROTOCOLS, Config, Route, UpstreamConfig
 
 log = logging.getLogger("gateway.routing")
 
@@ -130,6 +130,9 @@ class Target:
     credential: tuple[tuple[str, str], ...]
     breaker: Breaker
     cooldown: RouteCooldown
+    # Client protocol -> the wire protocol it is translated to on this
+    # route; a client protocol not in it passes through.
+    bridges: dict[str, str] = field(default_factory=dict, compare=False)
     _urls: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
 
     def available(self, now: float) -> bool:
@@ -205,6 +208,14 @@ def credential_headers(up: UpstreamConfig) -> tuple[tuple[str, str], ...]:
     return (("Authorization", f"Bearer {up.api_key}"),)
 
 
+def bridges(up: UpstreamConfig) -> dict[str, str]:
+    """Which client protocols need translating to reach this upstream, and
+    to what: every chat protocol it does not speak, to the first it does."""
+    if not up.protocols:
+        return {}
+    return {p: up.protocols[0] for p in CHAT_PROTOCOLS if p not in up.protocols}
+
+
 class Router:
     """Routes of every configured model, resolved once per config."""
 
@@ -221,7 +232,7 @@ class Router:
             by_prio: dict[int, list[Target]] = {}
             for r in m.routes:
                 up = ups[r.upstream]
-                target = Target(r, up, credential_headers(up), breakers[up.name], health.cooldown(r))
+                target = Target(r, up, credential_headers(up), breakers[up.name], health.cooldown(r), bridges(up))
                 by_prio.setdefault(r.priority, []).append(target)
             self._tiers[m.name] = [by_prio[p] for p in sorted(by_prio)]
 
