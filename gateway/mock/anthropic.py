@@ -76,7 +76,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     raw, early = await _check(request, anthropic=True)
     if early is not None:
         if early.status >= 400:
-            return anthropic_error(early.status, f"Mock failure {early.status}.")
+            err = anthropic_error(early.status, f"Mock failure {early.status}.")
+            if "Retry-After" in early.headers:
+                err.headers["Retry-After"] = early.headers["Retry-After"]
+            return err
         return early
     try:
         obj = orjson.loads(raw)

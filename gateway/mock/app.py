@@ -15,6 +15,9 @@ upstream, and it is steered per request by headers the gateway forwards:
 ``MockState.steer`` holds defaults for these headers, so one of several mock
 upstreams behind a gateway can be made to fail while the others answer.
 
+- ``x-mock-script: JSON``  answer exactly this (text, thinking, tool calls,
+  stop reason, usage) in the protocol asked: gateway.mock.script
+
 Anthropic Messages, Responses and Images live in gateway.mock.anthropic,
 .responses and .images (each documents its own extra headers). Tool calls
 and reasoning, in all three text protocols, are steered as described in
@@ -29,11 +32,12 @@ from aiohttp import web
 
 from . import anthropic, ark, chat, images, responses, volcengine
 from .common import MOCK, MockState
+from .script import scripted
 
 
 def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.Application:
     """The mock upstream; ``api_key`` set means requests must carry it."""
-    app = web.Application(client_max_size=1024**3)
+    app = web.Application(client_max_size=1024**3, middlewares=[scripted])
     app[MOCK] = MockState(api_key=api_key, record=record)
     chat.register(app)
     anthropic.register(app)
