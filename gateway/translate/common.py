@@ -385,17 +385,21 @@ def wire_usage(wire: str, u: Any) -> Usage:
 
 
 def chat_usage_obj(u: Usage) -> Obj:
+    details = {"cached_tokens": u.cached_tokens}
+    if u.cache_write_tokens:
+        details["cache_write_tokens"] = u.cache_write_tokens
     return {
         "prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
         "total_tokens": u.input_tokens + u.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 
 
 def responses_usage_obj(u: Usage) -> Obj:
     return {
-        "input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "input_tokens": u.input_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": u.cache_write_tokens},
         "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
         "total_tokens": u.input_tokens + u.output_tokens,
     }
