@@ -156,7 +156,8 @@ def to_messages(c: Obj) -> Obj:
         if c[k] is not None:
             req[k] = c[k]
     if c["effort"]:
-        req["thinking"] = {"type": "enabled", "budget_tokens": {"low": 2048, "medium": 8192, "high": 24576}[c["effort"]]}
+        budget = {"low": 2048, "medium": 8192, "high": 24576}[c["effort"]]
+        req["thinking"] = {"type": "enabled", "budget_tokens": budget}
     if c["schema"]:
         req["output_config"] = {"format": {"type": "json_schema", "schema": c["schema"]}}
     if c["stream"]:
@@ -168,8 +169,8 @@ def to_responses(c: Obj) -> Obj:
     items: list[Obj] = []
     for t in c["turns"]:
         if t[0] == "user":
-            parts = [{"type": "input_text", "text": t[1]}] + [{"type": "input_image", "image_url": u, "detail": "auto"}
-                                                              for u in t[2]]
+            parts = [{"type": "input_text", "text": t[1]}]
+            parts += [{"type": "input_image", "image_url": u, "detail": "auto"} for u in t[2]]
             items.append({"type": "message", "role": "user", "content": parts})
         elif t[0] == "assistant":
             if t[1]:
@@ -433,6 +434,7 @@ def test_thinking_signatures_round_trip_where_the_target_carries_them() -> None:
         {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": '{"a":1}'}],
         "usage": {"input_tokens": 5, "output_tokens": 3}}
     msg, usage = pair("messages", "responses").response(answer, {"model": "pub"})
+    assert (usage.input_tokens, usage.output_tokens) == (5, 3)
     assert msg["content"][0] == {"type": "thinking", "thinking": "think", "signature": "rs_abc:gAAAAenc=="}
     assert msg["stop_reason"] == "tool_use" and msg["content"][1]["input"] == {"a": 1}
     history = {"model": "m", "max_tokens": 100, "messages": [
@@ -481,7 +483,8 @@ def test_errors_in_the_client_shape() -> None:
     claude = orjson.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
     assert orjson.loads(client_error("chat", 529, claude, "up"))["error"]["message"] == "busy"
     assert orjson.loads(client_error("messages", 529, claude, "up"))["error"]["type"] == "overloaded_error"
-    assert orjson.loads(client_error("chat", 502, b"<html>", "up"))["error"]["message"] == "Upstream 'up' answered HTTP 502."
+    plain = orjson.loads(client_error("chat", 502, b"<html>", "up"))
+    assert plain["error"]["message"] == "Upstream 'up' answered HTTP 502."
 
 
 def sse_events(raw: bytes) -> list[Obj]:
