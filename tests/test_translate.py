@@ -175,7 +175,8 @@ def to_responses(c: Obj) -> Obj:
         elif t[0] == "assistant":
             if t[1]:
                 items.append({"type": "message", "role": "assistant", "content": t[1]})
-            items += [{"type": "function_call", "call_id": i, "name": n, "arguments": json.dumps(a)} for i, n, a in t[2]]
+            items += [{"type": "function_call", "call_id": i, "name": n, "arguments": json.dumps(a)}
+                      for i, n, a in t[2]]
         else:
             items += [{"type": "function_call_output", "call_id": i, "output": r} for i, r in t[1]]
     req: Obj = {"model": "m", "input": items, "max_output_tokens": c["max"]}
