@@ -33,6 +33,7 @@ from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
+    BadRequest,
     GatewayError,
     GatewayTimeout,
     RateLimited,
@@ -445,7 +446,11 @@ class Bridge:
         self.module = pair(client, wire)
         self.public_model = model_cfg.name
         body = self.module.request(obj, upstream_model, model_cfg.max_output_tokens or DEFAULT_MAX_TOKENS)
-        self.prepared = Prepared(orjson.dumps(body), body.get("stream") is True)
+        try:
+            data = orjson.dumps(body)
+        except orjson.JSONEncodeError:  # nested past orjson's 255 levels (it parses up to 1024)
+            raise BadRequest("The request is nested too deeply to translate.", code="invalid_request") from None
+        self.prepared = Prepared(data, body.get("stream") is True)
 
     def headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The forwarded headers less the client protocol's own, plus what

@@ -45,12 +45,18 @@ Obj = dict[str, Any]
 
 
 def refuse(field: str, wire: str, why: str = "has no counterpart") -> BadRequest:
-    """The 400 for a client field the wire protocol cannot carry."""
+    """The 400 for a client field the wire protocol cannot carry. Field
+    names and values come from the client: bounded before they are echoed."""
+    field, why = _bound(field), _bound(why)
     return BadRequest(
         f"'{field}' {why} when this model's upstream speaks {PROTOCOL_NAMES[wire]}; "
         "remove it or use a model whose upstream speaks your API.",
         code="unsupported_parameter", param=field,
     )
+
+
+def _bound(s: str, limit: int = 120) -> str:
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def check_fields(obj: Obj, known: frozenset[str], wire: str, where: str = "") -> None:
