@@ -532,3 +532,38 @@ def test_message_start_carries_an_input_estimate_before_the_upstream_count() -> 
     (start,) = sse_events(out)
     assert start["message"]["usage"]["input_tokens"] == estimate_tokens(req["messages"]) > 300
     assert s.finish().error == "upstream_incomplete_stream"
+
+
+STARTS = {
+    "messages": b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"m",'
+                b'"usage":{"input_tokens":9,"output_tokens":1}}}\n\n',
+    "chat": b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"}}]}\n\n',
+    "responses": b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+                 b'"response":{"id":"resp_1","model":"m","status":"in_progress","output":[]}}\n\n',
+}
+FAILS = {
+    "messages": b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"boom"}}\n\n',
+    "chat": b'data: {"error":{"message":"boom","type":"server_error"}}\n\n',
+    "responses": b'event: error\ndata: {"type":"error","code":"server_error","message":"boom","sequence_number":1}\n\n',
+}
+
+
+@pytest.mark.parametrize(("client", "wire"), PAIRS, ids=[f"{c}-from-{w}" for c, w in PAIRS])
+def test_an_upstream_stream_error_reaches_the_client_as_its_own_error(client: str, wire: str) -> None:
+    s = TranslatedStream(pair(client, wire).Stream({"messages": [{"role": "user", "content": "x"}]}, "pub"))
+    out = s.feed(STARTS[wire]) + s.feed(FAILS[wire]) + s.flush()
+    last = sse_events(out)[-1]
+    if client == "chat":
+        assert last == {"error": {"message": "boom", "type": last["error"]["type"], "param": None,
+                                  "code": last["error"]["code"]}}
+    elif client == "messages":
+        assert last["type"] == "error" and last["error"]["message"] == "boom"
+    else:
+        assert last["type"] == "response.failed" and last["response"]["error"]["message"] == "boom"
+        assert last["response"]["id"] == sse_events(out)[0]["response"]["id"]
+    u = s.finish()
+    assert u.error == "upstream_stream_error"
+    if wire == "messages":
+        assert u.input_tokens == 9  # the usage seen before the error is kept
+    # Nothing more is written after the error, whatever the upstream sends.
+    assert s.feed(STARTS[wire]) == b""

@@ -195,7 +195,7 @@ class Stream(Transducer):
             return b""
         kind = ev.get("type")
         w = self._w
-        if kind == "response.created":
+        if kind == "response.created" and w is None:
             r = ev.get("response") or {}
             mid = "msg_" + str(r.get("id") or "translated").removeprefix("resp_")
             self._w = w = AnthropicEvents(mid, str(r.get("model") or self._model))

@@ -172,7 +172,7 @@ class Stream(Transducer):
             return b""
         kind = ev.get("type")
         w = self._w
-        if kind == "response.created":
+        if kind == "response.created" and w is None:
             r = ev.get("response") or {}
             self._w = w = ChatChunks(str(r.get("id") or "chatcmpl-translated"), str(r.get("model") or self._model),
                                      self._include_usage)

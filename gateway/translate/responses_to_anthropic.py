@@ -238,7 +238,7 @@ class Stream(Transducer):
             return b""
         kind = ev.get("type")
         w = self._w
-        if kind == "message_start":
+        if kind == "message_start" and w is None:
             msg = ev.get("message") or {}
             if isinstance(msg.get("usage"), dict):
                 self._usage = dict(msg["usage"])
