@@ -44,8 +44,10 @@ KNOWN = frozenset({
     # Dropped (docs/translation.md): nothing is stored, no extra output.
     "store", "include", "stream_options",
 })
+# metadata is dropped: it tags stored objects, and chat takes it only
+# with store on (nothing is stored here).
 PASS = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "prompt_cache_key",
-        "prompt_cache_retention", "metadata", "service_tier")
+        "prompt_cache_retention", "service_tier")
 
 
 def request(obj: Obj, model: str, max_tokens: int) -> Obj:
