@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -105,7 +107,7 @@ def end_to_end(duration: float, events: int, rounds: int) -> list[str]:
     rps: dict[str, list[float]] = {m[0]: [] for m in MODES}
     with proc([*mock, "--port", str(MOCK_CHAT)], MOCK_CHAT), proc([*mock, "--port", str(MOCK_ANTH)], MOCK_ANTH), \
          proc([*gw_cli, "serve", "--config", str(cfg)], GW) as gw:
-        for label, path, body, _, _ in MODES:  # warm up
+        for _, path, body, _, _ in MODES:  # warm up
             wrk(f"http://127.0.0.1:{GW}{path}", body, 8, 1.0, key)
         for _ in range(rounds):
             for label, path, body, _, _ in MODES:
@@ -192,6 +194,20 @@ def passthrough(wire: str) -> object:
     return {"messages": MessageStreamUsage, "chat": HiddenUsageChunk}.get(wire, lambda: ResponseUsage(True))()
 
 
+def _per_event(make: Callable[[], Any], pieces: list[bytes], events: int, repeat: int) -> float:
+    """Best time per event of feeding ``pieces`` through a fresh reader."""
+    best = float("inf")
+    for _ in range(repeat):
+        r = make()
+        t0 = time.perf_counter()
+        for p in pieces:
+            r.feed(p)
+        r.flush()
+        r.finish()
+        best = min(best, time.perf_counter() - t0)
+    return best / events * 1e6
+
+
 def in_process(n: int, repeat: int) -> list[str]:
     rows = ["| client <- wire | events | pass-through reader (us/event) | translated (us/event) | difference |",
             "|---|---|---|---|---|"]
@@ -203,22 +219,11 @@ def in_process(n: int, repeat: int) -> list[str]:
         pieces = [data[i:i + size] for i in range(0, len(data), size)]
         events = data.count(b"\n\n")
 
-        def run(make: object) -> float:
-            best = float("inf")
-            for _ in range(repeat):
-                r = make()  # type: ignore[operator]
-                t0 = time.perf_counter()
-                for p in pieces:
-                    r.feed(p)
-                r.flush()
-                r.finish()
-                best = min(best, time.perf_counter() - t0)
-            return best / events * 1e6
-
-        base = run(lambda wire=wire: passthrough(wire))
+        base = _per_event(lambda wire=wire: passthrough(wire), pieces, events, repeat)
         req = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                "stream_options": {"include_usage": True}}
-        tr = run(lambda client=client, wire=wire: TranslatedStream(pair(client, wire).Stream(req, "m")))
+        tr = _per_event(lambda c=client, w=wire, r=req: TranslatedStream(pair(c, w).Stream(r, "m")),
+                        pieces, events, repeat)
         rows.append(f"| {client} <- {wire} | {events} | {base:.2f} | {tr:.2f} | {tr - base:.2f} |")
     return rows
 
