@@ -318,7 +318,7 @@ def normal(req: Obj, protocol: str) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize(("client", "wire"), PAIRS, ids=[f"{c}-to-{w}" for c, w in PAIRS])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conv=conversations())
 def test_random_requests_translate_to_valid_requests_and_back(client: str, wire: str, conv: Obj) -> None:
     req = RENDER[client](conv)
