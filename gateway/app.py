@@ -30,6 +30,7 @@ from .protocols.openai import ChatCompletions
 from .protocols.responses import Responses, ResponsesCompact
 from .proxy import handle_json
 from .routing import Health, Router
+from .store.dbfile import DatabaseFile
 from .store.retention import run_retention
 from .store.schema import connect, connect_async
 from .store.spool import recover, spool_dir
@@ -177,6 +178,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    if gw.db_file is not None and gw.db_file.lost:
+        # Serving on would only pile rows up in the spool: let the load
+        # balancer (or systemd's watchdog, an operator) move traffic away.
+        return web.json_response({"status": "database_lost"}, status=503)
     ready = gw.writer is not None and gw.upstream is not None
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
@@ -185,7 +190,7 @@ def recover_spools(db_path: Path, directory: Path) -> int:
     """Rows that dead processes left in their usage spool files, written now."""
     conn = connect(db_path)
     try:
-        return recover(conn, directory)
+        return recover(conn, directory, DatabaseFile(db_path))
     finally:
         conn.close()
 
@@ -237,6 +242,7 @@ def create_app(
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         db = await connect_async(cfg.database.path)
+        gw.db_file = db_file = DatabaseFile(cfg.database.path)
         spool = spool_dir(cfg.database.path) if cfg.usage.spool else None
         if spool is not None:
             await asyncio.to_thread(recover_spools, cfg.database.path, spool)
@@ -244,7 +250,7 @@ def create_app(
         await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
-            on_wait=metrics.backpressure.inc, spool=spool,
+            on_wait=metrics.backpressure.inc, spool=spool, db_file=db_file,
         )
         gw.writer = writer
         tasks = app[TASKS]

@@ -22,6 +22,7 @@ from .protocols.base import Usage
 from .routing import Router
 
 if TYPE_CHECKING:
+    from .store.dbfile import DatabaseFile
     from .store.usage import UsageWriter
     from .upstream import UpstreamClient
 
@@ -41,6 +42,7 @@ class Gateway:
     metrics: Metrics
     limits: Limiter
     writer: UsageWriter | None = None
+    db_file: DatabaseFile | None = None  # the SQLite file opened, checked before writes
     session: aiohttp.ClientSession | None = None  # tasks and assets
     upstream: UpstreamClient | None = None  # the pass-through path
     in_flight: int = 0

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import orjson
 
+from .dbfile import DatabaseFile
 from .rows import insert_rows, pad_row
 
 log = logging.getLogger("gateway.spool")
@@ -105,9 +106,13 @@ class SpoolFile:
         return old
 
 
-def recover(conn: sqlite3.Connection, directory: Path) -> int:
+def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | None = None) -> int:
     """Insert the rows of dead processes' spool files that the database does
-    not hold yet; delete those files. Returns how many rows were inserted."""
+    not hold yet; delete those files. Returns how many rows were inserted.
+
+    ``db_file`` is the database file ``conn`` opened: a spool file is
+    deleted only while that file is still the one at its path (DatabaseLost
+    otherwise, and the spool file stays for the next recovery)."""
     if not directory.is_dir():
         return 0
     total = 0
@@ -139,6 +144,8 @@ def recover(conn: sqlite3.Connection, directory: Path) -> int:
             total += len(rows)
             if rows:
                 log.warning("usage spool %s: recovered %d rows of a stopped process", path.name, len(rows))
+            if db_file is not None:
+                db_file.check()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             conn.execute("DELETE FROM usage_spool WHERE name = ?", (path.name,))

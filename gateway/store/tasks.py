@@ -38,6 +38,7 @@ import aiosqlite
 import orjson
 
 from . import rollup
+from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
 
@@ -134,13 +135,20 @@ class TaskStore:
     """Task and asset ownership state; see the module docstring for the
     ordering guarantees."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, db_file: DatabaseFile | None = None) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        # Checked before every write: a removed or replaced database file
+        # gets no task writes (DatabaseLost) rather than silently losing them.
+        self._db_file = db_file
 
     @classmethod
-    async def open(cls, path: Path) -> TaskStore:
-        return cls(await connect_async(path))
+    async def open(cls, path: Path, db_file: DatabaseFile | None = None) -> TaskStore:
+        return cls(await connect_async(path), db_file)
+
+    def _check(self) -> None:
+        if self._db_file is not None:
+            self._db_file.check()
 
     async def close(self) -> None:
         async with self._lock:
@@ -151,6 +159,7 @@ class TaskStore:
             return await cur.fetchone()
 
     async def _write(self, sql: str, args: Sequence[Any]) -> int:
+        self._check()
         async with self._lock, self._db.execute(sql, args) as cur:
             return cur.rowcount
 
@@ -241,6 +250,7 @@ class TaskStore:
         """Give rows written before tasks had an account theirs, from the
         config's (upstream, account, endpoint); a row that would then
         duplicate another (a task adopted twice before) keeps none."""
+        self._check()
         async with self._lock:
             for upstream, account, endpoint in accounts:
                 await self._db.execute(
@@ -307,6 +317,7 @@ class TaskStore:
     ) -> bool:
         """The billing compare-and-swap: True for the one caller that moved
         the task to succeeded, which also wrote ``billing_row``."""
+        self._check()
         async with self._lock:
             db = self._db
             await db.execute("BEGIN IMMEDIATE")

@@ -17,6 +17,12 @@ Ordering and delivery guarantees:
   spool file (gateway.store.spool) and each batch stores the spool offset in
   the same transaction as its rows: a process killed outright loses no row;
   the next start (or the supervisor) recovers them exactly once.
+- With a ``db_file`` (gateway.store.dbfile), each batch checks before it
+  writes and after it commits that the database file is still the one at
+  its path. Once it is not (removed, replaced), no batch is written again:
+  spooled rows are dropped from memory, kept in the spool file, which is
+  neither rotated nor deleted, so the next start writes them into the file
+  then at the path (exactly once: the offsets are that file's own).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 from ..config import UsageConfig
 from . import schema
+from .dbfile import DatabaseFile, DatabaseLost
 from .rows import Row, insert_rows
 from .spool import ROTATE_BYTES, SET_OFFSET, SpoolFile
 
@@ -52,8 +59,10 @@ class UsageWriter:
         on_flush: Callable[[int, float], None] | None = None,
         on_wait: Callable[[], None] | None = None,
         spool: Path | None = None,
+        db_file: DatabaseFile | None = None,
     ) -> None:
         self._path = path
+        self._db_file = db_file
         # Marks the rows this process inserts (usage_events.writer), so its
         # limiter can tell them from other workers' rows.
         self.writer_id = secrets.randbits(62)
@@ -122,7 +131,30 @@ class UsageWriter:
                     # One more try per call; close() loops until drained.
                     return
 
+    @property
+    def lost(self) -> bool:
+        """The database file was removed or replaced: nothing is written."""
+        return self._db_file is not None and self._db_file.lost
+
+    def _shed(self, n: int) -> bool:
+        """With the database lost: the next ``n`` rows leave memory if the
+        spool holds them (the next start writes them); unspooled ones stay."""
+        q, ends = self._queue, self._ends
+        kept: list[tuple[Row, int | None]] = []
+        for _ in range(n):
+            row, end = q.popleft(), ends.popleft()
+            if end is None:
+                kept.append((row, end))
+        for row, end in reversed(kept):
+            q.appendleft(row)
+            ends.appendleft(end)
+        if len(q) < self._cfg.queue_max:
+            self._room.set()
+        return not kept
+
     async def _flush_batch(self, n: int) -> bool:
+        if self.lost:
+            return self._shed(n)
         q = self._queue
         batch = [q.popleft() for _ in range(n)]
         ends = [self._ends.popleft() for _ in range(n)]
@@ -133,15 +165,17 @@ class UsageWriter:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch, mark, retired)
         except Exception as e:
-            log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
             q.extendleft(reversed(batch))
             self._ends.extendleft(reversed(ends))
             self._retired = retired + self._retired
+            if isinstance(e, DatabaseLost):
+                return self._shed(n)
+            log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
             return False
         self.written += n
         spool = self._spool
-        if spool is not None and not spool.failed and not q and spool.pos > ROTATE_BYTES:
-            # Every row of the file is committed: start a fresh one.
+        if spool is not None and not spool.failed and not q and spool.pos > ROTATE_BYTES and self._live():
+            # Every row of the file is committed, to the live file: start a fresh one.
             self._retired.append(spool.retire())
             spool.open_new()
         if self._on_batch is not None:
@@ -159,7 +193,18 @@ class UsageWriter:
     def _spool_name(self) -> str:
         return self._spool.name if self._spool is not None else ""
 
+    def _live(self) -> bool:
+        try:
+            if self._db_file is not None:
+                self._db_file.check()
+        except DatabaseLost:
+            return False
+        return True
+
     def _write(self, batch: list[Row], mark: tuple[str, int] | None = None, retired: Sequence[str] = ()) -> None:
+        db_file = self._db_file
+        if db_file is not None:
+            db_file.check()
         if self._conn is None:
             self._conn = schema.connect(self._path)
         c = self._conn
@@ -174,9 +219,13 @@ class UsageWriter:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        if db_file is not None:
+            # Replaced while this batch was written: it went to the old file,
+            # so it counts as not written (the spool keeps it).
+            db_file.check()
 
     def _close_conn(self, retired: Sequence[str] = ()) -> None:
-        if retired:
+        if retired and not self.lost:
             if self._conn is None:
                 self._conn = schema.connect(self._path)
             for name in retired:
@@ -186,21 +235,29 @@ class UsageWriter:
             self._conn = None
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Stop the loop and write everything recorded so far."""
+        """Stop the loop and write everything recorded so far. The spool
+        file is deleted only when every row in it is committed to the
+        database file that is at the path now."""
         self._closing = True
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline:
+        while self._queue and not self.lost and time.monotonic() < deadline:
             await self._flush_available()
+        if self.lost:
+            self._shed(len(self._queue))
         retired, self._retired = self._retired, []
         spool, self._spool = self._spool, None
-        if self._queue:
-            log.error("usage writer closing with %d events unwritten%s", len(self._queue),
-                      "; they stay in the spool for the next start" if spool is not None else "")
+        if spool is not None and not self._queue and self._live():
+            retired.append(spool.retire())
+        else:
+            if self._queue:
+                log.error("usage writer closing with %d events unwritten%s", len(self._queue),
+                          "; they stay in the spool for the next start" if spool is not None else "")
             if spool is not None:
                 spool.flush()
                 os.close(spool.fd)
-        elif spool is not None:
-            retired.append(spool.retire())
+                if self.lost:
+                    log.error("usage rows of this process kept in %s for the next start (the database file "
+                              "was removed or replaced)", spool.directory / spool.name)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn, retired)
         self._executor.shutdown(wait=True)

@@ -301,7 +301,7 @@ def setup(app: web.Application, gw: Gateway, *, poller: bool) -> None:
     app[TASK_STATE] = state
 
     async def task_store(app: web.Application) -> AsyncIterator[None]:
-        store = await TaskStore.open(gw.config.database.path)
+        store = await TaskStore.open(gw.config.database.path, gw.db_file)
         await store.backfill([(u.name, *owner_key(u)) for u in gw.config.upstreams if provider_for(u) is not None])
         state.service = svc = VideoTasks(gw, store)
         runner: asyncio.Task[None] | None = None
