@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ANTH, CHAT, CONFIG, PY, WRK_UNSENT, Load, proc, rss_kib, wrk
+from run import ANTH, CHAT, CONFIG, PY, WRK_UNSENT, Load, code_version, proc, rss_kib, wrk
 
 MOCK_PORT, MOCK_STREAM_PORT, MOCK_ANTH_PORT, MOCK_SLOW_PORT = 19500, 19501, 19502, 19503
 GW_PORT = 19600
@@ -396,7 +396,8 @@ def main() -> None:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (load generator, mock and gateway share them; "
         f"other people's tests may run at the same time: load average {load_before[0]:.2f} at the start), "
-        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))}. "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))}, "
+        f"{code_version()}. "
         f"wrk -t1, {a.duration:.0f} s per cell; latency is the whole response. Gateway: `gateway serve --workers N`, "
         "auth + a key with every limit + routing + usage rows + metrics. CPU s / 1k req = utime + stime of the "
         "supervisor and all workers over the cell, per 1,000 requests sent.",

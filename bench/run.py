@@ -194,6 +194,20 @@ def has_endpoint(port: int, path: str, key: str) -> bool:
     return True
 
 
+def code_version() -> str:
+    """The commit measured (with "+ uncommitted changes" when the tree is
+    dirty), so a results file says what code its figures belong to."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {rev}" + (" + uncommitted changes" if dirty else "")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -329,7 +343,8 @@ def main() -> None:
     g32, f32, d32 = res[("gateway", 32)], res[("forwarder", 32)], res[("direct", 32)]
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}; wrk -t1, {d:.0f} s per cell; one gateway worker.",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {code_version()}; wrk -t1, {d:.0f} s per cell; "
+        "one gateway worker.",
         "",
         "| scenario | target | req/s | p50 ms | p99 ms | errors |",
         "|---|---|---:|---:|---:|---:|",

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import web
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 class Protocol(Enum):
@@ -158,6 +161,10 @@ def error_body(err: GatewayError, protocol: Protocol) -> bytes:
 
 
 def render(err: GatewayError, protocol: Protocol) -> web.Response:
+    # Imported here so that the config (which validates with these errors)
+    # loads without aiohttp: the CLI's database commands start in half the time.
+    from aiohttp import web
+
     return web.Response(
         status=err.status,
         body=error_body(err, protocol),
