@@ -269,6 +269,9 @@ def normal(req: Obj, protocol: str) -> tuple[Any, ...]:
             if m["role"] == "user":
                 user_parts(m["content"])
                 continue
+            if m["role"] == "system":
+                system.append(_text(m["content"]))
+                continue
             for b in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
                 if b["type"] == "text":
                     events.append(("assistant", b["text"]))
@@ -346,7 +349,7 @@ def test_fields_without_counterpart_are_refused_by_name() -> None:
         ("messages", "chat", {"mcp_servers": [{"type": "url"}]}, "mcp_servers"),
         ("messages", "chat", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
         ("responses", "messages", {"previous_response_id": "resp_1"}, "previous_response_id"),
-        ("responses", "chat", {"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ("responses", "chat", {"tools": [{"type": "file_search"}]}, "tools[0].type"),
         ("responses", "chat", {"background": True}, "background"),
         ("responses", "messages", {"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
     ]
@@ -379,10 +382,16 @@ def test_system_prompts_and_mid_conversation_system_messages() -> None:
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
         {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]}, {"role": "user", "content": "b"}]}
     out = pair("chat", "messages").request(req, "up", 100)
-    # One system prompt in order; the two user turns merge into one turn.
-    assert out["system"] == [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}]
-    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                            {"type": "text", "text": "b"}]}]
+    # The leading one is the system prompt; a later one stays in place.
+    assert out["system"] == [{"type": "text", "text": "Be brief."}]
+    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                               {"role": "system", "content": "Use tools."},
+                               {"role": "user", "content": [{"type": "text", "text": "b"}]}]
+    # Back to chat (and on to Responses) it stays where it was.
+    back = pair("messages", "chat").request(out, "up", 100)["messages"]
+    assert [m["role"] for m in back] == ["system", "user", "system", "user"]
+    there = pair("messages", "responses").request(out, "up", 100)
+    assert (there["instructions"], [i["role"] for i in there["input"]]) == ("Be brief.", ["user", "system", "user"])
     resp = {"model": "m", "instructions": "Sys", "input": [
         {"role": "developer", "content": "Dev"}, {"role": "user", "content": "q"}]}
     out = pair("responses", "messages").request(resp, "up", 100)
@@ -567,3 +576,42 @@ def test_an_upstream_stream_error_reaches_the_client_as_its_own_error(client: st
         assert u.input_tokens == 9  # the usage seen before the error is kept
     # Nothing more is written after the error, whatever the upstream sends.
     assert s.feed(STARTS[wire]) == b""
+
+
+def test_codex_namespaced_tools_and_web_search() -> None:
+    """Codex declares tools inside a namespace and the hosted web_search:
+    namespaced functions travel flat (namespace__name) and their calls come
+    back with their namespace; web_search is left out (documented)."""
+    fn = {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {}}, "strict": False}
+    req = {"model": "m", "client_metadata": {"turn_id": "t"}, "tools": [
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object", "properties": {}}},
+        {"type": "namespace", "name": "agents_v1", "description": "Sub-agents", "tools": [fn]},
+        {"type": "web_search", "external_web_access": True}],
+        "input": [{"role": "user", "content": "go"},
+                  {"type": "function_call", "call_id": "c1", "namespace": "agents_v1", "name": "spawn",
+                   "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "ok"}]}
+    out = pair("responses", "messages").request(req, "up", 100)
+    assert [t["name"] for t in out["tools"]] == ["exec_command", "agents_v1__spawn"]
+    assert out["messages"][1]["content"][0]["name"] == "agents_v1__spawn"
+    assert [t["function"]["name"] for t in pair("responses", "chat").request(req, "up", 100)["tools"]] == [
+        "exec_command", "agents_v1__spawn"]
+    answer = {"id": "msg_1", "model": "claude", "stop_reason": "tool_use", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "agents_v1__spawn", "input": {}},
+        {"type": "tool_use", "id": "toolu_2", "name": "exec_command", "input": {"cmd": "ls"}}],
+        "usage": {"input_tokens": 1, "output_tokens": 1}}
+    r, _ = pair("responses", "messages").response(answer, req)
+    calls = [(i.get("namespace"), i["name"]) for i in r["output"]]
+    assert calls == [("agents_v1", "spawn"), (None, "exec_command")]
+    s = TranslatedStream(pair("responses", "messages").Stream(req, "pub"))
+    raw = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in [
+        {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {"input_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1",
+                                                                       "name": "agents_v1__spawn", "input": {}}},
+        {"type": "content_block_stop", "index": 0}])
+    added = [e for e in sse_events(s.feed(raw)) if e["type"] == "response.output_item.added"]
+    assert (added[0]["item"]["namespace"], added[0]["item"]["name"]) == ("agents_v1", "spawn")
+    # Any other hosted tool is still refused by name.
+    with pytest.raises(BadRequest) as e:
+        pair("responses", "messages").request({**req, "tools": [{"type": "file_search"}]}, "up", 100)
+    assert e.value.param == "tools[0].type"

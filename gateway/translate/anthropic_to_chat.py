@@ -96,8 +96,10 @@ def messages(obj: Obj) -> list[Obj]:
             out.append(_assistant(content, where))
         elif role == "user":
             out.extend(_user(content, where))
+        elif role == "system":  # a system message between turns stays there
+            out.append({"role": "system", "content": text_of(content, f"{where}.content", WIRE)})
         else:
-            raise refuse(f"{where}.role", WIRE, f"= {role!r} is not user or assistant")
+            raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
     return out
 
 

@@ -91,8 +91,11 @@ def input_items(obj: Obj) -> list[Obj]:
         expect(m, dict, where)
         role = m.get("role")
         content = m.get("content")
+        if role == "system":  # a system message between turns stays there
+            out.append({"type": "message", "role": "system", "content": text_of(content, f"{where}.content", WIRE)})
+            continue
         if role not in ("user", "assistant"):
-            raise refuse(f"{where}.role", WIRE, f"= {role!r} is not user or assistant")
+            raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
         if isinstance(content, str):
             out.append({"type": "message", "role": role, "content": content})
             continue

@@ -93,9 +93,10 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
 
 
 def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
-    """System blocks (every system and developer message, in order: the
-    Messages API has one system prompt) and the turns, consecutive
-    messages of one role merged into one turn as Anthropic requires."""
+    """System blocks (the system and developer messages before the first
+    turn) and the turns: a later system or developer message stays in place
+    as a Messages system message; consecutive messages of one role are
+    merged into one turn as Anthropic requires."""
     system: list[Obj] = []
     turns: list[Obj] = []
 
@@ -114,7 +115,9 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
         content = m.get("content")
         if role in ("system", "developer"):
             text = text_of(content, f"{where}.content", WIRE)
-            if text:
+            if text and turns:
+                turns.append({"role": "system", "content": text})
+            elif text:
                 system.append({"type": "text", "text": text})
         elif role == "user":
             add("user", _user(content, f"{where}.content"))

@@ -177,14 +177,53 @@ def tools_from_chat(tools: Any, wire: str) -> list[FnTool]:
     return out
 
 
+# A function inside a Responses namespace tool travels as one flat function
+# named namespace + NS_SEP + name (Anthropic tool names allow [a-zA-Z0-9_-]);
+# calls to it come back to the Responses client with their namespace.
+NS_SEP = "__"
+# Hosted tools left out (docs/translation.md) rather than refused: the model
+# answers without searching the web. Every other hosted tool is refused.
+DROPPED_HOSTED = frozenset({"web_search", "web_search_preview"})
+
+
 def tools_from_responses(tools: Any, wire: str) -> list[FnTool]:
     out = []
     for i, t in enumerate(expect(tools, list, "tools")):
-        expect(t, dict, f"tools[{i}]")
-        if t.get("type") != "function":
-            raise refuse(f"tools[{i}].type", wire, f"= {t.get('type')!r} (a hosted tool) has no counterpart")
-        out.append(_fn_tool(t, t, "parameters", f"tools[{i}]"))
+        kind = expect(t, dict, f"tools[{i}]").get("type")
+        if kind == "function":
+            out.append(_fn_tool(t, t, "parameters", f"tools[{i}]"))
+        elif kind == "namespace":
+            ns = expect(t.get("name"), str, f"tools[{i}].name")
+            for j, f in enumerate(expect(t.get("tools"), list, f"tools[{i}].tools")):
+                at = f"tools[{i}].tools[{j}]"
+                if expect(f, dict, at).get("type", "function") != "function":
+                    raise refuse(f"{at}.type", wire, f"= {f.get('type')!r} has no counterpart")
+                fn = _fn_tool(f, f, "parameters", at)
+                out.append(FnTool(ns + NS_SEP + fn.name, fn.description, fn.parameters, fn.strict))
+        elif kind not in DROPPED_HOSTED:
+            raise refuse(f"tools[{i}].type", wire, f"= {kind!r} (a hosted tool) has no counterpart")
     return out
+
+
+def flat_name(item: Obj) -> str:
+    """The flat tool name of a Responses function call (see NS_SEP)."""
+    name, ns = str(item.get("name", "")), item.get("namespace")
+    return f"{ns}{NS_SEP}{name}" if isinstance(ns, str) and ns else name
+
+
+def namespaces(req: Obj) -> frozenset[str]:
+    tools = req.get("tools")
+    return frozenset(str(t.get("name")) for t in tools if isinstance(t, dict) and t.get("type") == "namespace"
+                     ) if isinstance(tools, list) else frozenset()
+
+
+def split_name(name: str, spaces: frozenset[str]) -> tuple[str | None, str]:
+    """(namespace, name) of a flat tool name, for a namespace the client declared."""
+    if spaces:
+        ns, sep, rest = name.partition(NS_SEP)
+        if sep and ns in spaces and rest:
+            return ns, rest
+    return None, name
 
 
 # Anthropic tool fields that only steer Anthropic's own handling of a tool.
@@ -619,10 +658,19 @@ def response_ids(base: str) -> Callable[[str], str]:
     return next_id
 
 
-def response_item(p: Piece, item_id: str, status: str = "completed") -> Obj:
+def function_call(item_id: str, call_id: str, name: str, arguments: str, status: str,
+                  spaces: frozenset[str]) -> Obj:
+    ns, name = split_name(name, spaces)
+    item: Obj = {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+                 "status": status}
+    if ns is not None:
+        item["namespace"] = ns
+    return item
+
+
+def response_item(p: Piece, item_id: str, status: str = "completed", spaces: frozenset[str] = frozenset()) -> Obj:
     if p.kind == "tool":
-        return {"type": "function_call", "id": item_id, "call_id": p.id, "name": p.name, "arguments": p.text,
-                "status": status}
+        return function_call(item_id, p.id, p.name, p.text, status, spaces)
     if p.kind in ("thinking", "redacted"):
         item: Obj = {"type": "reasoning", "id": item_id, "summary": []}
         if p.kind == "thinking" and p.text:
@@ -657,7 +705,7 @@ def response_object(rid: str, model: str, status: str, output: list[Obj], usage:
     }
 
 
-def response_output(pieces: list[Piece], base: str) -> list[Obj]:
+def response_output(pieces: list[Piece], base: str, spaces: frozenset[str] = frozenset()) -> list[Obj]:
     """Output items: consecutive text pieces share one message item."""
     next_id = response_ids(base)
     out: list[Obj] = []
@@ -666,7 +714,7 @@ def response_output(pieces: list[Piece], base: str) -> list[Obj]:
             out[-1]["content"].append({"type": "output_text", "text": p.text, "annotations": [], "logprobs": []})
             continue
         prefix = {"text": "msg", "tool": "fc"}.get(p.kind, "rs")
-        out.append(response_item(p, next_id(prefix)))
+        out.append(response_item(p, next_id(prefix), spaces=spaces))
     return out
 
 
@@ -874,11 +922,12 @@ class ResponseEvents:
     .incomplete / .failed) carrying the whole output; every event with the
     next sequence_number. Keeps the output items for that final event."""
 
-    __slots__ = ("_created", "_id", "_ids", "_item", "_model", "_open", "_req", "_seq", "_text", "output",
-                 "started", "stopped")
+    __slots__ = ("_created", "_id", "_ids", "_item", "_model", "_open", "_req", "_seq", "_spaces", "_text",
+                 "output", "started", "stopped")
 
     def __init__(self, rid: str, model: str, req: Obj) -> None:
         self._id, self._model, self._req = rid, model, req
+        self._spaces = namespaces(req)
         self._ids = response_ids(rid)
         self._seq = 0
         self._created = int(time.time())
@@ -944,8 +993,8 @@ class ResponseEvents:
         return out
 
     def tool(self, call_id: str, name: str) -> bytes:
-        return self._add("function_call", {"id": self._ids("fc"), "type": "function_call", "status": "in_progress",
-                                           "call_id": call_id, "name": name, "arguments": ""})
+        return self._add("function_call", function_call(self._ids("fc"), call_id, name, "", "in_progress",
+                                                        self._spaces))
 
     def tool_args(self, s: str) -> bytes:
         if self._open != "function_call" or not s:

@@ -26,7 +26,9 @@ from .common import (
     choice_from_openai,
     choice_to_anthropic,
     expect,
+    flat_name,
     image_source,
+    namespaces,
     parse_arguments,
     refuse,
     response_object,
@@ -45,9 +47,9 @@ KNOWN = frozenset({
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",
     "parallel_tool_calls", "text", "reasoning", "background", "truncation", "top_logprobs",
     # Dropped (docs/translation.md): nothing is stored, no extra output,
-    # OpenAI's caching and routing hints.
-    "store", "include", "stream_options", "metadata", "user", "safety_identifier", "prompt_cache_key",
-    "prompt_cache_retention", "service_tier",
+    # OpenAI's caching and routing hints, the client's own bookkeeping.
+    "store", "include", "stream_options", "client_metadata", "metadata", "user", "safety_identifier",
+    "prompt_cache_key", "prompt_cache_retention", "service_tier",
 })
 
 STOP_TO_INCOMPLETE = {"max_tokens": "max_output_tokens", "model_context_window_exceeded": "max_output_tokens",
@@ -90,9 +92,10 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
 
 
 def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
-    """System blocks (instructions, then every system or developer message
-    in order: Messages has one system prompt) and the turns, one role per
-    turn, tool results first in theirs."""
+    """System blocks (instructions, then the system and developer messages
+    before the first turn) and the turns: a later system or developer
+    message stays in place as a Messages system message; one role per turn,
+    tool results first in theirs."""
     system: list[Obj] = []
     if obj.get("instructions"):
         system.append({"type": "text", "text": expect(obj["instructions"], str, "instructions")})
@@ -121,7 +124,9 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
             content = item.get("content")
             if role in ("system", "developer"):
                 text = text_of(content, f"{where}.content", WIRE)
-                if text:
+                if text and turns:
+                    turns.append({"role": "system", "content": text})
+                elif text:
                     system.append({"type": "text", "text": text})
             elif role == "user":
                 add("user", _user(content, f"{where}.content"))
@@ -132,8 +137,8 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
                 raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
         elif kind == "function_call":
             args = parse_arguments(item.get("arguments"), f"{where}.arguments")
-            add("assistant", [{"type": "tool_use", "id": tool_id(item.get("call_id")),
-                               "name": str(item.get("name", "")), "input": args}])
+            add("assistant", [{"type": "tool_use", "id": tool_id(item.get("call_id")), "name": flat_name(item),
+                               "input": args}])
         elif kind == "function_call_output":
             add("user", [{"type": "tool_result", "tool_use_id": tool_id(item.get("call_id")),
                           "content": _tool_output(item.get("output"), f"{where}.output")}])
@@ -212,7 +217,8 @@ def response(obj: Obj, req: Obj) -> tuple[Obj, Usage]:
     rid = "resp_" + str(obj.get("id") or "translated")
     incomplete = STOP_TO_INCOMPLETE.get(str(obj.get("stop_reason")))
     out = response_object(rid, str(obj.get("model") or req.get("model")), "incomplete" if incomplete else "completed",
-                          response_output(anthropic_pieces(obj.get("content")), rid), usage, req, incomplete)
+                          response_output(anthropic_pieces(obj.get("content")), rid, namespaces(req)), usage, req,
+                          incomplete)
     return out, usage
 
 

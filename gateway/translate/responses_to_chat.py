@@ -24,6 +24,8 @@ from .common import (
     choice_from_openai,
     choice_to_chat,
     expect,
+    flat_name,
+    namespaces,
     refuse,
     response_object,
     response_output,
@@ -41,8 +43,9 @@ KNOWN = frozenset({
     "prompt_cache_retention", "metadata", "service_tier",
     # Accepted at their no-op values only (checked below).
     "background", "truncation", "top_logprobs",
-    # Dropped (docs/translation.md): nothing is stored, no extra output.
-    "store", "include", "stream_options",
+    # Dropped (docs/translation.md): nothing is stored, no extra output,
+    # the client's own bookkeeping (Codex's client_metadata).
+    "store", "include", "stream_options", "client_metadata",
 })
 # metadata is dropped: it tags stored objects, and chat takes it only
 # with store on (nothing is stored here).
@@ -111,7 +114,7 @@ def messages(obj: Obj) -> list[Obj]:
                 raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
         elif kind == "function_call":
             call = {"id": str(item.get("call_id", "")), "type": "function",
-                    "function": {"name": str(item.get("name", "")), "arguments": str(item.get("arguments") or "{}")}}
+                    "function": {"name": flat_name(item), "arguments": str(item.get("arguments") or "{}")}}
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -173,7 +176,7 @@ def response(obj: Obj, req: Obj) -> tuple[Obj, Usage]:
     rid = "resp_" + str(obj.get("id") or "translated")
     incomplete = incomplete_of(choice.get("finish_reason"))
     out = response_object(rid, str(obj.get("model") or req.get("model")), "incomplete" if incomplete else "completed",
-                          response_output(pieces, rid), usage, req, incomplete)
+                          response_output(pieces, rid, namespaces(req)), usage, req, incomplete)
     return out, usage
 
 
