@@ -1,13 +1,16 @@
 """Admin API (``/admin/api/...``) and the web console (``/console``).
 
-Every admin route is wrapped by ``_guarded``: it answers 401 unless the
-request carries ``Authorization: Bearer <token>`` equal (constant-time) to the
-token read from the environment variable named by ``admin.token_env``; when
-no token is configured every admin route answers 401. Admin requests are not
-/v1 requests, so they produce no usage rows.
+Every admin route is wrapped by ``_guarded`` with an access level: ``PUBLIC``
+(sign-in, invitations, sign-up: gateway.accounts), ``USER`` (any caller
+gateway.access authenticates: the operator token or a console session) or
+``ADMIN``. Object-level checks are in the handlers: a workspace, key, task or
+user outside the caller's reach is a 404, the same answer as for one that
+does not exist; a visible object the caller's role may not change is a 403.
+Every change writes its audit row in the same transaction (gateway.store.audit).
+Admin requests are not /v1 requests, so they produce no usage rows.
 
 Database work runs in a worker thread on its own short-lived sqlite3
-connection (``asyncio.to_thread``), so the event loop never waits on SQLite.
+connection (``access.db``), so the event loop never waits on SQLite.
 Nothing here returns a key hash or an upstream credential: key rows come from
 ``queries`` (whose columns exclude the hash) and upstreams are described by
 name, kind, URL without user info and whether a credential is set.
@@ -16,34 +19,38 @@ name, kind, URL without user info and whether a credential is set.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import orjson
 from aiohttp import web
 
+from .access import HASHING, HASHING_SLOTS, PRINCIPAL, NotAllowed, Principal, authenticate, check_csrf
+from .access import db as _db
+from .auth import enabled_models
 from .bounds import shown
 from .config import Config, ConfigError
 from .context import GATEWAY
-from .errors import BadRequest, GatewayError, NotFound, Protocol, Unauthorized, render
+from .errors import BadRequest, GatewayError, NotFound, Protocol, render
 from .intake import read_body
 from .reload import reload_config
-from .store import analytics, queries
-from .store.schema import connect
+from .store import analytics, audit, queries
+from .store import tasks as task_store
+from .store.audit import changes
+from .store.scope import Scope
 
 PREFIX = "/admin/api"
 CONSOLE_DIR = Path(__file__).parent / "console"
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Access levels of admin routes (see the module docstring).
+PUBLIC, USER, ADMIN = "public", "user", "admin"
 
 CIRCUIT_STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
 
@@ -62,30 +69,24 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def _authorised(request: web.Request) -> bool:
-    token = request.app[GATEWAY].config.admin.token
-    if not token:
-        return False
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    # Digests first, so the comparison does not even reveal the token's length.
-    # surrogateescape: header bytes that are not UTF-8 are a mismatch, not an error.
-    given = hashlib.sha256(value.strip().encode("utf-8", "surrogateescape")).digest()
-    return hmac.compare_digest(given, hashlib.sha256(token.encode()).digest())
-
-
-def _guarded(handler: Handler) -> Handler:
+def _guarded(handler: Handler, level: str) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
-            if not _authorised(request):
-                raise Unauthorized("Missing or invalid admin token.", code="invalid_admin_token",
-                                   headers={"WWW-Authenticate": "Bearer"})
-            return await handler(request)
+            if level != PUBLIC:
+                principal = await authenticate(request)
+                check_csrf(request, principal)
+                if level == ADMIN and not principal.is_admin:
+                    raise NotAllowed("Only an admin can do this.")
+                request[PRINCIPAL] = principal
+            resp = await handler(request)
         except GatewayError as e:
-            return render(e, Protocol.OPENAI)
+            resp = render(e, Protocol.OPENAI)
         except (queries.NotFoundError, queries.ConflictError, analytics.QueryError, ValueError) as e:
-            return render(_map_error(e), Protocol.OPENAI)
+            resp = render(_map_error(e), Protocol.OPENAI)
+        # Answers carry user-controlled strings (names, emails): never let a
+        # browser sniff them into HTML.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        return resp
 
     return guarded
 
@@ -97,19 +98,6 @@ def _map_error(e: Exception) -> GatewayError:
     if isinstance(e, queries.ConflictError):
         return Conflict(msg)
     return BadRequest(msg)
-
-
-async def _db(request: web.Request, fn: Callable[[sqlite3.Connection], T]) -> T:
-    path = request.app[GATEWAY].config.database.path
-
-    def run() -> T:
-        conn = connect(path)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(run)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -225,17 +213,64 @@ def _check_fields(body: Mapping[str, Any], spec: Mapping[str, str], cfg: Config,
     return out
 
 
+MAX_EMAIL = 254
+
+
+def text(value: Any, field: str, max_len: int = NAME_MAX) -> str:
+    """A name as stored: trimmed, bounded, without control characters."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string", param=field)
+    out: str = value.strip()
+    if len(out) > max_len:
+        raise BadRequest(f"{field} is longer than {max_len} characters", param=field)
+    if any(ord(c) < 32 or ord(c) == 127 for c in out):
+        raise BadRequest(f"{field} contains control characters", param=field)
+    return out
+
+
+def email_address(value: Any) -> str:
+    """An email as stored and compared: trimmed, lower case, one @, no spaces."""
+    e = text(value, "email", MAX_EMAIL).lower()
+    local, at, domain = e.rpartition("@")
+    if not at or not local or "." not in domain.strip(".") or any(c.isspace() for c in e):
+        raise BadRequest("email must be an email address", param="email")
+    return e
+
+
 WORKSPACE_FIELDS = {"default_group": "str", "allowed_models": "list", "monthly_spend_limit": "num",
                     "monthly_token_limit": "int"}
 KEY_FIELDS = {"name": "str", "group_name": "str", "allowed_models": "list", "rpm": "int", "tpm": "int",
               "max_concurrency": "int", "spend_limit": "num", "expires_at": "time"}
 
 
+def _principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def _now(request: web.Request) -> float:
+    return request.app[GATEWAY].clock()
+
+
 # ------------------------------------------------------------------ workspaces
 
 
+def _patterns(v: list[str] | None) -> tuple[str, ...] | None:
+    return None if v is None else tuple(v)
+
+
+def workspace_view(cfg: Config, ws: dict[str, Any], p: Principal) -> dict[str, Any]:
+    """A workspace as a caller sees it: with their role and its models."""
+    ws = dict(ws)
+    ws["role"] = "admin" if p.is_admin else p.roles.get(ws["id"])
+    ws["models"] = sorted(enabled_models(cfg, ws["default_group"], _patterns(ws["allowed_models"]), None))
+    return ws
+
+
 async def list_workspaces(request: web.Request) -> web.Response:
-    return _json({"data": await _db(request, queries.list_workspaces)})
+    p, cfg = _principal(request), request.app[GATEWAY].config
+    ids = None if p.is_admin else set(p.roles)
+    rows = await _db(request, lambda c: queries.list_workspaces(c, ids))
+    return _json({"data": [workspace_view(cfg, w, p) for w in rows]})
 
 
 async def create_workspace(request: web.Request) -> web.Response:
@@ -245,23 +280,46 @@ async def create_workspace(request: web.Request) -> web.Response:
         raise BadRequest(f"name is required, at most {NAME_MAX} characters", param="name")
     fields = _check_fields(body, WORKSPACE_FIELDS, request.app[GATEWAY].config, ("name",))
     group = fields.pop("default_group", None) or "default"
+    actor, now = _principal(request).actor(request), _now(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        ws = queries.create_workspace(conn, name.strip(), group)
-        return queries.update_workspace(conn, ws["id"], fields) if fields else ws
+        with changes(conn):
+            ws = queries.create_workspace(conn, text(name, "name"), group)
+            if fields:
+                ws = queries.update_workspace(conn, ws["id"], fields)
+            audit.record(conn, actor, "workspace.create", now=now, target_type="workspace", target_id=ws["id"],
+                         workspace_id=ws["id"], after=ws)
+            return ws
 
-    return _json(await _db(request, run), status=201)
+    return _json(workspace_view(request.app[GATEWAY].config, await _db(request, run), _principal(request)), 201)
 
 
 async def get_workspace(request: web.Request) -> web.Response:
-    ws_id = _int_id(request)
-    return _json(await _db(request, lambda c: queries.get_workspace(c, ws_id)))
+    ws_id, p = _int_id(request), _principal(request)
+    p.workspace(ws_id)
+    ws = await _db(request, lambda c: queries.get_workspace(c, ws_id))
+    return _json(workspace_view(request.app[GATEWAY].config, ws, p))
 
 
 async def update_workspace(request: web.Request) -> web.Response:
-    ws_id = _int_id(request)
+    """Default group, model allow-list and monthly quotas: the operator's
+    billing controls, so an admin's alone (owners see them)."""
+    ws_id, p = _int_id(request), _principal(request)
+    p.workspace(ws_id)
+    if not p.is_admin:
+        raise NotAllowed("Only an admin can change a workspace's group, models or quotas.")
     fields = _check_fields(await _body(request), WORKSPACE_FIELDS, request.app[GATEWAY].config)
-    return _json(await _db(request, lambda c: queries.update_workspace(c, ws_id, fields)))
+    actor, now = p.actor(request), _now(request)
+
+    def run(conn: sqlite3.Connection) -> dict[str, Any]:
+        with changes(conn):
+            before = queries.get_workspace(conn, ws_id)
+            after = queries.update_workspace(conn, ws_id, fields)
+            audit.record(conn, actor, "workspace.update", now=now, target_type="workspace", target_id=ws_id,
+                         workspace_id=ws_id, before=before, after=after)
+            return after
+
+    return _json(workspace_view(request.app[GATEWAY].config, await _db(request, run), p))
 
 
 # ------------------------------------------------------------------ keys
@@ -271,75 +329,142 @@ def _key_view(key: dict[str, Any], totals: Mapping[int, Mapping[str, Any]], now:
     t = totals.get(key["id"], {})
     key = {k: v for k, v in key.items() if k != "key_hash"}
     key["status"] = ("revoked" if key["revoked_at"] else
-                     "expired" if key["expires_at"] and key["expires_at"] <= now else "active")
+                     "expired" if key["expires_at"] and key["expires_at"] <= now else
+                     "suspended" if key["user_suspended"] else "active")
     key["last_used"] = t.get("last_used")
     key["usage"] = {c: t.get(c, 0) for c in ("requests", "input_tokens", "output_tokens", "cost")}
     return key
 
 
+def _visible_key(conn: sqlite3.Connection, p: Principal, key_id: int) -> dict[str, Any]:
+    """The key, if the caller may see it; otherwise the same 404 as for a
+    key that does not exist."""
+    key = queries.get_key(conn, key_id)
+    if not p.sees_key(key):
+        raise queries.NotFoundError(f"key {key_id} not found")
+    return key
+
+
+def _key_bounds(cfg: Config, p: Principal, ws: Mapping[str, Any], f: Mapping[str, Any]) -> None:
+    """What a non-admin may set on a key: no group of their choosing (a
+    group sets the price ratio), a spend limit within the workspace's
+    monthly one, and only models the workspace may use."""
+    if p.is_admin:
+        return
+    if f.get("group_name") is not None:
+        raise NotAllowed("Only an admin can choose a key's group.", param="group_name")
+    ws_limit, spend = ws["monthly_spend_limit"], f.get("spend_limit")
+    if ws_limit is not None and spend is not None and spend > ws_limit:
+        raise BadRequest(f"spend_limit can be at most the workspace's monthly spend limit ({ws_limit})",
+                         param="spend_limit")
+    models = enabled_models(cfg, ws["default_group"], _patterns(ws["allowed_models"]), None)
+    for pattern in f.get("allowed_models") or ():
+        if not any(fnmatchcase(m, pattern) for m in models):
+            raise BadRequest(f"allowed_models: {pattern!r} matches no model of this workspace",
+                             param="allowed_models")
+
+
 async def list_keys(request: web.Request) -> web.Response:
-    ws_id = _opt_int(request.query, "workspace_id")
+    ws_id, p = _opt_int(request.query, "workspace_id"), _principal(request)
+    if ws_id is not None:
+        p.workspace(ws_id)
 
     def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         totals, now = queries.key_usage_totals(conn), time.time()
-        return [_key_view(k, totals, now) for k in queries.list_keys(conn, ws_id)]
+        return [_key_view(k, totals, now) for k in queries.list_keys(conn, ws_id, scope=p.scope(conn))]
 
     return _json({"data": await _db(request, run)})
 
 
 async def get_key(request: web.Request) -> web.Response:
-    key_id = _int_id(request)
+    key_id, p = _int_id(request), _principal(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        return _key_view(queries.get_key(conn, key_id), queries.key_usage_totals(conn), time.time())
+        return _key_view(_visible_key(conn, p, key_id), queries.key_usage_totals(conn), time.time())
 
     return _json(await _db(request, run))
 
 
 async def create_key(request: web.Request) -> web.Response:
     body = await _body(request)
-    cfg = request.app[GATEWAY].config
+    cfg, p = request.app[GATEWAY].config, _principal(request)
     ws_ref = body.get("workspace_id", body.get("workspace"))
     if (not isinstance(ws_ref, int | str) or isinstance(ws_ref, bool) or ws_ref == ""
             or (isinstance(ws_ref, int) and not 0 < ws_ref <= INT_MAX)
             or (isinstance(ws_ref, str) and len(ws_ref) > NAME_MAX)):
         raise BadRequest("workspace_id (or workspace name) is required", param="workspace_id")
     f = _check_fields(body, KEY_FIELDS, cfg, ("workspace_id", "workspace"))
+    name = text(f.get("name") or "", "name")
     limits = queries.KeyLimits(rpm=f.get("rpm"), tpm=f.get("tpm"), max_concurrency=f.get("max_concurrency"),
                                spend_limit=f.get("spend_limit"), expires_at=f.get("expires_at"))
+    actor, now = p.actor(request), _now(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
         ws = (queries.get_workspace(conn, ws_ref) if isinstance(ws_ref, int)
               else queries.find_workspace(conn, ws_ref))
-        key, plaintext = queries.create_key(
-            conn, ws["id"], name=f.get("name") or "", group=f.get("group_name"), models=f.get("allowed_models"),
-            limits=limits,
-        )
+        if not p.sees(ws["id"]):
+            raise queries.NotFoundError(f"workspace {ws_ref!r} not found")
+        _key_bounds(cfg, p, ws, f)
+        with changes(conn):
+            key, plaintext = queries.create_key(
+                conn, ws["id"], name=name, group=f.get("group_name"), models=f.get("allowed_models"),
+                limits=limits, user_id=p.user_id,
+            )
+            audit.record(conn, actor, "key.create", now=now, target_type="key", target_id=key["id"],
+                         workspace_id=ws["id"], after=key)
         return {"key": _key_view(key, {}, time.time()), "plaintext": plaintext}
 
     return _json(await _db(request, run), status=201)
 
 
 async def update_key(request: web.Request) -> web.Response:
-    key_id = _int_id(request)
-    fields = _check_fields(await _body(request), KEY_FIELDS, request.app[GATEWAY].config)
+    key_id, p = _int_id(request), _principal(request)
+    cfg = request.app[GATEWAY].config
+    fields = _check_fields(await _body(request), KEY_FIELDS, cfg)
+    if "name" in fields:
+        fields["name"] = text(fields["name"], "name")
+    actor, now = p.actor(request), _now(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        return _key_view(queries.update_key(conn, key_id, fields), queries.key_usage_totals(conn), time.time())
+        with changes(conn):
+            before = _visible_key(conn, p, key_id)
+            _key_bounds(cfg, p, queries.get_workspace(conn, before["workspace_id"]), fields)
+            after = queries.update_key(conn, key_id, fields)
+            audit.record(conn, actor, "key.update", now=now, target_type="key", target_id=key_id,
+                         workspace_id=after["workspace_id"], before=before, after=after)
+        return _key_view(after, queries.key_usage_totals(conn), time.time())
 
     return _json(await _db(request, run))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    key_id = _int_id(request)
+    key_id, p = _int_id(request), _principal(request)
+    actor, now = p.actor(request), _now(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        return _key_view(queries.revoke_key(conn, key_id), queries.key_usage_totals(conn), time.time())
+        with changes(conn):
+            before = _visible_key(conn, p, key_id)
+            after = queries.revoke_key(conn, key_id)
+            if before["revoked_at"] is None:
+                audit.record(conn, actor, "key.revoke", now=now, target_type="key", target_id=key_id,
+                             workspace_id=after["workspace_id"], before=before, after=after)
+        return _key_view(after, queries.key_usage_totals(conn), time.time())
 
     return _json(await _db(request, run))
 
 
-# ------------------------------------------------------------------ usage
+# ------------------------------------------------------------------ usage, requests, tasks
+
+
+def _scoped_filters(conn: sqlite3.Connection, p: Principal, ws_id: int | None,
+                    key_id: int | None) -> Scope | None:
+    """The caller's scope, after checking the workspace and key they filter
+    on are within it (404 otherwise)."""
+    if ws_id is not None and not p.sees(ws_id):
+        raise queries.NotFoundError(f"workspace {ws_id} not found")
+    if key_id is not None:
+        _visible_key(conn, p, key_id)
+    return p.scope(conn)
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -351,10 +476,12 @@ async def usage(request: web.Request) -> web.Response:
     by = q.get("by") or None
     ws_id, key_id = _opt_int(q, "workspace_id"), _opt_int(q, "key_id")
     model = q.get("model") or None
+    p = _principal(request)
 
     def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        scope = _scoped_filters(conn, p, ws_id, key_id)
         return analytics.usage_series(conn, since=since, until=until, bucket=bucket, by=by,
-                                      workspace_id=ws_id, key_id=key_id, model=model)
+                                      workspace_id=ws_id, key_id=key_id, model=model, scope=scope)
 
     data = await _db(request, run)
     return _json({"since": since, "until": until, "bucket": bucket, "by": by, "data": data})
@@ -363,31 +490,63 @@ async def usage(request: web.Request) -> web.Response:
 async def request_log(request: web.Request) -> web.Response:
     q = request.query
     now = time.time()
-    limit = _opt_int(q, "limit") or 50
-    if not 1 <= limit <= 500:
-        raise BadRequest("limit must be between 1 and 500", param="limit")
+    limit = _limit(q)
     since = _time(q.get("since"), 0.0, "since")
     until = _time(q.get("until"), now + 60, "until")
     ws_id, key_id = _opt_int(q, "workspace_id"), _opt_int(q, "key_id")
     model, status, cursor = q.get("model") or None, q.get("status") or None, q.get("cursor") or None
+    p = _principal(request)
 
     def run(conn: sqlite3.Connection) -> dict[str, Any]:
+        scope = _scoped_filters(conn, p, ws_id, key_id)
         return analytics.request_log(conn, since=since, until=until, workspace_id=ws_id, key_id=key_id,
-                                     model=model, status=status, limit=limit, cursor=cursor)
+                                     model=model, status=status, limit=limit, cursor=cursor, scope=scope)
 
     return _json(await _db(request, run))
 
 
+def _limit(q: Mapping[str, str]) -> int:
+    limit = _opt_int(q, "limit") or 50
+    if not 1 <= limit <= 500:
+        raise BadRequest("limit must be between 1 and 500", param="limit")
+    return limit
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    q, p = request.query, _principal(request)
+    ws_id, key_id, limit = _opt_int(q, "workspace_id"), _opt_int(q, "key_id"), _limit(q)
+    status = q.get("status") or None
+    if status is not None and status not in task_store.ACTIVE + task_store.FINAL:
+        raise BadRequest("status must be one of " + ", ".join(task_store.ACTIVE + task_store.FINAL), param="status")
+
+    def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        scope = _scoped_filters(conn, p, ws_id, key_id)
+        rows = task_store.list_tasks(conn, scope=scope, workspace_id=ws_id, key_id=key_id, status=status,
+                                     limit=limit)
+        return [_task_view(t, p) for t in rows]
+
+    return _json({"data": await _db(request, run)})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task_id, p = request.match_info["id"], _principal(request)
+
+    def run(conn: sqlite3.Connection) -> dict[str, Any]:
+        t = task_store.get_task(conn, task_id)
+        scope = p.scope(conn)
+        if t is None or (scope is not None and not scope.has_key(t["key_id"], t["workspace_id"])):
+            raise queries.NotFoundError(f"task {task_id!r} not found")
+        return _task_view(t, p)
+
+    return _json(await _db(request, run))
+
+
+def _task_view(t: dict[str, Any], p: Principal) -> dict[str, Any]:
+    # Which upstream account serves a task is the operator's business.
+    return t if p.is_admin else {k: v for k, v in t.items() if k != "upstream"}
+
+
 # ------------------------------------------------------------------ upstreams, config
-
-
-def _public_url(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    # Drop user info and the query: either may carry a credential.
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def circuit_state(request: web.Request, upstream: str) -> str | None:
@@ -408,7 +567,7 @@ async def upstreams(request: web.Request) -> web.Response:
         data.append({
             "name": u.name,
             "kind": u.kind,
-            "base_url": _public_url(u.base_url),
+            "base_url": u.public_base_url,
             "credential_configured": bool(u.api_key or u.access_key),
             "timeouts_s": {"connect": u.connect_timeout_s, "first_byte": u.first_byte_timeout_s,
                            "idle": u.idle_timeout_s, "total": u.timeout_s},
@@ -424,20 +583,31 @@ async def upstreams(request: web.Request) -> web.Response:
 
 
 async def config_summary(request: web.Request) -> web.Response:
-    """What the console's forms offer: model names and groups."""
-    cfg = request.app[GATEWAY].config
+    """What the console's forms offer: model names and groups. A user who is
+    not an admin sees the models and groups of their workspaces only."""
+    cfg, p = request.app[GATEWAY].config, _principal(request)
+    if p.is_admin:
+        return _json({
+            "models": [m.name for m in cfg.models],
+            "groups": [{"name": g.name, "models": list(g.models), "ratio": g.ratio} for g in cfg.groups],
+            "upstreams": [u.name for u in cfg.upstreams],
+            "reload_available": cfg.source is not None,
+        })
+    views = [workspace_view(cfg, w, p) for w in await _db(request, lambda c: queries.list_workspaces(c, set(p.roles)))]
+    names = {w["default_group"] for w in views}
     return _json({
-        "models": [m.name for m in cfg.models],
-        "groups": [{"name": g.name, "models": list(g.models), "ratio": g.ratio} for g in cfg.groups],
-        "upstreams": [u.name for u in cfg.upstreams],
-        "reload_available": cfg.source is not None,
+        "models": sorted({m for w in views for m in w["models"]}),
+        "groups": [{"name": g.name, "models": list(g.models), "ratio": g.ratio} for g in cfg.groups
+                   if g.name in names],
+        "upstreams": [],
+        "reload_available": False,
     })
 
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read the config file; a bad file is refused and the old config stays."""
     try:
-        cfg = await reload_config(request.app)
+        cfg = await reload_config(request.app, actor=_principal(request).actor(request))
     except ConfigError as e:
         raise BadRequest(f"config not reloaded: {e}", code="invalid_config") from None
     return _json({"status": "reloaded", "upstreams": len(cfg.upstreams), "models": len(cfg.models),
@@ -486,30 +656,35 @@ async def console_file(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ routes
 
-ROUTES: tuple[tuple[str, str, Handler], ...] = (
-    ("GET", "/workspaces", list_workspaces),
-    ("POST", "/workspaces", create_workspace),
-    ("GET", "/workspaces/{id}", get_workspace),
-    ("PATCH", "/workspaces/{id}", update_workspace),
-    ("GET", "/keys", list_keys),
-    ("POST", "/keys", create_key),
-    ("GET", "/keys/{id}", get_key),
-    ("PATCH", "/keys/{id}", update_key),
-    ("DELETE", "/keys/{id}", revoke_key),
-    ("POST", "/keys/{id}/revoke", revoke_key),
-    ("GET", "/usage", usage),
-    ("GET", "/requests", request_log),
-    ("GET", "/upstreams", upstreams),
-    ("GET", "/config", config_summary),
-    ("POST", "/reload", reload),
-    ("*", "/{tail:.*}", not_found),
+Route = tuple[str, str, Handler, str]
+
+ROUTES: tuple[Route, ...] = (
+    ("GET", "/workspaces", list_workspaces, USER),
+    ("POST", "/workspaces", create_workspace, ADMIN),
+    ("GET", "/workspaces/{id}", get_workspace, USER),
+    ("PATCH", "/workspaces/{id}", update_workspace, USER),
+    ("GET", "/keys", list_keys, USER),
+    ("POST", "/keys", create_key, USER),
+    ("GET", "/keys/{id}", get_key, USER),
+    ("PATCH", "/keys/{id}", update_key, USER),
+    ("DELETE", "/keys/{id}", revoke_key, USER),
+    ("POST", "/keys/{id}/revoke", revoke_key, USER),
+    ("GET", "/usage", usage, USER),
+    ("GET", "/requests", request_log, USER),
+    ("GET", "/tasks", list_tasks, USER),
+    ("GET", "/tasks/{id}", get_task, USER),
+    ("GET", "/upstreams", upstreams, ADMIN),
+    ("GET", "/config", config_summary, USER),
+    ("POST", "/reload", reload, ADMIN),
 )
 
 
-def register(app: web.Application) -> None:
-    """Add the admin API and the console to the gateway app."""
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, PREFIX + path, _guarded(handler))
+def register(app: web.Application, more: tuple[Route, ...] = ()) -> None:
+    """Add the admin API (ROUTES and ``more``: gateway.accounts') and the
+    console to the gateway app."""
+    app[HASHING] = asyncio.Semaphore(HASHING_SLOTS)
+    for method, path, handler, level in (*ROUTES, *more, ("*", "/{tail:.*}", not_found, USER)):
+        app.router.add_route(method, PREFIX + path, _guarded(handler, level))
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/console", console_redirect)
     app.router.add_get("/console/", console_file)

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import admin, bounds
+from . import accounts, admin, bounds
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -304,5 +304,5 @@ def create_app(
     )
     for endpoint in endpoints:
         app.router.add_post(endpoint.path, endpoint_handler(endpoint))
-    admin.register(app)
+    admin.register(app, accounts.ROUTES)
     return app

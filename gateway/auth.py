@@ -4,7 +4,8 @@ The cache holds every live key by its SHA-256 hash, with the set of models it
 may use already computed. A background task polls a generation counter that
 triggers bump on every change to keys or workspaces (from any process: another
 worker, the CLI, the admin API) and reloads when it moves, so a revocation
-takes effect within ``server.key_refresh_ms`` plus one reload.
+takes effect within ``server.key_refresh_ms`` plus one reload. The keys of a
+disabled console user are left out (users' trigger bumps the counter too).
 
 A key created since the last reload works on its first request anyway: a
 well-formed key the cache does not hold is looked up once in the database
@@ -104,8 +105,8 @@ _LOAD = """
 SELECT k.id, k.key_hash, k.name, k.prefix, k.group_name, k.allowed_models, k.rpm, k.tpm,
        k.max_concurrency, k.spend_limit, k.expires_at,
        w.id, w.name, w.default_group, w.allowed_models, w.monthly_spend_limit, w.monthly_token_limit
-FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
-WHERE k.revoked_at IS NULL
+FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id LEFT JOIN users u ON u.id = k.user_id
+WHERE k.revoked_at IS NULL AND u.disabled_at IS NULL
 """
 
 

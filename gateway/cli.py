@@ -1,4 +1,4 @@
-"""Command line: serve, demo, mock, check-config, workspaces, keys, usage.
+"""Command line: serve, demo, mock, check-config, workspaces, keys, users, usage.
 
 ``--config PATH`` may come before the command or after it (or between a
 group and its action: ``gateway keys --config F list``). Without it the
@@ -31,9 +31,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
+from . import __version__, cli_users, logs
 from .config import MOCK_UPSTREAM, Config, ConfigError, embedded_config, load_config
-from .store import queries
+from .store import audit, queries
+from .store.audit import changes
 from .store.schema import connect
 
 CONFIG_HELP = "TOML config file (default: $GATEWAY_CONFIG, then ./gateway.toml, then the embedded default)"
@@ -227,7 +228,11 @@ def _check_group(cfg: Config, group: str | None) -> None:
 
 def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
     _check_group(cfg, args.group)
-    ws = queries.create_workspace(_db(cfg), args.name, args.group)
+    conn = _db(cfg)
+    with changes(conn):
+        ws = queries.create_workspace(conn, args.name, args.group)
+        audit.record(conn, cli_users.cli_actor(), "workspace.create", now=time.time(), target_type="workspace",
+                     target_id=ws["id"], workspace_id=ws["id"], after=ws)
     print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
     return 0
 
@@ -249,9 +254,12 @@ def cmd_keys_create(args: argparse.Namespace, cfg: Config) -> int:
         rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency, spend_limit=args.spend_limit,
         expires_at=expires_at,
     )
-    row, plaintext = queries.create_key(
-        conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
-    )
+    with changes(conn):
+        row, plaintext = queries.create_key(
+            conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
+        )
+        audit.record(conn, cli_users.cli_actor(), "key.create", now=time.time(), target_type="key",
+                     target_id=row["id"], workspace_id=ws["id"], after=row)
     print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
     print("the key is shown once; store it now:")
     print(plaintext)
@@ -263,7 +271,7 @@ def key_status(key: dict[str, Any], now: float) -> str:
         return "revoked"
     if key["expires_at"] is not None and key["expires_at"] <= now:
         return "expired"
-    return "active"
+    return "suspended" if key["user_suspended"] else "active"
 
 
 def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
@@ -280,7 +288,12 @@ def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
-    row = queries.revoke_key(_db(cfg), args.id)
+    conn = _db(cfg)
+    with changes(conn):
+        before = queries.get_key(conn, args.id)
+        row = queries.revoke_key(conn, args.id)
+        audit.record(conn, cli_users.cli_actor(), "key.revoke", now=time.time(), target_type="key",
+                     target_id=row["id"], workspace_id=row["workspace_id"], before=before, after=row)
     print(f"revoked key {row['id']} ({row['prefix']}...)")
     return 0
 
@@ -391,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--workspace")
     kr = k.command("revoke", cmd_keys_revoke, "revoke a key")
     kr.add_argument("id", type=int)
+
+    cli_users.add_commands(top.group("users", "console accounts: create, invite, list, disable, enable"))
 
     u = top.command("usage", cmd_usage, "usage summary")
     u.add_argument("--since", help="ISO 8601 time or 30m / 24h / 7d back")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .tasks.options import option_refusal
 
@@ -114,6 +115,27 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """Console accounts (docs/console.md): sign-up, sessions, invitations and
+    sign-in throttling."""
+
+    open_signup: bool = False
+    public_url: str | None = None  # base of invitation links and of the examples shown to users
+    session_hours: float = 12.0  # a session ends this long after sign-in ...
+    session_idle_minutes: float = 120.0  # ... or after this long unused
+    invitation_hours: float = 168.0
+    # Failed sign-ins allowed per account (the email typed) and per client
+    # address within login_window_minutes; more get 429 until the window passes.
+    login_failures_per_account: int = 5
+    login_failures_per_address: int = 20
+    login_window_minutes: float = 15.0
+    cookie_secure: str = "auto"  # "auto" (when the request came over TLS), "always" or "never"
+    # Take the client address from the last X-Forwarded-For entry (only
+    # behind a reverse proxy that sets it) for throttling and the audit log.
+    trust_forwarded_for: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     kind: str
@@ -149,6 +171,15 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
+
+    @property
+    def public_base_url(self) -> str:
+        """``base_url`` without user info and query: either may carry a credential."""
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +257,7 @@ class Config:
     database: DatabaseConfig = DatabaseConfig()
     usage: UsageConfig = UsageConfig()
     admin: AdminConfig = AdminConfig()
+    console: ConsoleConfig = ConsoleConfig()
     routing: RoutingConfig = RoutingConfig()
     redis: RedisConfig = RedisConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -493,6 +525,25 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     admin = AdminConfig(token_env, env.get(token_env) or None)
     a.done()
 
+    c = root.sub("console")
+    console = ConsoleConfig(
+        open_signup=c.flag("open_signup", False),
+        public_url=c.text("public_url"),
+        session_hours=float(c.num("session_hours", 12.0, minimum=0.01)),
+        session_idle_minutes=float(c.num("session_idle_minutes", 120.0, minimum=0.1)),
+        invitation_hours=float(c.num("invitation_hours", 168.0, minimum=0.01)),
+        login_failures_per_account=int(c.num("login_failures_per_account", 5, minimum=1, integer=True)),
+        login_failures_per_address=int(c.num("login_failures_per_address", 20, minimum=1, integer=True)),
+        login_window_minutes=float(c.num("login_window_minutes", 15.0, minimum=0.1)),
+        cookie_secure=c.text("cookie_secure", "auto"),
+        trust_forwarded_for=c.flag("trust_forwarded_for", False),
+    )
+    if console.cookie_secure not in ("auto", "always", "never"):
+        raise ConfigError('console.cookie_secure: must be "auto", "always" or "never"')
+    if console.public_url is not None and not console.public_url.startswith(("http://", "https://")):
+        raise ConfigError("console.public_url: must start with http:// or https://")
+    c.done()
+
     r = root.sub("routing")
     routing = RoutingConfig(
         max_attempts=int(r.num("max_attempts", 3, minimum=1, integer=True)),
@@ -553,7 +604,8 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     if secrets and upstream_secrets.missing:
         raise ConfigError("; ".join(upstream_secrets.missing))
     return Config(
-        server=server, database=database, usage=usage, admin=admin, routing=routing, redis=redis,
+        server=server, database=database, usage=usage, admin=admin, console=console, routing=routing,
+        redis=redis,
         upstreams=tuple(upstreams), models=tuple(models), groups=tuple(groups), platforms=platforms, tasks=tasks,
     )
 

@@ -20,8 +20,16 @@ CHAT = "/v1/chat/completions"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def admin_routes(gw: Gateway) -> list[tuple[str, str]]:
-    """(method, concrete path) for every /admin/api route of the running app."""
+# The routes anyone may call: signing in, sign-up, invitations (each does
+# its own checks: tests/test_accounts.py). Every other route needs the admin
+# token or a console session.
+PUBLIC_ROUTES = {("GET", "/signin-options"), ("POST", "/session"), ("POST", "/signup"),
+                 ("POST", "/invitation/inspect"), ("POST", "/invitation/accept")}
+
+
+def admin_routes(gw: Gateway, *, public: bool = False) -> list[tuple[str, str]]:
+    """(method, concrete path) for every /admin/api route of the running app
+    (the PUBLIC_ROUTES only with ``public``)."""
     out = []
     for route in gw.running.runner.app.router.routes():
         resource = route.resource
@@ -29,7 +37,7 @@ def admin_routes(gw: Gateway) -> list[tuple[str, str]]:
             continue
         path = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: "1" if m[1] == "id" else "x", resource.canonical)
         methods = ["GET", "POST", "PATCH", "DELETE"] if route.method == "*" else [route.method]
-        out.extend((m, path) for m in methods)
+        out.extend((m, path) for m in methods if public or (m, path[len(PREFIX):]) not in PUBLIC_ROUTES)
     return out
 
 
@@ -46,7 +54,9 @@ async def test_every_admin_route_refuses_missing_or_wrong_token(
     admin_gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     routes = admin_routes(admin_gateway)
-    assert len(routes) >= 15
+    assert len(routes) >= 30
+    public = set(admin_routes(admin_gateway, public=True)) - set(routes)
+    assert {(m, p[len(PREFIX):]) for m, p in public} == PUBLIC_ROUTES
     bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"},
            {"Authorization": f"Bearer {ADMIN_TOKEN}x"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
            {"Authorization": ADMIN_TOKEN}, {"x-api-key": ADMIN_TOKEN}]
@@ -55,6 +65,7 @@ async def test_every_admin_route_refuses_missing_or_wrong_token(
             async with http.request(method, admin_gateway.url + path, headers=headers, json={}) as r:
                 assert r.status == 401, (method, path, headers)
                 assert (await r.json())["error"]["code"] == "invalid_admin_token"
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
         async with http.request(method, admin_gateway.url + path, headers=ADMIN, json={}) as r:
             assert r.status != 401, (method, path)
     # Admin traffic is not /v1 traffic: no usage rows.
@@ -242,11 +253,12 @@ async def test_admin_never_shows_hashes_or_upstream_secrets(
     assert len(hashes) == 2
     bodies = []
     for method, path in admin_routes(gw):
-        if method == "GET" and "{" not in path and not path.endswith("/x"):
+        if method == "GET" and not re.search(r"/(1|x)(/|$)", path):
             async with http.get(gw.url + path, headers=ADMIN) as r:
                 assert r.status == 200, path
                 bodies.append(await r.text())
-    bodies.append(await (await http.get(gw.url + PREFIX + "/keys/1", headers=ADMIN)).text())
+    for path in ("/keys/1", "/workspaces/1", "/workspaces/1/members"):
+        bodies.append(await (await http.get(gw.url + PREFIX + path, headers=ADMIN)).text())
     text = "\n".join(bodies)
     for secret in (*hashes, key, UPSTREAM_KEY, "pa55word", "qs-secret", "key_hash"):
         assert secret not in text

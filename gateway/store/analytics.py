@@ -16,6 +16,7 @@ import sqlite3
 from typing import Any
 
 from . import rollup
+from .scope import Scope
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400, "total": 0}
 BY = {"model": "model", "upstream": "upstream", "key": "key_id", "workspace": "workspace_id"}
@@ -25,6 +26,18 @@ _SUM_SQL = ", ".join(f"SUM({c}) AS {c}" for c in rollup.VALUE_COLS)
 
 class QueryError(ValueError):
     """A query the stored aggregates cannot answer; the message says why."""
+
+
+def _filters(where: list[str], args: list[Any], workspace_id: int | None, key_id: int | None, model: str | None,
+             scope: Scope | None) -> None:
+    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("model", model)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            args.append(val)
+    if scope is not None:
+        sql, scope_args = scope.where()
+        where.append(sql)
+        args.extend(scope_args)
 
 
 def _none(v: Any) -> Any:
@@ -42,14 +55,16 @@ def usage_series(
     workspace_id: int | None = None,
     key_id: int | None = None,
     model: str | None = None,
+    scope: Scope | None = None,
 ) -> list[dict[str, Any]]:
     """Usage per time bucket (``total``: one bucket for the whole range) and
-    per ``by`` value. Times are unix seconds, buckets aligned to UTC."""
+    per ``by`` value, within a console user's ``scope``. Times are unix
+    seconds, buckets aligned to UTC."""
     if bucket not in BUCKETS:
         raise QueryError(f"bucket must be one of {', '.join(BUCKETS)}")
     if by is not None and by not in BY:
         raise QueryError(f"by must be one of {', '.join(BY)}")
-    per_key = by in ("key", "workspace") or workspace_id is not None or key_id is not None
+    per_key = by in ("key", "workspace") or workspace_id is not None or key_id is not None or scope is not None
     if per_key and bucket == "minute":
         raise QueryError("minute buckets are kept per model and upstream only; use hour or day "
                          "when grouping or filtering by key or workspace")
@@ -58,10 +73,7 @@ def usage_series(
     start = int(since // grain) * grain
     where: list[str] = ["bucket >= ?", "bucket < ?"]
     args: list[Any] = [start, until]
-    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("model", model)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            args.append(val)
+    _filters(where, args, workspace_id, key_id, model, scope)
     t_expr = f"(bucket / {size}) * {size}" if size else str(start)
     g_expr = BY[by] if by else "NULL"
     sql = (f"SELECT {t_expr} AS t, {g_expr} AS g, {_SUM_SQL} FROM {table} "
@@ -133,15 +145,13 @@ def request_log(
     status: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    scope: Scope | None = None,
 ) -> dict[str, Any]:
     """One page of requests, newest first; ``next_cursor`` fetches the next.
     ``status`` is a code (``429``) or a class (``2xx``, ``4xx``, ``5xx``, ``error``)."""
     where: list[str] = ["ts >= ?", "ts < ?"]
     args: list[Any] = [since, until]
-    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("model", model)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            args.append(val)
+    _filters(where, args, workspace_id, key_id, model, scope)
     if status:
         if status in _STATUS_CLASSES:
             where.append("status BETWEEN ? AND ?")

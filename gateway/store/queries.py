@@ -10,10 +10,13 @@ import hashlib
 import secrets
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from .scope import Scope, marks
 
 KEY_PREFIX = "gw-"
 PREFIX_SHOWN = 10
@@ -65,8 +68,13 @@ def find_workspace(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
     return _workspace(row)
 
 
-def list_workspaces(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    return [_workspace(r) for r in conn.execute("SELECT * FROM workspaces ORDER BY id")]
+def list_workspaces(conn: sqlite3.Connection, ids: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """Every workspace, or those of ``ids``."""
+    if ids is None:
+        return [_workspace(r) for r in conn.execute("SELECT * FROM workspaces ORDER BY id")]
+    ordered = sorted(ids)
+    sql = f"SELECT * FROM workspaces WHERE id IN ({marks(ordered)}) ORDER BY id"
+    return [_workspace(r) for r in conn.execute(sql, ordered)]
 
 
 def _workspace(row: sqlite3.Row) -> dict[str, Any]:
@@ -92,14 +100,16 @@ def create_key(
     group: str | None = None,
     models: list[str] | None = None,
     limits: KeyLimits = KeyLimits(),
+    user_id: int | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Create a key; returns its row and the plaintext, which is not stored."""
+    """Create a key (``user_id``: the console user it belongs to); returns its
+    row and the plaintext, which is not stored."""
     get_workspace(conn, workspace_id)
     plaintext = new_key()
     cur = conn.execute(
         """INSERT INTO api_keys (workspace_id, name, prefix, key_hash, group_name, allowed_models,
-               rpm, tpm, max_concurrency, spend_limit, expires_at, created_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               rpm, tpm, max_concurrency, spend_limit, expires_at, created_at, user_id)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             workspace_id,
             name,
@@ -113,38 +123,49 @@ def create_key(
             limits.spend_limit,
             limits.expires_at,
             time.time(),
+            user_id,
         ),
     )
     return get_key(conn, int(cur.lastrowid or 0)), plaintext
 
 
-_KEY_COLUMNS = """k.id, k.workspace_id, w.name AS workspace, k.name, k.prefix, k.group_name,
+# user_suspended: the key's user is disabled, so the key cache leaves it out.
+_KEY_SELECT = """SELECT k.id, k.workspace_id, w.name AS workspace, k.name, k.prefix, k.group_name,
     k.allowed_models, k.rpm, k.tpm, k.max_concurrency, k.spend_limit, k.expires_at,
-    k.revoked_at, k.created_at"""
+    k.revoked_at, k.created_at, k.user_id, u.email AS user_email, u.disabled_at IS NOT NULL AS user_suspended
+    FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id LEFT JOIN users u ON u.id = k.user_id"""
 
 
 def get_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
-    row = conn.execute(
-        f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id WHERE k.id = ?",
-        (key_id,),
-    ).fetchone()
+    row = conn.execute(f"{_KEY_SELECT} WHERE k.id = ?", (key_id,)).fetchone()
     if row is None:
         raise NotFoundError(f"key {key_id} not found")
     return _key(row)
 
 
-def list_keys(conn: sqlite3.Connection, workspace_id: int | None = None) -> list[dict[str, Any]]:
-    sql = f"SELECT {_KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id"
-    args: tuple[Any, ...] = ()
+def list_keys(conn: sqlite3.Connection, workspace_id: int | None = None, *, scope: Scope | None = None,
+              user_id: int | None = None) -> list[dict[str, Any]]:
+    """Keys, of one workspace, within a console user's scope, of one user."""
+    where: list[str] = []
+    args: list[Any] = []
     if workspace_id is not None:
-        sql += " WHERE k.workspace_id = ?"
-        args = (workspace_id,)
-    return [_key(r) for r in conn.execute(sql + " ORDER BY k.id", args)]
+        where.append("k.workspace_id = ?")
+        args.append(workspace_id)
+    if scope is not None:
+        sql, scope_args = scope.where("k.workspace_id", "k.id")
+        where.append(sql)
+        args.extend(scope_args)
+    if user_id is not None:
+        where.append("k.user_id = ?")
+        args.append(user_id)
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    return [_key(r) for r in conn.execute(f"{_KEY_SELECT}{cond} ORDER BY k.id", args)]
 
 
 def _key(row: sqlite3.Row) -> dict[str, Any]:
     d = dict(row)
     d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
+    d["user_suspended"] = bool(d["user_suspended"])
     return d
 
 

@@ -208,6 +208,79 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX video_tasks_endpoint_task ON video_tasks (endpoint, upstream_task_id);
     CREATE UNIQUE INDEX video_tasks_idempotency ON video_tasks (workspace_id, idempotency_key);
     """,
+    # Console accounts (gateway.store.users) and the audit log
+    # (gateway.store.audit). Passwords are argon2id hashes; session ids and
+    # invitation tokens are stored as SHA-256 hashes only, like API keys.
+    # api_keys.user_id: the user who created the key (NULL: operator token
+    # or CLI); a disabled user's keys are left out of the key cache, so the
+    # users trigger bumps the key generation.
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        email TEXT NOT NULL UNIQUE,         -- trimmed, lower case
+        name TEXT NOT NULL DEFAULT '',
+        password_hash TEXT,                 -- argon2id; NULL until an invitation is accepted
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        disabled_at REAL,
+        created_at REAL NOT NULL,
+        last_login_at REAL
+    );
+    CREATE TABLE memberships (
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        workspace_id INTEGER NOT NULL REFERENCES workspaces(id),
+        role TEXT NOT NULL CHECK (role IN ('owner', 'member')),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (user_id, workspace_id)
+    );
+    CREATE INDEX memberships_ws ON memberships (workspace_id);
+    CREATE TABLE invitations (
+        id INTEGER PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        email TEXT NOT NULL,
+        workspace_id INTEGER REFERENCES workspaces(id),  -- NULL: an admin invitation
+        role TEXT NOT NULL CHECK (role IN ('owner', 'member', 'admin')),
+        invited_by INTEGER REFERENCES users(id),          -- NULL: operator token or CLI
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        accepted_at REAL,
+        revoked_at REAL
+    );
+    CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        csrf_token TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        seen_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        address TEXT
+    );
+    CREATE INDEX sessions_user ON sessions (user_id);
+    CREATE TABLE login_failures (
+        scope TEXT NOT NULL,                -- 'account' or 'address'
+        subject TEXT NOT NULL,              -- the email as typed (normalised) or the address
+        ts REAL NOT NULL
+    );
+    CREATE INDEX login_failures_subject ON login_failures (scope, subject, ts);
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        actor_user_id INTEGER,
+        actor TEXT NOT NULL,                -- an email, 'operator token', 'cli (user)', 'SIGHUP'
+        address TEXT,
+        action TEXT NOT NULL,               -- key.create, user.disable, config.reload, ...
+        target_type TEXT,
+        target_id TEXT,
+        workspace_id INTEGER,
+        before TEXT,                        -- JSON, never a secret
+        after TEXT
+    );
+    CREATE INDEX audit_ts ON audit_log (ts);
+    CREATE INDEX audit_ws_ts ON audit_log (workspace_id, ts);
+    ALTER TABLE api_keys ADD COLUMN user_id INTEGER REFERENCES users(id);
+    CREATE INDEX api_keys_user ON api_keys (user_id);
+    CREATE TRIGGER users_upd AFTER UPDATE OF disabled_at ON users BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

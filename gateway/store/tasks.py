@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from . import rollup
 from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
+from .scope import Scope
 
 CREATING = "creating"  # recorded, upstream asked, upstream id not known yet
 ACTIVE = ("queued", "running")
@@ -373,3 +375,41 @@ class TaskStore:
             (asset_id, workspace_id),
         ) as cur:
             return [str(r[0]) for r in await cur.fetchall()]
+
+
+# ------------------------------------------------------------- admin reads
+# Synchronous, for the admin API's worker thread (like gateway.store.queries).
+
+_ADMIN_COLUMNS = ("id, workspace_id, key_id, model, upstream, status, video, usage, error, created_at, "
+                  "updated_at")
+
+
+def _admin_task(r: sqlite3.Row) -> dict[str, Any]:
+    d = dict(r)
+    for col in ("video", "usage", "error"):
+        d[col] = _loads(d[col])
+    return d
+
+
+def list_tasks(conn: sqlite3.Connection, *, scope: Scope | None, workspace_id: int | None = None,
+               key_id: int | None = None, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Video tasks, newest first, within a console user's scope."""
+    where: list[str] = []
+    args: list[Any] = []
+    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("status", status)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            args.append(val)
+    if scope is not None:
+        sql, scope_args = scope.where()
+        where.append(sql)
+        args.extend(scope_args)
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = conn.execute(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks{cond} ORDER BY created_at DESC, id LIMIT ?",
+                        (*args, limit))
+    return [_admin_task(r) for r in rows]
+
+
+def get_task(conn: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks WHERE id = ?", (task_id,)).fetchone()
+    return None if row is None else _admin_task(row)

@@ -1,0 +1,276 @@
+"""Who is calling the admin API, and what they may touch.
+
+Two ways in: the operator token (``Authorization: Bearer``, compared in
+constant time; an admin) or a console session (an HttpOnly, SameSite=Strict
+cookie holding a random session id; the database keeps only its SHA-256).
+Every session request that changes state must echo the session's CSRF token
+in ``X-CSRF-Token``. A session is looked up on every request, so disabling a
+user or signing out ends it on every worker at once.
+
+Passwords are argon2id hashes (argon2-cffi). Hashing runs in a worker thread,
+at most ``HASHING_SLOTS`` at a time per process: each takes 64 MiB and about
+0.1 s of CPU, and sign-in is the one unauthenticated door that costs that.
+A sign-in for an unknown, disabled or not yet activated account verifies
+against a fixed dummy hash of the same cost, so neither the answer nor its
+timing says whether the account exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiohttp import web
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from .context import GATEWAY
+from .errors import GatewayError, NotFound, Unauthorized
+from .store import users
+from .store.audit import Actor
+from .store.schema import connect
+from .store.scope import Scope
+
+T = TypeVar("T")
+
+COOKIE = "gateway_session"
+COOKIE_PATH = "/admin/api"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+HASHING_SLOTS = 2
+# Touch a session's last-seen time at most this often (a write per request
+# would make every console click a database write).
+TOUCH_EVERY_S = 60.0
+
+# RFC 9106's second recommended option (argon2id, t=3, 64 MiB, p=4), set here
+# rather than taken from the library's defaults so that DUMMY_HASH below
+# always costs what a real hash costs.
+HASHER = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4, hash_len=32, salt_len=16)
+DUMMY_HASH = ("$argon2id$v=19$m=65536,t=3,p=4$R5dnwN+3T2LA8G5Pa8SY5g$"
+              "PNWR/7yzCk4Lc2GosiPTzKmldBk4rpTXyO6HIArnS+Y")
+
+HASHING = web.AppKey("hashing", asyncio.Semaphore)
+
+
+class NotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class TooManyAttempts(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_sign_in_attempts"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of an admin request. ``roles``: workspace id -> owner or
+    member (empty for the operator token, which is an admin)."""
+
+    label: str
+    is_admin: bool
+    user_id: int | None = None
+    name: str = ""
+    roles: Mapping[int, str] = field(default_factory=dict)
+    session: str | None = None  # the session id's hash
+    csrf: str | None = None
+
+    def sees(self, ws_id: int) -> bool:
+        return self.is_admin or ws_id in self.roles
+
+    def owns(self, ws_id: int) -> bool:
+        return self.is_admin or self.roles.get(ws_id) == "owner"
+
+    def workspace(self, ws_id: int) -> None:
+        """404 for a workspace the caller is not in: the same answer as for
+        one that does not exist."""
+        if not self.sees(ws_id):
+            raise NotFound(f"workspace {ws_id} not found")
+
+    def owner_of(self, ws_id: int) -> None:
+        self.workspace(ws_id)
+        if not self.owns(ws_id):
+            raise NotAllowed("Only an owner of this workspace or an admin can do this.")
+
+    def sees_key(self, key: Mapping[str, object]) -> bool:
+        ws = key["workspace_id"]
+        assert isinstance(ws, int)
+        return self.owns(ws) or (self.sees(ws) and self.user_id is not None and key["user_id"] == self.user_id)
+
+    def scope(self, conn: sqlite3.Connection) -> Scope | None:
+        """What a non-admin may read (gateway.store.scope); None for admins."""
+        if self.is_admin:
+            return None
+        assert self.user_id is not None
+        return users.scope_of(conn, self.user_id, dict(self.roles))
+
+    def actor(self, request: web.Request) -> Actor:
+        return Actor(self.label, self.user_id, client_address(request))
+
+
+OPERATOR = Principal("operator token", True)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+async def db(request: web.Request, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn(conn)`` in a worker thread on a short-lived connection, so the
+    event loop never waits on SQLite."""
+    path = request.app[GATEWAY].config.database.path
+
+    def run() -> T:
+        conn = connect(path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(run)
+
+
+def client_address(request: web.Request) -> str:
+    """The peer's address, or behind a trusted proxy the last
+    X-Forwarded-For entry (the one that proxy added)."""
+    if request.app[GATEWAY].config.console.trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if forwarded:
+            return forwarded[:64]
+    return request.remote or "unknown"
+
+
+def _digest(value: str) -> bytes:
+    # surrogateescape: header bytes that are not UTF-8 are a mismatch, not an error.
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def _operator(request: web.Request) -> bool | None:
+    """True/False for a Bearer token that is/is not the operator token; None
+    when the request carries no Authorization header."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    token = request.app[GATEWAY].config.admin.token
+    scheme, _, value = header.partition(" ")
+    if not token or scheme.lower() != "bearer":
+        return False
+    # Digests first, so the comparison does not even reveal the token's length.
+    return hmac.compare_digest(_digest(value.strip()), _digest(token))
+
+
+def _unauthorized(message: str = "Sign in, or send the admin token as Authorization: Bearer.") -> Unauthorized:
+    return Unauthorized(message, code="invalid_admin_token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The operator (by token) or a session's user (by cookie); 401 otherwise.
+    A request with an Authorization header is judged by it alone."""
+    operator = _operator(request)
+    if operator is not None:
+        if not operator:
+            raise _unauthorized("Missing or invalid admin token.")
+        return OPERATOR
+    sid = request.cookies.get(COOKIE)
+    if not sid:
+        raise _unauthorized()
+    gw = request.app[GATEWAY]
+    now, idle_s = gw.clock(), gw.config.console.session_idle_minutes * 60
+    sid_hash = users.token_hash(sid)
+
+    def load(conn: sqlite3.Connection) -> Principal | None:
+        s = users.session(conn, sid_hash, now=now, idle_s=idle_s)
+        if s is None:
+            return None
+        if now - s["seen_at"] > TOUCH_EVERY_S:
+            users.touch_session(conn, sid_hash, now)
+        return Principal(s["email"], bool(s["is_admin"]), s["user_id"], s["name"], users.roles(conn, s["user_id"]),
+                         sid_hash, s["csrf_token"])
+
+    principal = await db(request, load)
+    if principal is None:
+        raise _unauthorized("Your session has ended: sign in again.")
+    return principal
+
+
+def check_csrf(request: web.Request, principal: Principal) -> None:
+    """A session request that changes state must carry the session's CSRF
+    token (the operator token is not a cookie, so it needs none)."""
+    if principal.session is None or request.method in SAFE_METHODS:
+        return
+    given = request.headers.get(CSRF_HEADER, "")
+    if not principal.csrf or not hmac.compare_digest(_digest(given), _digest(principal.csrf)):
+        raise NotAllowed(f"Missing or wrong {CSRF_HEADER} header: reload the console.", code="csrf_failed")
+
+
+def set_session_cookie(resp: web.StreamResponse, request: web.Request, sid: str) -> None:
+    console = request.app[GATEWAY].config.console
+    secure = console.cookie_secure == "always" or (
+        console.cookie_secure == "auto"
+        and (request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"))
+    resp.set_cookie(COOKIE, sid, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=secure,
+                    max_age=int(console.session_hours * 3600))
+
+
+def clear_session_cookie(resp: web.StreamResponse) -> None:
+    resp.del_cookie(COOKIE, path=COOKIE_PATH)
+
+
+# ------------------------------------------------------------------ passwords
+
+
+async def hash_password(request: web.Request, password: str) -> str:
+    async with request.app[HASHING]:
+        return await asyncio.to_thread(HASHER.hash, password)
+
+
+async def verify_password(request: web.Request, hashed: str | None, password: str) -> bool:
+    """Check a password against ``hashed``; with None, against the dummy hash
+    (same cost) and False whatever it says."""
+
+    def check() -> bool:
+        try:
+            return HASHER.verify(hashed or DUMMY_HASH, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    async with request.app[HASHING]:
+        ok = await asyncio.to_thread(check)
+    return ok and hashed is not None
+
+
+# ------------------------------------------------------------------ sign-in throttling
+
+
+def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> TooManyAttempts | None:
+    """The error to answer if this account or this address has failed too
+    often within the window, else None. Keyed by the email as typed, so an
+    unknown account is throttled exactly like a real one."""
+    console = request.app[GATEWAY].config.console
+    window = console.login_window_minutes * 60
+    for scope, subject, limit, what in (
+        ("account", email, console.login_failures_per_account, "for this account"),
+        ("address", client_address(request), console.login_failures_per_address, "from your address"),
+    ):
+        count, oldest = users.failures(conn, scope, subject, now - window)
+        if count >= limit and oldest is not None:
+            wait = max(1, int(oldest + window - now) + 1)
+            minutes = (wait + 59) // 60
+            return TooManyAttempts(
+                f"Too many failed sign-ins {what}. Try again in {minutes} minute{'s' * (minutes != 1)}.",
+                headers={"Retry-After": str(wait)})
+    return None
+
+
+def failed(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> None:
+    users.add_failure(conn, "account", email, now)
+    users.add_failure(conn, "address", client_address(request), now)
+    window = request.app[GATEWAY].config.console.login_window_minutes * 60
+    users.prune_failures(conn, now - window)
