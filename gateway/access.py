@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -261,7 +262,7 @@ def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: f
     ):
         count, oldest = users.failures(conn, scope, subject, now - window)
         if count >= limit and oldest is not None:
-            wait = max(1, int(oldest + window - now) + 1)
+            wait = max(1, math.ceil(oldest + window - now))
             minutes = (wait + 59) // 60
             return TooManyAttempts(
                 f"Too many failed sign-ins {what}. Try again in {minutes} minute{'s' * (minutes != 1)}.",

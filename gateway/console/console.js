@@ -1,7 +1,10 @@
 // Gateway console: a single page on the admin API. No build step, no
-// external requests: uPlot is vendored next to this file. The admin token
-// lives in sessionStorage (this tab only) and travels only in the
-// Authorization header, never in a URL.
+// external requests: uPlot is vendored next to this file.
+// Two ways in: a user's session (an HttpOnly cookie this script never sees;
+// every change carries the session's CSRF token, kept in memory only) or the
+// admin token (kept in sessionStorage, this tab only, and sent only in the
+// Authorization header, never in a URL). Everything user-controlled is put
+// on the page as text (el() below), never as HTML.
 (function () {
   "use strict";
 
@@ -10,7 +13,8 @@
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563",
     "#65a30d", "#9333ea"];
   const $ = (id) => document.getElementById(id);
-  const state = { view: null, config: null, workspaces: [], keys: [], charts: {}, log: { stack: [], cursor: null } };
+  const state = { view: null, mode: null, me: null, csrf: null, config: null, workspaces: [], keys: [], charts: {},
+    log: { stack: [], cursor: null }, audit: { cursor: null }, params: {}, newKey: null, example: "curl" };
   window.gatewayConsole = state; // for debugging and for the browser tests
 
   // ---------------------------------------------------------------- helpers
@@ -57,72 +61,198 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
-  async function api(method, path, body, params) {
+  async function api(method, path, body, params, opts) {
     const url = new URL(API + path, location.origin);
     for (const [k, v] of Object.entries(params || {})) {
       if (v !== null && v !== undefined && v !== "") url.searchParams.set(k, v);
     }
-    const headers = { Authorization: "Bearer " + sessionStorage.getItem(TOKEN) };
+    const headers = {};
+    if (state.mode === "token") headers.Authorization = "Bearer " + sessionStorage.getItem(TOKEN);
+    else if (state.csrf && method !== "GET") headers["X-CSRF-Token"] = state.csrf;
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    const r = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    const r = await fetch(url, { method, headers, credentials: "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body) });
     const data = await r.json().catch(() => ({}));
-    if (r.status === 401 && path !== "/config") { signOut("Your session ended: sign in again."); }
+    if (r.status === 401 && !(opts && opts.quiet) && !$("app").hidden) {
+      signedOut(state.mode === "token" ? "The admin token was not accepted: sign in again."
+        : "Your session has ended: sign in again.");
+    }
     if (!r.ok) throw new ApiError(r.status, (data.error && data.error.message) || r.statusText);
     return data;
   }
 
   function guard(fn) {
     return async (...args) => {
-      try { return await fn(...args); } catch (e) { flash(e.message, true); }
+      try { return await fn(...args); } catch (e) { if (e.status !== 401) flash(e.message, true); }
     };
   }
 
-  // ---------------------------------------------------------------- sign in
+  // ---------------------------------------------------------------- who is signed in
 
-  async function signIn(token) {
-    sessionStorage.setItem(TOKEN, token);
-    try {
-      state.config = await api("GET", "/config");
-    } catch (e) {
-      sessionStorage.removeItem(TOKEN);
-      throw e;
+  const isAdmin = () => Boolean(state.me && (state.me.operator || (state.me.user && state.me.user.is_admin)));
+  const owns = (wsId) => isAdmin() || state.me.workspaces.some((w) => w.id === wsId && w.role === "owner");
+  const ownsAny = () => isAdmin() || state.me.workspaces.some((w) => w.role === "owner");
+  const ownedWorkspaces = () => state.workspaces.filter((w) => owns(w.id));
+
+  function applyRole() {
+    for (const e of document.querySelectorAll("[data-needs]")) {
+      e.hidden = e.dataset.needs === "admin" ? !isAdmin() : !ownsAny();
     }
+    const me = state.me;
+    $("whoami").textContent = me.operator ? "admin token" : me.user.email + (me.user.is_admin ? " · admin" : "");
+  }
+
+  // ---------------------------------------------------------------- signing in
+
+  async function enter(me) {
+    state.me = me || await api("GET", "/session", undefined, undefined, { quiet: true });
+    state.csrf = state.me.csrf_token;
+    state.config = await api("GET", "/config");
     $("signin").hidden = true;
     $("app").hidden = false;
+    applyRole();
     fillStaticOptions();
     await loadDirectory();
     route();
   }
 
-  function signOut(message) {
-    sessionStorage.removeItem(TOKEN);
-    $("app").hidden = true;
+  function showForm(id) {
+    for (const f of document.querySelectorAll("#signin form")) f.hidden = f.id !== id;
     $("signin").hidden = false;
-    $("token").value = "";
-    const err = $("signin-error");
-    err.textContent = message || "";
-    err.hidden = !message;
+    $("app").hidden = true;
   }
+
+  function fail(id, e) {
+    const err = $(id);
+    err.textContent = e.message;
+    err.hidden = false;
+  }
+
+  function signedOut(message) {
+    if (state.mode === "token") sessionStorage.removeItem(TOKEN);
+    state.mode = null;
+    state.me = state.csrf = null;
+    state.newKey = null;
+    $("new-key-value").textContent = "";
+    $("new-key").hidden = true;
+    $("token").value = "";
+    $("login-password").value = "";
+    const m = $("signin-message");
+    m.textContent = message || "";
+    m.hidden = !message;
+    $("signin-error").hidden = $("login-error").hidden = true;
+    showForm("login-form");
+  }
+
+  $("login-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    $("login-error").hidden = true;
+    state.mode = "session";
+    try {
+      const me = await api("POST", "/session", { email: $("login-email").value.trim(),
+        password: $("login-password").value });
+      $("login-password").value = "";
+      await enter(me);
+    } catch (e) {
+      fail("login-error", e);
+    }
+  });
 
   $("signin-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    state.mode = "token";
+    sessionStorage.setItem(TOKEN, $("token").value.trim());
     try {
-      await signIn($("token").value.trim());
+      await enter();
     } catch (e) {
-      const err = $("signin-error");
-      err.textContent = e.status === 401 ? "That token was not accepted." : e.message;
-      err.hidden = false;
+      sessionStorage.removeItem(TOKEN);
+      fail("signin-error", e.status === 401 ? new Error("That token was not accepted.") : e);
     }
   });
-  $("signout").addEventListener("click", () => signOut());
+
+  $("signup-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    state.mode = "session";
+    try {
+      await enter(await api("POST", "/signup", { email: $("signup-email").value.trim(),
+        name: $("signup-name").value.trim(), password: $("signup-password").value }));
+    } catch (e) {
+      fail("signup-error", e);
+    }
+  });
+
+  $("show-token").addEventListener("click", (ev) => { ev.preventDefault(); showForm("signin-form"); });
+  $("show-signup").addEventListener("click", (ev) => { ev.preventDefault(); showForm("signup-form"); });
+  for (const a of document.querySelectorAll(".show-login")) {
+    a.addEventListener("click", (ev) => { ev.preventDefault(); showForm("login-form"); });
+  }
+
+  $("signout").addEventListener("click", async () => {
+    if (state.mode === "session") await api("DELETE", "/session", undefined, undefined, { quiet: true }).catch(() => {});
+    signedOut();
+  });
+
+  // An invitation link: /console/#invite=TOKEN (the token never reaches a
+  // server log: browsers do not send the fragment).
+  async function showInvite(token) {
+    showForm("invite-form");
+    let info;
+    try {
+      info = await api("POST", "/invitation/inspect", { token }, undefined, { quiet: true });
+    } catch (e) {
+      $("invite-info").textContent = "";
+      fail("invite-error", e);
+      $("invite-button").disabled = true;
+      return;
+    }
+    const where = info.role === "admin" ? "as an admin" : `to workspace ${info.workspace} as ${info.role}`;
+    $("invite-info").textContent = `${info.email} is invited ${where}.`;
+    const existing = info.account === "existing";
+    $("invite-name-label").hidden = existing;
+    $("invite-password-label").textContent = existing ? "Your password (you already have an account)"
+      : "Choose a password (10 characters or more)";
+    $("invite-form").onsubmit = async (ev) => {
+      ev.preventDefault();
+      $("invite-error").hidden = true;
+      state.mode = "session";
+      try {
+        const me = await api("POST", "/invitation/accept", { token, password: $("invite-password").value,
+          name: $("invite-name").value.trim() }, undefined, { quiet: true });
+        $("invite-password").value = "";
+        history.replaceState(null, "", location.pathname + "#keys");
+        await enter(me);
+      } catch (e) {
+        fail("invite-error", e);
+      }
+    };
+  }
+
+  // A session ended elsewhere (signed out, user disabled) shows here within
+  // a few seconds, not only at the next click.
+  setInterval(() => {
+    if (state.mode === "session" && !$("app").hidden && document.visibilityState === "visible") {
+      api("GET", "/session").catch(() => {});
+    }
+  }, 5000);
 
   // ---------------------------------------------------------------- navigation
 
+  const VIEWS = ["dashboard", "keys", "requests", "members", "audit", "upstreams"];
+
+  // #view or #view?workspace=ID: a view's URL may name the workspace it shows.
   function route() {
-    const view = (location.hash || "#dashboard").slice(1);
-    show(["dashboard", "keys", "requests", "upstreams"].includes(view) ? view : "dashboard");
+    const [name, query] = (location.hash || "#dashboard").slice(1).split("?");
+    state.params = Object.fromEntries(new URLSearchParams(query || ""));
+    let view = VIEWS.includes(name) ? name : "dashboard";
+    if ((view === "upstreams" && !isAdmin()) || ((view === "members" || view === "audit") && !ownsAny())) {
+      view = "dashboard";
+    }
+    show(view);
   }
-  window.addEventListener("hashchange", () => { if (!$("app").hidden) route(); });
+  window.addEventListener("hashchange", () => {
+    if (location.hash.startsWith("#invite=")) showInvite(location.hash.slice("#invite=".length));
+    else if (!$("app").hidden) route();
+  });
 
   function show(view) {
     state.view = view;
@@ -132,7 +262,7 @@
     const section = $("view-" + view);
     section.dataset.ready = "0";
     const load = { dashboard: loadDashboard, keys: loadKeys, requests: () => loadLog(null),
-      upstreams: loadUpstreams }[view];
+      members: loadMembers, audit: () => loadAudit(null), upstreams: loadUpstreams }[view];
     Promise.resolve(load()).finally(() => { if (state.view === view) section.dataset.ready = "1"; });
   }
 
@@ -155,15 +285,33 @@
     const [ws, keys] = await Promise.all([api("GET", "/workspaces"), api("GET", "/keys")]);
     state.workspaces = ws.data;
     state.keys = keys.data;
-    const wsOptions = () => state.workspaces.map((w) => el("option", { value: w.id }, w.name));
-    const prev = { ws: $("log-ws").value, key: $("log-key").value, kws: $("key-ws").value };
-    $("key-ws").replaceChildren(...wsOptions());
-    $("log-ws").replaceChildren(el("option", { value: "" }, "All"), ...wsOptions());
+    const wsOptions = (list) => list.map((w) => el("option", { value: w.id }, w.name));
+    const prev = { ws: $("log-ws").value, key: $("log-key").value, kws: $("key-ws").value,
+      mws: $("members-ws").value, aws: $("audit-ws").value };
+    $("key-ws").replaceChildren(...wsOptions(state.workspaces));
+    $("log-ws").replaceChildren(el("option", { value: "" }, "All"), ...wsOptions(state.workspaces));
+    $("members-ws").replaceChildren(...wsOptions(ownedWorkspaces()));
+    $("audit-ws").replaceChildren(el("option", { value: "" }, "All"), ...wsOptions(ownedWorkspaces()));
     $("log-key").replaceChildren(el("option", { value: "" }, "All"),
       ...state.keys.map((k) => el("option", { value: k.id }, `${k.prefix}… ${k.name || ""} (${k.workspace})`)));
     if (prev.ws) $("log-ws").value = prev.ws;
     if (prev.key) $("log-key").value = prev.key;
     if (prev.kws) $("key-ws").value = prev.kws;
+    if (prev.mws) $("members-ws").value = prev.mws;
+    if (prev.aws) $("audit-ws").value = prev.aws;
+  }
+
+  // The workspace a view's URL names (#keys?workspace=3), checked by the
+  // server: another workspace's id gets the same 404 as one that does not exist.
+  function urlWorkspace() {
+    const id = state.params.workspace;
+    return id === undefined || id === "" ? null : Number(id);
+  }
+
+  function showError(id, message) {
+    const e = $(id);
+    e.textContent = message || "";
+    e.hidden = !message;
   }
 
   // ---------------------------------------------------------------- dashboard
@@ -179,8 +327,10 @@
     return { since: now - Number(r), until: now };
   }
 
+  // Minute buckets are kept for all workspaces together: an admin's view.
   function bucketFor(span) {
-    if (span <= 6 * 3600) return ["minute", 60];
+    if (span <= 6 * 3600 && isAdmin()) return ["minute", 60];
+    if (span <= 6 * 3600) return ["hour", 3600];
     if (span <= 8 * 86400) return ["hour", 3600];
     return ["day", 86400];
   }
@@ -309,32 +459,123 @@
 
   const loadKeys = guard(async function () {
     await loadDirectory();
-    $("ws-table").tBodies[0].replaceChildren(...state.workspaces.map((w) => el("tr", { "data-id": w.id },
-      td(w.id), td(w.name), td(w.default_group),
+    const wsId = urlWorkspace();
+    showError("keys-error", "");
+    let keys = state.keys;
+    if (wsId !== null) {
+      try {
+        keys = (await api("GET", "/keys", undefined, { workspace_id: wsId })).data;
+        $("key-ws").value = wsId;
+      } catch (e) {
+        keys = [];
+        showError("keys-error", e.status === 404 ? `Workspace ${wsId} does not exist or is not yours.` : e.message);
+      }
+    }
+    const workspaces = wsId === null ? state.workspaces : state.workspaces.filter((w) => w.id === wsId);
+    $("ws-table").tBodies[0].replaceChildren(...workspaces.map((w) => el("tr", { "data-id": w.id },
+      td(w.id), td(w.name), td(w.role), td(w.default_group), td(w.models.join(", "), "wrap"),
       td(w.monthly_spend_limit === null ? "none" : money(w.monthly_spend_limit)),
       td(w.monthly_token_limit === null ? "none" : num(w.monthly_token_limit)),
-      el("td", {}, el("button", { class: "link", onclick: () => editWorkspace(w) }, "Edit")),
+      el("td", {},
+        el("a", { href: `#keys?workspace=${w.id}`, class: "ws-link" }, "Keys"),
+        owns(w.id) ? el("a", { href: `#members?workspace=${w.id}`, class: "ws-link" }, "Members") : null,
+        isAdmin() ? el("button", { class: "link", onclick: () => editWorkspace(w) }, "Edit") : null),
     )));
-    $("key-table").tBodies[0].replaceChildren(...state.keys.map((k) => {
+    $("key-table").tBodies[0].replaceChildren(...keys.map((k) => {
       const limits = [["rpm", k.rpm], ["tpm", k.tpm], ["conc", k.max_concurrency],
         ["spend", k.spend_limit === null ? null : money(k.spend_limit)],
         ["expires", k.expires_at ? when(k.expires_at) : null]]
         .filter(([, v]) => v !== null).map(([n, v]) => `${n} ${v}`).join(", ");
       const actions = el("td", {});
-      if (k.status === "active") {
+      if (k.status === "active" || k.status === "suspended") {
         actions.append(
           el("button", { class: "link", onclick: () => editKey(k) }, "Edit"),
           el("button", { class: "danger revoke", "data-key": k.id, onclick: () => revokeKey(k) }, "Revoke"));
       }
       return el("tr", { "data-key": k.id },
         td(k.id), el("td", {}, el("code", {}, k.prefix + "…")), td(k.name), td(k.workspace),
+        td(k.user_email || "(admin)"),
         td(k.group_name || "(default)"), td(k.allowed_models ? k.allowed_models.join(", ") : "all"),
         td(limits || "none"),
         td(k.status, k.status === "active" ? "status-ok" : "status-bad"),
         td(when(k.last_used)), td(num(k.usage.requests), "num"),
         td(num(k.usage.input_tokens + k.usage.output_tokens), "num"), td(money(k.usage.cost), "num"), actions);
     }));
+    renderExamples();
   });
+
+  // ---------------------------------------------------------------- examples
+
+  // Copyable examples for the common clients, with this gateway's base URL,
+  // a model the selected workspace may use, and the new key while it is shown.
+  const EXAMPLES = {
+    curl: (b, key, m) => `curl ${b.v1}/chat/completions \\
+  -H "Authorization: Bearer ${key}" \\
+  -H "Content-Type: application/json" \\
+  -d '{"model": "${m.any}", "messages": [{"role": "user", "content": "Hello"}]}'`,
+    "OpenAI SDK": (b, key, m) => `from openai import OpenAI
+
+client = OpenAI(base_url="${b.v1}", api_key="${key}")
+reply = client.chat.completions.create(
+    model="${m.openai}", messages=[{"role": "user", "content": "Hello"}])
+print(reply.choices[0].message.content)`,
+    "Anthropic SDK": (b, key, m) => `import anthropic
+
+# The Anthropic SDK adds /v1 itself.
+client = anthropic.Anthropic(base_url="${b.origin}", api_key="${key}")
+reply = client.messages.create(
+    model="${m.claude}", max_tokens=1024, messages=[{"role": "user", "content": "Hello"}])
+print(reply.content[0].text)`,
+    "Claude Code": (b, key, m) => `export ANTHROPIC_BASE_URL="${b.origin}"
+export ANTHROPIC_AUTH_TOKEN="${key}"
+export ANTHROPIC_MODEL="${m.claude}"
+claude`,
+    Codex: (b, key, m) => `# ~/.codex/config.toml
+model = "${m.openai}"
+model_provider = "gateway"
+
+[model_providers.gateway]
+name = "gateway"
+base_url = "${b.v1}"
+env_key = "GATEWAY_API_KEY"
+wire_api = "responses"
+
+# then, in the shell:
+export GATEWAY_API_KEY="${key}"
+codex`,
+  };
+
+  function renderExamples() {
+    const v1 = state.me.base_url;
+    const origin = v1.replace(/\/v1$/, "");
+    const ws = state.workspaces.find((w) => String(w.id) === $("key-ws").value) || state.workspaces[0];
+    const models = ws ? ws.models : state.config.models;
+    const like = (re) => models.find((n) => re.test(n)) || models[0] || "MODEL";
+    const m = { any: models[0] || "MODEL", openai: like(/gpt|^o\d/i), claude: like(/claude/i) };
+    const key = state.newKey || (state.example === "Codex" ? "gw-..." : "$GATEWAY_API_KEY");
+    $("base-url").textContent = v1;
+    $("example-tabs").replaceChildren(...Object.keys(EXAMPLES).map((name) => el("button", {
+      class: name === state.example ? "tab active" : "tab", "data-example": name,
+      onclick: () => { state.example = name; renderExamples(); } }, name)));
+    $("example-code").textContent = EXAMPLES[state.example]({ v1, origin }, key, m);
+  }
+  $("key-ws").addEventListener("change", () => renderExamples());
+  $("example-copy").addEventListener("click", () => copyText($("example-code"), $("example-copy")));
+
+  async function copyText(node, button) {
+    try {
+      await navigator.clipboard.writeText(node.textContent);
+    } catch (e) {
+      // Clipboard API needs a secure context; fall back to selecting the text.
+      const range = document.createRange();
+      range.selectNodeContents(node);
+      const sel = getSelection();
+      sel.removeAllRanges();
+      sel.addRange(range);
+      document.execCommand("copy");
+    }
+    button.textContent = "Copied";
+  }
 
   const optNum = (id) => ($(id).value === "" ? null : Number($(id).value));
 
@@ -375,41 +616,37 @@
     const expires = fromLocal($("key-expires").value);
     const res = await api("POST", "/keys", {
       workspace_id: Number($("key-ws").value), name: $("key-name").value.trim(),
-      group_name: $("key-group").value || null, allowed_models: models.length ? models : null,
+      group_name: isAdmin() ? ($("key-group").value || null) : undefined, allowed_models: models.length ? models : null,
       rpm: optNum("key-rpm"), tpm: optNum("key-tpm"), max_concurrency: optNum("key-conc"),
       spend_limit: optNum("key-spend"), expires_at: expires,
     });
     const ws = $("key-ws").value;
     $("key-form").reset();
+    state.newKey = res.plaintext;
+    $("key-ws").value = ws;
+    renderExamples();
     $("new-key-value").textContent = res.plaintext;
     $("new-key").hidden = false;
     $("new-key-copy").textContent = "Copy";
+    $("key-ws").value = ws;
     await loadKeys();
     $("key-ws").value = ws;
+    renderExamples();
   }));
 
-  $("new-key-copy").addEventListener("click", async () => {
-    const text = $("new-key-value").textContent;
-    try {
-      await navigator.clipboard.writeText(text);
-    } catch (e) {
-      // Clipboard API needs a secure context; fall back to selecting the text.
-      const range = document.createRange();
-      range.selectNodeContents($("new-key-value"));
-      const sel = getSelection();
-      sel.removeAllRanges();
-      sel.addRange(range);
-      document.execCommand("copy");
-    }
-    $("new-key-copy").textContent = "Copied";
-  });
+  $("new-key-copy").addEventListener("click", () => copyText($("new-key-value"), $("new-key-copy")));
   $("new-key-done").addEventListener("click", () => {
+    state.newKey = null;
     $("new-key-value").textContent = "";
     $("new-key").hidden = true;
+    renderExamples();
   });
 
   async function editKey(k) {
     const fields = {};
+    const name = prompt("Name:", k.name);
+    if (name === null) return;
+    fields.name = name.trim();
     const ask = (label, name, current) => {
       const v = prompt(`${label} (empty: none):`, current ?? "");
       if (v === null) return false;
@@ -446,7 +683,7 @@
   function logParams() {
     return {
       since: fromLocal($("log-from").value), until: fromLocal($("log-to").value),
-      workspace_id: $("log-ws").value, key_id: $("log-key").value, model: $("log-model").value,
+      workspace_id: urlWorkspace() ?? $("log-ws").value, key_id: $("log-key").value, model: $("log-model").value,
       status: $("log-status").value, limit: 50,
     };
   }
@@ -454,7 +691,15 @@
   // stack holds the cursors of the pages before the current one.
   const loadLog = guard(async function (cursor) {
     if (cursor === null) { state.log.stack = []; await loadDirectory(); }
-    const page = await api("GET", "/requests", undefined, { ...logParams(), cursor: cursor || "" });
+    showError("log-error", "");
+    let page;
+    try {
+      page = await api("GET", "/requests", undefined, { ...logParams(), cursor: cursor || "" });
+    } catch (e) {
+      if (e.status !== 404) throw e;
+      page = { items: [], next_cursor: null };
+      showError("log-error", `Workspace ${urlWorkspace()} does not exist or is not yours.`);
+    }
     state.log.cursor = cursor;
     state.log.next = page.next_cursor;
     $("log-table").tBodies[0].replaceChildren(...page.items.map((r) => el("tr", { "data-request": r.request_id },
@@ -511,12 +756,158 @@
     await loadUpstreams();
   }));
 
+  // ---------------------------------------------------------------- members and invitations
+
+  function membersWorkspace() {
+    const wsId = urlWorkspace();
+    if (wsId !== null) return wsId;
+    return $("members-ws").value === "" ? null : Number($("members-ws").value);
+  }
+
+  const loadMembers = guard(async function () {
+    await loadDirectory();
+    const wsId = membersWorkspace();
+    showError("members-error", "");
+    const tables = ["members-table", "invites-table", "users-table"];
+    for (const t of tables) $(t).tBodies[0].replaceChildren();
+    if (wsId === null) { showError("members-error", "You own no workspace."); return; }
+    $("members-ws").value = wsId;
+    let members, invites;
+    try {
+      [members, invites] = await Promise.all([api("GET", `/workspaces/${wsId}/members`),
+        api("GET", "/invitations", undefined, { workspace_id: wsId })]);
+    } catch (e) {
+      showError("members-error", e.status === 404 ? `Workspace ${wsId} does not exist or is not yours.` : e.message);
+      return;
+    }
+    const myId = state.me.user ? state.me.user.id : null;
+    $("members-table").tBodies[0].replaceChildren(...members.data.map((u) => {
+      const role = el("select", { "data-member": u.id, onchange: (ev) => setRole(wsId, u, ev.target.value) },
+        ...["member", "owner"].map((r) => el("option", { value: r, selected: r === u.role }, r)));
+      return el("tr", { "data-user": u.id },
+        td(u.id), td(u.email), td(u.name), el("td", {}, role), td(u.status, u.status === "active" ? "status-ok"
+          : "status-bad"), td(when(u.last_login_at)),
+        el("td", {}, u.id === myId ? null : el("button", { class: "danger remove-member", "data-user": u.id,
+          onclick: () => removeMember(wsId, u) }, "Remove")));
+    }));
+    $("invites-table").tBodies[0].replaceChildren(...invites.data.map((i) => el("tr", { "data-invite": i.id },
+      td(i.id), td(i.email), td(i.workspace), td(i.role), td(i.invited_by_email || "(admin)"), td(when(i.expires_at)),
+      el("td", {}, el("button", { class: "danger", onclick: () => revokeInvite(i) }, "Revoke")))));
+    if (isAdmin()) await loadUsers();
+  });
+  $("members-ws").addEventListener("change", () => { location.hash = `#members?workspace=${$("members-ws").value}`; });
+
+  async function loadUsers() {
+    const res = await api("GET", "/users");
+    const myId = state.me.user ? state.me.user.id : null;
+    $("users-table").tBodies[0].replaceChildren(...res.data.map((u) => el("tr", { "data-user": u.id },
+      td(u.id), td(u.email), td(u.name), td(u.is_admin ? "yes" : ""),
+      td(u.status, u.status === "active" ? "status-ok" : "status-bad"),
+      td(u.workspaces.map((w) => `${w.workspace} (${w.role})`).join(", ")), td(when(u.last_login_at)),
+      el("td", {}, u.id === myId ? null : el("button", {
+        class: u.status === "disabled" ? "link enable-user" : "danger disable-user", "data-user": u.id,
+        onclick: () => setDisabled(u, u.status !== "disabled") }, u.status === "disabled" ? "Enable" : "Disable")))));
+  }
+
+  const setRole = guard(async (wsId, u, role) => {
+    await api("PATCH", `/workspaces/${wsId}/members/${u.id}`, { role });
+    flash(`${u.email} is now ${role}.`);
+    await loadMembers();
+  });
+
+  async function removeMember(wsId, u) {
+    if (!confirm(`Remove ${u.email} from this workspace? The keys they made here are revoked.`)) return;
+    await guard(async () => {
+      const res = await api("DELETE", `/workspaces/${wsId}/members/${u.id}`);
+      flash(`${u.email} removed; ${res.revoked_keys.length} key(s) revoked.`);
+      await loadMembers();
+    })();
+  }
+
+  async function setDisabled(u, disabled) {
+    if (disabled && !confirm(`Disable ${u.email}? They are signed out at once and their keys stop working.`)) return;
+    await guard(async () => {
+      await api("PATCH", `/users/${u.id}`, { disabled });
+      flash(`${u.email} ${disabled ? "disabled" : "enabled"}.`);
+      await loadMembers();
+    })();
+  }
+
+  async function revokeInvite(i) {
+    if (!confirm(`Revoke the invitation for ${i.email}?`)) return;
+    await guard(async () => {
+      await api("DELETE", `/invitations/${i.id}`);
+      await loadMembers();
+    })();
+  }
+
+  $("invite-create").addEventListener("submit", guard(async (ev) => {
+    ev.preventDefault();
+    const role = $("invite-role").value;
+    const res = await api("POST", "/invitations", { email: $("invite-email").value.trim(), role,
+      workspace_id: role === "admin" ? null : membersWorkspace() });
+    $("invite-create").reset();
+    $("invite-link-value").textContent = res.link;
+    $("invite-link").hidden = false;
+    $("invite-link-copy").textContent = "Copy";
+    await loadMembers();
+  }));
+  $("invite-link-copy").addEventListener("click", () => copyText($("invite-link-value"), $("invite-link-copy")));
+  $("invite-link-done").addEventListener("click", () => {
+    $("invite-link-value").textContent = "";
+    $("invite-link").hidden = true;
+  });
+
+  // ---------------------------------------------------------------- audit log
+
+  function change(before, after) {
+    before = before || {};
+    after = after || {};
+    const show = (v, k) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v)
+      : k.endsWith("_at") && typeof v === "number" ? when(v) : String(v));
+    const keys = [...new Set([...Object.keys(before), ...Object.keys(after)])]
+      .filter((k) => JSON.stringify(before[k]) !== JSON.stringify(after[k]));
+    return keys.map((k) => (k in before && k in after ? `${k}: ${show(before[k], k)} → ${show(after[k], k)}`
+      : k in after ? `${k}: ${show(after[k], k)}` : `${k}: ${show(before[k], k)} (removed)`)).join("; ");
+  }
+
+  const loadAudit = guard(async function (cursor) {
+    if (cursor === null) await loadDirectory();
+    const res = await api("GET", "/audit", undefined, { action: $("audit-action").value,
+      actor: $("audit-actor").value.trim(), workspace_id: $("audit-ws").value, limit: 50, cursor: cursor || "" });
+    const rows = res.items.map((a) => el("tr", { "data-audit": a.id },
+      td(when(a.ts)), td(a.actor), td(a.address), td(a.action),
+      td(a.target_type ? `${a.target_type} ${a.target_id}` : ""), td(a.workspace),
+      td(change(a.before, a.after), "wrap change")));
+    if (cursor === null) $("audit-table").tBodies[0].replaceChildren(...rows);
+    else $("audit-table").tBodies[0].append(...rows);
+    state.audit.cursor = res.next_cursor;
+    $("audit-older").disabled = !res.next_cursor;
+  });
+  $("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadAudit(null); });
+  $("audit-older").addEventListener("click", () => loadAudit(state.audit.cursor));
+
   // ---------------------------------------------------------------- start
 
-  const saved = sessionStorage.getItem(TOKEN);
-  if (saved) {
-    signIn(saved).catch(() => signOut("Sign in again."));
-  } else {
-    signOut();
+  async function start() {
+    const options = await api("GET", "/signin-options", undefined, undefined, { quiet: true })
+      .catch(() => ({ open_signup: false, admin_token: true }));
+    $("signup-link").hidden = !options.open_signup;
+    $("show-token").hidden = !options.admin_token;
+    if (location.hash.startsWith("#invite=")) {
+      await showInvite(location.hash.slice("#invite=".length));
+      return;
+    }
+    if (sessionStorage.getItem(TOKEN)) {
+      state.mode = "token";
+      try { await enter(); return; } catch (e) { sessionStorage.removeItem(TOKEN); }
+    }
+    state.mode = "session";
+    try {
+      await enter();
+    } catch (e) {
+      signedOut();
+    }
   }
+  start();
 })();
