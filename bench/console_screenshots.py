@@ -17,16 +17,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.access import HASHER  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.server import start_gateway, start_mock  # noqa: E402
-from gateway.store import queries, rollup  # noqa: E402
+from gateway.store import queries  # noqa: E402
+from gateway.store import users as accounts  # noqa: E402
 from gateway.store.columns import COLUMNS  # noqa: E402
+from gateway.store.rows import insert_rows  # noqa: E402
 from gateway.store.schema import connect  # noqa: E402
-from gateway.store.usage import INSERT  # noqa: E402
 from tests.browser import post_chat, start_chrome  # noqa: E402
 
 TOKEN = "screenshot-admin-token"
@@ -87,14 +90,25 @@ def history(db: Path, now: float) -> None:
                "reasoning_tokens": 0, "images": 0, "video_tokens": 0, "cost": (tin * pin + tout * pout) / 1e6,
                "latency_ms": lat, "ttfb_ms": lat * rng.uniform(0.1, 0.35), "upstream_ms": lat - 0.3,
                "overhead_ms": 0.3, "bytes_in": 900, "bytes_out": 3000,
-               "error_type": None if status == 200 else "upstream_error"}
+               "error_type": None if status == 200 else "upstream_error", "cache_write_tokens": 0,
+               "cache_write_1h_tokens": 0}
         rows.append(tuple(rec[c] for c in COLUMNS))
     for i in range(0, len(rows), 1000):
         batch = rows[i:i + 1000]
         conn.execute("BEGIN")
-        conn.executemany(INSERT, batch)
-        rollup.apply(conn, batch)
+        insert_rows(conn, batch)
         conn.execute("COMMIT")
+    conn.close()
+
+
+OWNER, OWNER_PASSWORD = "dana@example.com", "dana's long password"
+
+
+def users(db: Path) -> None:
+    """An owner of the research workspace, for the account pages."""
+    conn = connect(db)
+    u = accounts.create_user(conn, OWNER, now=time.time(), name="Dana", password_hash=HASHER.hash(OWNER_PASSWORD))
+    accounts.set_membership(conn, u["id"], queries.find_workspace(conn, "research")["id"], "owner", time.time())
     conn.close()
 
 
@@ -105,6 +119,7 @@ def shoot(base: str, out: Path, profile: Path) -> None:
     try:
         driver.get(base + "/console/")
         time.sleep(0.5)
+        driver.find_element(By.ID, "show-token").click()
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "signin-button").click()
         time.sleep(1.5)
@@ -127,8 +142,59 @@ def shoot(base: str, out: Path, profile: Path) -> None:
         driver.find_element(By.CSS_SELECTOR, "a[data-view=upstreams]").click()
         time.sleep(0.8)
         driver.save_screenshot(str(out / "console-upstreams.png"))
+        driver.find_element(By.ID, "signout").click()
+        time.sleep(0.3)
+        shoot_accounts(driver, base, out)
     finally:
         driver.quit()
+
+
+def sign_in(driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    for field, value in (("login-email", OWNER), ("login-password", OWNER_PASSWORD)):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(By.ID, "login-button").click()
+
+
+def shoot_accounts(driver: Any, base: str, out: Path) -> None:
+    """The owner invites someone, who joins and makes a key; the audit log."""
+    from selenium.webdriver.common.by import By
+
+    find = driver.find_element
+    sign_in(driver)
+    time.sleep(1.0)
+    driver.get(base + "/console/#members")
+    time.sleep(0.8)
+    find(By.ID, "invite-email").send_keys("sam@example.com")
+    find(By.CSS_SELECTOR, "#invite-create button[type=submit]").click()
+    time.sleep(0.8)
+    driver.save_screenshot(str(out / "console-members.png"))
+    link = find(By.ID, "invite-link-value").text
+    find(By.ID, "signout").click()
+    time.sleep(0.5)
+    driver.get(link)
+    time.sleep(0.8)
+    find(By.ID, "invite-name").send_keys("Sam")
+    find(By.ID, "invite-password").send_keys("sam's long password")
+    driver.save_screenshot(str(out / "console-invitation.png"))
+    find(By.ID, "invite-button").click()
+    time.sleep(1.0)
+    find(By.ID, "key-name").send_keys("laptop")
+    find(By.ID, "key-spend").send_keys("20")
+    find(By.ID, "key-create").click()
+    time.sleep(0.8)
+    driver.set_window_size(1440, 1000)
+    driver.save_screenshot(str(out / "console-member-keys.png"))
+    find(By.ID, "signout").click()
+    time.sleep(0.5)
+    sign_in(driver)
+    time.sleep(1.0)
+    driver.get(base + "/console/#audit")
+    time.sleep(0.8)
+    driver.save_screenshot(str(out / "console-audit.png"))
 
 
 async def main(out: Path) -> None:
@@ -138,6 +204,7 @@ async def main(out: Path) -> None:
         mock = await start_mock()
         db = Path(d) / "gateway.db"
         history(db, time.time())
+        users(db)
         cfg_path = Path(d) / "gateway.toml"
         cfg_path.write_text(config(mock.url, db))
         gw = await start_gateway(load_config(cfg_path))

@@ -127,6 +127,9 @@ def _start_session(conn: sqlite3.Connection, request: web.Request, user_id: int,
     """A new session for a user (inside the caller's transaction): the
     Principal its later requests will be, and the session id for the cookie."""
     cfg = request.app[GATEWAY].config
+    # Ended sessions go when new ones come: the table stays the size of the
+    # sessions that could still be used.
+    users.prune_sessions(conn, now, cfg.console.session_idle_minutes * 60)
     sid, csrf = users.create_session(conn, user_id, now=now, ttl_s=cfg.console.session_hours * 3600,
                                      address=client_address(request))
     users.signed_in(conn, user_id, now)

@@ -204,11 +204,9 @@ def canonical(path: str) -> str:
 
 
 async def test_every_route_with_every_role(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     t = await tenants(gw, http)
     table = other_tenant_requests(t, gw)
 
@@ -257,11 +255,9 @@ async def test_every_route_with_every_role(
 
 
 async def test_what_each_role_lists(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     t = await tenants(gw, http)
     ids = {name: key_id(gw, k) for name, k in
            (("owner_a", t.key_owner_a), ("member_a", t.key_member_a), ("b", t.key_b))}
@@ -352,11 +348,9 @@ async def test_member_keys_stay_within_the_workspace(
 
 
 async def test_session_cookie_and_csrf(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     await gw.add_user("m@example.com", team="member")
     ws = gw.conn.execute("SELECT id FROM workspaces WHERE name = 'team'").fetchone()[0]
     async with http.post(gw.url + PREFIX + "/session", json={"email": "m@example.com", "password": PASSWORD}) as r:
@@ -636,11 +630,9 @@ XSS = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
 
 
 async def test_user_controlled_strings_are_bounded_and_never_html(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     ws = await operator(http, gw, "POST", "/workspaces", {"name": XSS}, expect=201)
     key = await operator(http, gw, "POST", "/keys", {"workspace_id": ws["id"], "name": XSS}, expect=201)
     inv = await operator(http, gw, "POST", "/invitations",
@@ -670,11 +662,9 @@ async def test_user_controlled_strings_are_bounded_and_never_html(
 
 
 async def test_every_change_is_audited_without_secrets(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
 ) -> None:
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     await gw.add_user("o@example.com", team="owner")
     await gw.add_user("x@example.com", elsewhere="owner")
     ws = gw.conn.execute("SELECT id FROM workspaces WHERE name = 'team'").fetchone()[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .browser import post_chat, require_browser, start_chrome
-from .conftest import ADMIN_TOKEN, PASSWORD, Gateway, config_toml
+from .conftest import ADMIN_TOKEN, PASSWORD, Gateway
 
 
 def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.1, what: str = "condition") -> Any:
@@ -362,11 +362,9 @@ def member_journey(base: str, profile: Path, shots: Path, ids: dict[str, Any]) -
     return out
 
 
-async def test_console_member_from_invitation_to_usage(make_gateway: Any, upstream: Any, tmp_path: Path,
-                                                       monkeypatch: Any) -> None:
+async def test_console_member_from_invitation_to_usage(admin_gateway: Gateway, tmp_path: Path) -> None:
     require_browser()
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     await gw.add_user("owner@example.com", team="owner")
     secret_key = await gw.key("secret-team", name="secret-key")
     ids = {"secret": gw.conn.execute("SELECT id FROM workspaces WHERE name = 'secret-team'").fetchone()[0],
@@ -412,11 +410,9 @@ def disable_scenario(base: str, profile: Path, user_id: int) -> None:
         d.quit()
 
 
-async def test_console_disabling_a_user_signs_them_out(make_gateway: Any, upstream: Any, tmp_path: Path,
-                                                      monkeypatch: Any) -> None:
+async def test_console_disabling_a_user_signs_them_out(admin_gateway: Gateway, tmp_path: Path) -> None:
     require_browser()
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     await gw.add_user("admin@example.com", admin=True)
     uid = await gw.add_user("member@example.com", team="member")
     await asyncio.to_thread(disable_scenario, gw.url, tmp_path / "chrome-disable", uid)
@@ -451,11 +447,9 @@ def xss_scenario(base: str, profile: Path) -> None:
         d.quit()
 
 
-async def test_console_shows_hostile_names_as_text(make_gateway: Any, upstream: Any, tmp_path: Path,
-                                                   monkeypatch: Any) -> None:
+async def test_console_shows_hostile_names_as_text(admin_gateway: Gateway, tmp_path: Path) -> None:
     require_browser()
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-    gw = await make_gateway(config_toml(upstream.base_url))
+    gw = admin_gateway
     await gw.add_user("admin@example.com", admin=True)
     uid = await gw.add_user("member@example.com", name=XSS, **{XSS: "owner"})
     key = await gw.key(XSS, name=XSS, user_id=uid)

@@ -16,7 +16,7 @@ import sqlite3
 from typing import Any
 
 from . import rollup
-from .scope import Scope
+from .scope import Scope, conditions
 
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400, "total": 0}
 BY = {"model": "model", "upstream": "upstream", "key": "key_id", "workspace": "workspace_id"}
@@ -30,14 +30,9 @@ class QueryError(ValueError):
 
 def _filters(where: list[str], args: list[Any], workspace_id: int | None, key_id: int | None, model: str | None,
              scope: Scope | None) -> None:
-    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("model", model)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            args.append(val)
-    if scope is not None:
-        sql, scope_args = scope.where()
-        where.append(sql)
-        args.extend(scope_args)
+    more, more_args = conditions(scope, workspace_id=workspace_id, key_id=key_id, model=model)
+    where.extend(more)
+    args.extend(more_args)
 
 
 def _none(v: Any) -> Any:

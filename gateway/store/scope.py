@@ -42,3 +42,15 @@ class Scope:
 
 def marks(values: Iterable[Any]) -> str:
     return ", ".join("?" for _ in values)
+
+
+def conditions(scope: Scope | None, **equal: Any) -> tuple[list[str], list[Any]]:
+    """``column = ?`` for each column given a value (None: no condition),
+    and the scope's condition: the WHERE parts of a scoped read."""
+    where = [f"{col} = ?" for col, v in equal.items() if v is not None]
+    args = [v for v in equal.values() if v is not None]
+    if scope is not None:
+        sql, scope_args = scope.where()
+        where.append(sql)
+        args.extend(scope_args)
+    return where, args

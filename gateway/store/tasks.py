@@ -42,7 +42,7 @@ from . import rollup
 from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
-from .scope import Scope
+from .scope import Scope, conditions
 
 CREATING = "creating"  # recorded, upstream asked, upstream id not known yet
 ACTIVE = ("queued", "running")
@@ -394,16 +394,7 @@ def _admin_task(r: sqlite3.Row) -> dict[str, Any]:
 def list_tasks(conn: sqlite3.Connection, *, scope: Scope | None, workspace_id: int | None = None,
                key_id: int | None = None, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Video tasks, newest first, within a console user's scope."""
-    where: list[str] = []
-    args: list[Any] = []
-    for col, val in (("workspace_id", workspace_id), ("key_id", key_id), ("status", status)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            args.append(val)
-    if scope is not None:
-        sql, scope_args = scope.where()
-        where.append(sql)
-        args.extend(scope_args)
+    where, args = conditions(scope, workspace_id=workspace_id, key_id=key_id, status=status)
     cond = f" WHERE {' AND '.join(where)}" if where else ""
     rows = conn.execute(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks{cond} ORDER BY created_at DESC, id LIMIT ?",
                         (*args, limit))
