@@ -866,7 +866,8 @@ codex`,
     const show = (v, k) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v)
       : k.endsWith("_at") && typeof v === "number" ? when(v) : String(v));
     const keys = [...new Set([...Object.keys(before), ...Object.keys(after)])]
-      .filter((k) => JSON.stringify(before[k]) !== JSON.stringify(after[k]));
+      .filter((k) => JSON.stringify(before[k]) !== JSON.stringify(after[k]))
+      .filter((k) => k in before || (after[k] !== null && after[k] !== false));  // a new object: what it has
     return keys.map((k) => (k in before && k in after ? `${k}: ${show(before[k], k)} → ${show(after[k], k)}`
       : k in after ? `${k}: ${show(after[k], k)}` : `${k}: ${show(before[k], k)} (removed)`)).join("; ");
   }
