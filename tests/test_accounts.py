@@ -16,10 +16,9 @@ import pytest
 
 from gateway.admin import PREFIX
 
-from .conftest import ADMIN_TOKEN, PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
-from .test_admin import PUBLIC_ROUTES
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+from .conftest import PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
+from .test_admin import ADMIN, PUBLIC_ROUTES
+from .test_admin import api as operator  # calls with the operator token
 
 
 class Console:
@@ -70,15 +69,6 @@ async def console(consoles: list[Console], gw: Gateway, email: str | None = None
     if email:
         await c.sign_in(email)
     return c
-
-
-async def operator(http: aiohttp.ClientSession, gw: Gateway, method: str, path: str, body: Any = None,
-                   expect: int = 200, **params: Any) -> Any:
-    async with http.request(method, gw.url + PREFIX + path, json=body, headers=ADMIN,
-                            params={k: str(v) for k, v in params.items()}) as r:
-        data = await r.json()
-        assert r.status == expect, data
-        return data
 
 
 async def chat(http: aiohttp.ClientSession, gw: Gateway, key: str) -> int:
