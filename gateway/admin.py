@@ -516,8 +516,9 @@ async def list_tasks(request: web.Request) -> web.Response:
     q, p = request.query, _principal(request)
     ws_id, key_id, limit = _opt_int(q, "workspace_id"), _opt_int(q, "key_id"), _limit(q)
     status = q.get("status") or None
-    if status is not None and status not in task_store.ACTIVE + task_store.FINAL:
-        raise BadRequest("status must be one of " + ", ".join(task_store.ACTIVE + task_store.FINAL), param="status")
+    statuses = (task_store.CREATING, *task_store.ACTIVE, *task_store.FINAL)
+    if status is not None and status not in statuses:
+        raise BadRequest("status must be one of " + ", ".join(statuses), param="status")
 
     def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         scope = _scoped_filters(conn, p, ws_id, key_id)
