@@ -118,8 +118,13 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def signin_options(request: web.Request) -> web.Response:
+    """What the sign-in page offers. ``token_first``: there is an admin
+    token and no account yet (a fresh install, the demo), so the page opens
+    on the token form."""
     cfg = request.app[GATEWAY].config
-    return _json({"open_signup": cfg.console.open_signup, "admin_token": cfg.admin.token is not None})
+    token = cfg.admin.token is not None
+    accounts = await db(request, users.any_user) if token else True
+    return _json({"open_signup": cfg.console.open_signup, "admin_token": token, "token_first": not accounts})
 
 
 def _start_session(conn: sqlite3.Connection, request: web.Request, user_id: int,

@@ -586,7 +586,8 @@ async def test_open_signup(
     c = await console(consoles, closed)
     err = await c.call("POST", "/signup", {"email": "a@example.com", "password": "long enough pw"}, expect=403)
     assert err["error"]["message"] == "Sign-up is closed: ask an admin for an invitation."
-    assert (await c.call("GET", "/signin-options")) == {"open_signup": False, "admin_token": False}
+    assert (await c.call("GET", "/signin-options")) == {"open_signup": False, "admin_token": False,
+                                                          "token_first": False}
 
     gw = await make_gateway(config_toml(upstream.base_url, "[console]\nopen_signup = true\n"), "open.toml")
     c = await console(consoles, gw)
@@ -780,3 +781,12 @@ async def test_users_cli(
     assert len(actors) == 1
     acts = [r[0] for r in gw.conn.execute("SELECT action FROM audit_log WHERE actor LIKE 'cli (%' ORDER BY id")]
     assert acts == ["user.create", "workspace.create", "invitation.create", "user.disable", "user.enable"]
+
+
+async def test_sign_in_page_opens_on_the_token_until_there_are_accounts(
+    admin_gateway: Gateway, consoles: list[Console],
+) -> None:
+    c = await console(consoles, admin_gateway)
+    assert (await c.call("GET", "/signin-options"))["token_first"] is True
+    await admin_gateway.add_user("first@example.com", admin=True)
+    assert (await c.call("GET", "/signin-options"))["token_first"] is False

@@ -908,6 +908,7 @@ codex`,
       await enter();
     } catch (e) {
       signedOut();
+      if (options.token_first) showForm("signin-form");
     }
   }
   start();

@@ -52,6 +52,10 @@ def create_user(conn: sqlite3.Connection, email: str, *, now: float, name: str =
     return get_user(conn, int(cur.lastrowid or 0))
 
 
+def any_user(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+
+
 def get_user(conn: sqlite3.Connection, user_id: int) -> dict[str, Any]:
     row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)).fetchone()
     if row is None:
