@@ -68,7 +68,7 @@ def fill(conn: sqlite3.Connection, rows: int, days: float, now: float, chunk: in
                    CASE WHEN r2 % 100 = 0 THEN 500 WHEN r2 % 100 = 1 THEN 429 WHEN r2 % 200 = 3 THEN 400 ELSE 200 END,
                    r2 % 2, r % 4000, r2 % 1000, r % 500, 0, 0, 0, (r % 4000) * 1.25e-6 + (r2 % 1000) * 1e-5,
                    20 + (r % 1000) * (r2 % 1000) / 50.0, 5 + (r % 1000) * (r2 % 1000) / 400.0,
-                   18 + (r % 1000) * (r2 % 1000) / 50.0, 0.15, 800, 4000, NULL, 0, 0
+                   18 + (r % 1000) * (r2 % 1000) / 50.0, 0.15, 800, 4000, NULL, 0, 0, NULL
             FROM g""")
         conn.execute("COMMIT")
         done += n
@@ -95,7 +95,7 @@ def write_cost(batches: int = 200, batch: int = 500) -> list[tuple[str, float]]:
     rows = [
         (now + i * 0.01, f"r{i}", 1 + i % 20, 1 + i % 200, "/v1/chat/completions", MODELS[i % 8],
          UPSTREAMS[i % 3], 200 if i % 50 else 500, i % 2, rng.randint(0, 4000), rng.randint(0, 1000), 0, 0, 0, 0,
-         0.001, rng.uniform(20, 5000), rng.uniform(5, 800), 100.0, 0.2, 800, 4000, None, 0, 0)
+         0.001, rng.uniform(20, 5000), rng.uniform(5, 800), 100.0, 0.2, 800, 4000, None, 0, 0, None)
         for i in range(batches * batch)
     ]
     out = []

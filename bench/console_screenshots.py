@@ -90,8 +90,8 @@ def history(db: Path, now: float) -> None:
                "reasoning_tokens": 0, "images": 0, "video_tokens": 0, "cost": (tin * pin + tout * pout) / 1e6,
                "latency_ms": lat, "ttfb_ms": lat * rng.uniform(0.1, 0.35), "upstream_ms": lat - 0.3,
                "overhead_ms": 0.3, "bytes_in": 900, "bytes_out": 3000,
-               "error_type": None if status == 200 else "upstream_error", "cache_write_tokens": 0,
-               "cache_write_1h_tokens": 0}
+               "error_type": None if status == 200 else "upstream_error",
+               "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "response_id": None}
         rows.append(tuple(rec[c] for c in COLUMNS))
     for i in range(0, len(rows), 1000):
         batch = rows[i:i + 1000]

@@ -15,26 +15,29 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import accounts, admin, bounds
+from . import accounts, admin, bounds, websocket
+from .affinity import ResponseOrigins
 from .auth import KeyCache
 from .config import Config
 from .context import CTX, GATEWAY, Gateway, RequestContext
-from .errors import GatewayError, MethodNotAllowed, NotFound, Protocol, render
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Protocol, render
+from .intake import finish
 from .limits import Limiter, LocalLimiter
-from .logs import log_request
 from .metrics import Metrics
-from .protocols.anthropic import Messages
+from .protocols.anthropic import CountTokens, Messages
+from .protocols.audio import Speech, Transcriptions, Translations
 from .protocols.base import Endpoint
-from .protocols.images import ImageEdits, ImageGenerations
-from .protocols.openai import ChatCompletions
-from .protocols.responses import Responses, ResponsesCompact
-from .proxy import handle_json
+from .protocols.images import ImageEdits, ImageGenerations, ImageVariations
+from .protocols.openai import ChatCompletions, Completions, Embeddings, Moderations
+from .protocols.responses import Responses, ResponsesCompact, ResponsesInputTokens
+from .proxy import handle_json, public_path
 from .routing import Health, Router
 from .store.dbfile import DatabaseFile
 from .store.retention import run_retention
 from .store.schema import connect, connect_async
 from .store.spool import recover, spool_dir
 from .store.usage import UsageWriter
+from .stored import handle_stored
 from .tasks import handlers as tasks
 from .upstream import UpstreamClient
 
@@ -48,6 +51,7 @@ STARTED = web.AppKey("started", float)
 
 
 def error_shape(path: str) -> Protocol:
+    path = public_path(path)
     if path.startswith("/v1/messages"):
         return Protocol.ANTHROPIC
     if path.startswith(("/v1/assets", "/v1/asset-groups")):
@@ -70,7 +74,7 @@ def routing_error(request: web.Request, e: web.HTTPException) -> GatewayError:
 
 def _endpoint_label(request: web.Request) -> str:
     resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    return public_path(resource.canonical) if resource is not None else "unmatched"
 
 
 @web.middleware
@@ -122,18 +126,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = render(GatewayError("Internal gateway error."), ctx.errors)
     finally:
         gw.in_flight -= 1
-        row = ctx.row(perf_counter())
-        writer.record(row)
-        if gw.config.server.log_requests:
-            log_request(row, request.method, request.path)
-        key = ctx.key
-        if key is not None:
-            if ctx.admitted:
-                gw.limits.release(key)
-            u = ctx.usage
-            if u is not None:
-                # Token and spend limits count what was actually recorded.
-                gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost_usd)
+        if not ctx.rowless:
+            finish(gw, ctx, request.method, request.path)
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id
         if ctx.overhead_ms is None:
@@ -153,23 +147,71 @@ def _model_object(gw: Gateway, name: str, created: int) -> dict[str, object]:
     return {"id": name, "object": "model", "created": created, "owned_by": m.owned_by if m else "gateway"}
 
 
+def _anthropic_client(request: web.Request) -> bool:
+    """Whether the caller speaks Anthropic's API: it sends
+    ``anthropic-version`` (every Anthropic SDK does), or authenticates with
+    ``x-api-key`` alone."""
+    h = request.headers
+    return "anthropic-version" in h or ("x-api-key" in h and "Authorization" not in h)
+
+
+def _anthropic_model(name: str, created: float) -> dict[str, object]:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    return {"type": "model", "id": name, "display_name": name, "created_at": stamp}
+
+
+def _anthropic_page(request: web.Request, names: list[str], created: float) -> dict[str, object]:
+    """One page of Anthropic's model list: ``limit`` (1-1000, default 20)
+    after ``after_id`` or before ``before_id``."""
+    q = request.query
+    try:
+        limit = min(max(int(q.get("limit", "20")), 1), 1000)
+    except ValueError:
+        raise BadRequest("limit: must be an integer from 1 to 1000.", code="invalid_value", param="limit") from None
+    after, before = q.get("after_id"), q.get("before_id")
+    if before is not None:
+        end = names.index(before) if before in names else len(names)
+        page = names[max(0, end - limit):end]
+        more = end - limit > 0
+    else:
+        start = names.index(after) + 1 if after in names else 0
+        page = names[start:start + limit]
+        more = start + limit < len(names)
+    return {"data": [_anthropic_model(n, created) for n in page], "has_more": more,
+            "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
+
+
 async def list_models(request: web.Request) -> web.Response:
+    """OpenAI's model list, or Anthropic's for an Anthropic client."""
     gw = request.app[GATEWAY]
-    key = request[CTX].key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
-    created = int(request.app[STARTED])
-    data = [_model_object(gw, n, created) for n in sorted(key.models)]
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+    ctx = request[CTX]
+    anthropic = _anthropic_client(request)
+    if anthropic:
+        ctx.errors = Protocol.ANTHROPIC
+    key = ctx.key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
+    names = sorted(key.models)
+    if anthropic:
+        body = _anthropic_page(request, names, request.app[STARTED])
+    else:
+        created = int(request.app[STARTED])
+        body = {"object": "list", "data": [_model_object(gw, n, created) for n in names]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    key = request[CTX].key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
+    ctx = request[CTX]
+    anthropic = _anthropic_client(request)
+    if anthropic:
+        ctx.errors = Protocol.ANTHROPIC
+    key = ctx.key = gw.keys.authenticate(request) or await gw.keys.authenticate_new(request)
     name = request.match_info["model"]
+    ctx.model = name  # the row bounds it
     if name not in key.models:
         raise NotFound(f"The model '{bounds.shown(name)}' does not exist.", code="model_not_found", param="model")
-    request[CTX].model = name
-    body = orjson.dumps(_model_object(gw, name, int(request.app[STARTED])))
-    return web.Response(body=body, content_type="application/json")
+    started = request.app[STARTED]
+    obj = _anthropic_model(name, started) if anthropic else _model_object(gw, name, int(started))
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -232,9 +274,13 @@ def create_app(
         on_remove=metrics.circuit_state.remove,
     )
     limits = make_limiter(cfg, metrics, clock)
+    # A response id a worker just made reaches the table with the maker's
+    # next usage batch: look for it once more after two flush intervals.
+    origins = ResponseOrigins(settle_s=min(1.0, 2 * cfg.usage.flush_interval_ms / 1000))
     gw = Gateway(
         config=cfg, router=Router(cfg, health), metrics=metrics, limits=limits, clock=clock,
         keys=KeyCache(cfg, on_lookup=lambda result: metrics.key_lookups.labels(result).inc()),
+        origins=origins,
     )
     app[GATEWAY] = gw
     app[STARTED] = time.time()
@@ -247,6 +293,7 @@ def create_app(
         if spool is not None:
             await asyncio.to_thread(recover_spools, cfg.database.path, spool)
         await gw.keys.refresh(db)
+        origins.db = db
         await limits.load(db)  # this month's spend and tokens, before serving
         writer = UsageWriter(
             cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
@@ -274,6 +321,7 @@ def create_app(
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
         await limits.close()
+        origins.db = None
         await db.close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
@@ -297,12 +345,26 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.handler(refresh_gauges))
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
     endpoints: tuple[Endpoint, ...] = (
-        ChatCompletions(), Messages(), Responses(), ResponsesCompact(), ImageGenerations(), ImageEdits(),
+        ChatCompletions(), Completions(), Embeddings(), Moderations(), Messages(), CountTokens(), Responses(),
+        ResponsesCompact(), ResponsesInputTokens(), ImageGenerations(), ImageEdits(), ImageVariations(),
+        Transcriptions(), Translations(), Speech(),
     )
     for endpoint in endpoints:
         app.router.add_post(endpoint.path, endpoint_handler(endpoint))
+    # Anthropic clients add /v1/messages to their base URL themselves; one
+    # given ".../v1" sends /v1/v1/messages. Those paths answer too.
+    for prefix in ("/v1", "/v1/v1"):
+        app.router.add_get(prefix + "/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", get_model)
+    for endpoint in (Messages(), CountTokens()):
+        app.router.add_post("/v1" + endpoint.path, endpoint_handler(endpoint))
+    # Responses: the WebSocket door, and objects named by id (routed to the
+    # upstream that made them: gateway.affinity).
+    websocket.setup(app)
+    app.router.add_get("/v1/responses/{id}", handle_stored)
+    app.router.add_delete("/v1/responses/{id}", handle_stored)
+    app.router.add_get("/v1/responses/{id}/input_items", handle_stored)
+    app.router.add_post("/v1/responses/{id}/cancel", handle_stored)
     admin.register(app, accounts.ROUTES)
     return app

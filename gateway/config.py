@@ -52,6 +52,9 @@ class ServerConfig:
     keepalive_timeout_s: float = 75.0
     log_requests: bool = False
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
+    # Responses over a WebSocket on GET /v1/responses (gateway.websocket);
+    # off: the upgrade gets 426 at once, and clients fall back to HTTP.
+    responses_websocket: bool = True
 
     @property
     def max_body_bytes(self) -> int:
@@ -151,6 +154,9 @@ class UpstreamConfig:
     # Keys added to the provider kind's ``provider_options`` allow-list for
     # this upstream (a field the provider added since; gateway.tasks.options).
     extra_provider_options: tuple[str, ...] = ()
+    # The anthropic-beta flags this upstream accepts; others are stripped
+    # from the header before it goes there (None: forward every flag).
+    anthropic_betas: frozenset[str] | None = None
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 300.0
@@ -389,6 +395,15 @@ def _upstream(t: _Table, env: _Secrets) -> UpstreamConfig:
         problem = option_refusal(name) if isinstance(name, str) and name else "expected a non-empty string"
         if problem:
             raise ConfigError(f"{t.where}.extra_provider_options[{i}]: {problem}")
+    betas = None
+    if t.data.get("anthropic_betas") is not None:
+        raw_betas = t.array("anthropic_betas")
+        for i, flag in enumerate(raw_betas):
+            if not isinstance(flag, str) or not flag.strip() or "," in flag:
+                raise ConfigError(f"{t.where}.anthropic_betas[{i}]: expected a beta flag name")
+        betas = frozenset(f.strip() for f in raw_betas)
+    else:
+        t.array("anthropic_betas")  # absent or null: every flag goes through
     u = UpstreamConfig(
         name=t.text("name", required=True),
         kind=kind,
@@ -399,6 +414,7 @@ def _upstream(t: _Table, env: _Secrets) -> UpstreamConfig:
         region=t.text("region", "cn-beijing"),
         account=t.text("account"),
         extra_provider_options=tuple(extra_options),
+        anthropic_betas=betas,
         timeout_s=float(t.num("timeout_s", 600.0)),
         connect_timeout_s=float(t.num("connect_timeout_s", 10.0)),
         first_byte_timeout_s=float(t.num("first_byte_timeout_s", 300.0)),
@@ -478,6 +494,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         keepalive_timeout_s=float(s.num("keepalive_timeout_s", 75.0, minimum=0.01)),
         log_requests=s.flag("log_requests", False),
         log_format=s.text("log_format", "text"),
+        responses_websocket=s.flag("responses_websocket", True),
     )
     if server.log_format not in ("text", "json"):
         raise ConfigError("server.log_format: must be \"text\" or \"json\"")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from .affinity import ResponseOrigins
 from .auth import KeyCache, KeyInfo
 from .bounds import bounded
 from .config import Config, ModelConfig
@@ -41,6 +42,7 @@ class Gateway:
     keys: KeyCache
     metrics: Metrics
     limits: Limiter
+    origins: ResponseOrigins = field(default_factory=lambda: ResponseOrigins(settle_s=0.0))
     writer: UsageWriter | None = None
     db_file: DatabaseFile | None = None  # the SQLite file opened, checked before writes
     session: aiohttp.ClientSession | None = None  # tasks and assets
@@ -87,6 +89,7 @@ class RequestContext:
     error_type: str | None = None
     cost_usd: float = 0.0
     admitted: bool = False  # passed the key's limits; released at the end
+    rowless: bool = False  # the door recorded this request's rows itself (a WebSocket's responses)
     rate_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the response
 
     def cost(self) -> float:
@@ -132,6 +135,7 @@ class RequestContext:
             None if self.error_type is None else bounded(self.error_type, 64),
             u.cache_write_tokens,
             u.cache_write_1h_tokens,
+            u.response_id,
         )
 
 

@@ -12,6 +12,7 @@ Doors: the model endpoints (gateway.proxy), video tasks and assets
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -21,6 +22,7 @@ from .bounds import shown
 from .config import ModelConfig
 from .context import Gateway, RequestContext
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .logs import log_request
 
 
 async def read_body(request: web.Request, gw: Gateway) -> bytes:
@@ -68,3 +70,24 @@ def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
         raise Forbidden(f"This key may not use the model '{shown(model)}'.", code="model_not_allowed",
                         param="model")
     return m
+
+
+def finish(gw: Gateway, ctx: RequestContext, method: str, path: str) -> None:
+    """The end of one /v1 request: its usage row (and log line), its
+    concurrency slot released, its tokens and spend settled. The request
+    middleware calls it for every request; a door that makes several rows
+    from one connection (the Responses WebSocket) calls it for each."""
+    writer = gw.writer
+    assert writer is not None
+    row = ctx.row(perf_counter())
+    writer.record(row)
+    if gw.config.server.log_requests:
+        log_request(row, method, path)
+    key = ctx.key
+    if key is not None:
+        if ctx.admitted:
+            gw.limits.release(key)
+        u = ctx.usage
+        if u is not None:
+            # Token and spend limits count what was actually recorded.
+            gw.limits.settle(key, u.input_tokens + u.output_tokens, ctx.cost_usd)

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from time import perf_counter
 from typing import Any
@@ -29,6 +29,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import __version__
+from .auth import KeyInfo
+from .bounds import shown
 from .config import ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
@@ -36,6 +38,7 @@ from .errors import (
     BadRequest,
     GatewayError,
     GatewayTimeout,
+    NotFound,
     RateLimited,
     ServiceUnavailable,
 )
@@ -66,23 +69,35 @@ USER_AGENT = f"gateway/{__version__}"
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
+def public_path(path: str) -> str:
+    """The public path of a request: ``/v1/v1/...`` (a base URL ending in
+    /v1 given to a client that adds /v1 itself) is ``/v1/...``."""
+    return path[3:] if path.startswith("/v1/v1/") else path
+
+
 def upstream_target(request: web.Request) -> tuple[str, str]:
     """The path after ``/v1`` and the query, as the client sent them, byte
     for byte (aiohttp's decoded ``path`` and ``query_string`` would turn
     ``%20`` into a space and cut at ``%23``). The raw path is used when it
-    decodes to the path the route matched; otherwise that path, encoded."""
+    decodes to the path the route matched; otherwise that path, encoded.
+    The ``/v1/v1`` alias of Anthropic paths goes upstream as ``/v1``."""
     raw_path, _, raw_query = request.raw_path.partition("?")
     if not raw_path.startswith("/v1/") or ("%" in raw_path and unquote(raw_path) != request.path):
         raw_path = quote(request.path, safe=_PATH_SAFE)
-    return raw_path[3:], raw_query
+    return public_path(raw_path)[3:], raw_query
 
 
-def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tuple[str, str]]:
+def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], target: Target) -> list[tuple[str, str]]:
     """The client's end-to-end headers, less its credential, plus the
-    upstream's (Authorization or x-api-key: both always stripped above)."""
+    upstream's (Authorization or x-api-key: both always stripped above).
+    ``anthropic-beta`` flags an upstream does not accept
+    (``anthropic_betas``) are dropped for it."""
     named = headers.get("Connection")  # what it names is hop-by-hop too
     drop = STRIP_REQUEST | {t.strip().lower() for t in named.split(",")} if named else STRIP_REQUEST
     out = [(k, v) for k, v in headers.items() if (lk := k.lower()) not in drop and not lk.startswith("proxy-")]
+    allowed = target.upstream.anthropic_betas
+    if allowed is not None and "anthropic-beta" in headers:
+        out = _allowed_betas(out, allowed)
     # Usage is read from the bytes, so ask for them uncompressed.
     out.append(("Accept-Encoding", "identity"))
     if "User-Agent" not in headers:
@@ -92,6 +107,17 @@ def upstream_headers(headers: CIMultiDictProxy[str], target: Target) -> list[tup
 
 
 _STRIP_RESPONSE_RAW = frozenset(h.encode() for h in STRIP_RESPONSE)
+
+
+def _allowed_betas(headers: list[tuple[str, str]], allowed: frozenset[str]) -> list[tuple[str, str]]:
+    out = []
+    for k, v in headers:
+        if k.lower() == "anthropic-beta":
+            v = ",".join(f for f in (x.strip() for x in v.split(",")) if f in allowed)
+            if not v:
+                continue
+        out.append((k, v))
+    return out
 
 
 def response_headers(
@@ -136,9 +162,61 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     ctx.bytes_in = len(raw)
     obj, model = endpoint.parse(request.headers.get("Content-Type", ""), raw)
     ctx.stream = obj.get("stream") is True
+    ctx.model = model  # recorded (bounded) even when it turns out unknown
     ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
-    ctx.model = model
-    return await forward(request, gw, ctx, endpoint, model_cfg, raw, obj)
+    if not endpoint.free:
+        await admit(gw, ctx, key)
+    targets = await model_targets(gw, key, endpoint, model_cfg, obj)
+    return await forward(request, gw, ctx, endpoint, model_cfg, raw, obj, targets)
+
+
+async def model_targets(
+    gw: Gateway, key: KeyInfo, endpoint: Endpoint, model_cfg: ModelConfig, obj: dict[str, Any]
+) -> list[Target]:
+    """The targets a request for a model may go to, in order: the model's
+    routes, narrowed to upstreams that speak what the endpoint needs
+    (count_tokens: Messages) and to the upstream holding the request's
+    ``previous_response_id`` (gateway.affinity)."""
+    targets = gw.router.plan(model_cfg.name)
+    if endpoint.speaks is not None:
+        targets = [t for t in targets if endpoint.speaks in t.upstream.protocols]
+        if not targets:
+            raise NotFound(f"The model '{model_cfg.name}' has no upstream that answers {endpoint.path}.",
+                           code="unsupported_endpoint", param="model")
+    prev = obj.get("previous_response_id")
+    if prev is None:
+        return targets
+    if not isinstance(prev, str) or not prev:
+        raise BadRequest("'previous_response_id' must be a non-empty string.", code="invalid_value",
+                         param="previous_response_id")
+    origin = await gw.origins.find(prev, key.workspace_id)
+    if origin is None:
+        raise BadRequest(f"Previous response with id '{shown(prev)}' not found.",
+                         code="previous_response_not_found", param="previous_response_id")
+    pinned = [t for t in targets if t.upstream.name == origin.upstream]
+    if not pinned:
+        raise BadRequest(
+            f"Previous response '{shown(prev)}' was made by an upstream that model '{model_cfg.name}' "
+            "does not route to; continue it with the model that made it.",
+            code="previous_response_not_routable", param="previous_response_id",
+        )
+    return pinned
+
+
+Relay = Callable[
+    [web.Request, RequestContext, Endpoint, Prepared, UpstreamResponse, Target, "Bridge | None"],
+    Awaitable[web.StreamResponse],
+]
+
+
+async def relay_http(
+    request: web.Request, ctx: RequestContext, endpoint: Endpoint, prepared: Prepared, resp: UpstreamResponse,
+    target: Target, bridge: Bridge | None,
+) -> web.StreamResponse:
+    """The answer to the HTTP client: as sent, or translated (``bridge``)."""
+    if bridge is None:
+        return await relay(request, ctx, endpoint, prepared, resp, target)
+    return await relay_translated(request, ctx, bridge, resp, target)
 
 
 async def forward(
@@ -146,28 +224,44 @@ async def forward(
     gw: Gateway,
     ctx: RequestContext,
     endpoint: Endpoint,
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | None,
     raw: bytes,
     obj: dict[str, Any],
+    targets: list[Target],
+    *,
+    method: str | None = None,
+    path: str | None = None,
+    headers: CIMultiDictProxy[str] | CIMultiDict[str] | None = None,
+    relay_to: Relay = relay_http,
 ) -> web.StreamResponse:
-    """Admit the request against its key's limits, then try the model's
-    targets in order until one answers and relay its answer.
+    """Try ``targets`` in order until one answers, and relay its answer
+    (``relay_to``: to the HTTP client by default; the WebSocket door passes
+    its own). ``method``, ``path`` (after /v1) and ``headers`` default to
+    the client request's; ``model_cfg`` is None for a request naming an
+    object rather than a model (it passes through).
 
     Targets whose breaker is open or whose route is cooling after a 429 are
     skipped (not attempts). A connect error, timeout, 5xx or 429 moves on to
     the next available target while nothing has been sent to the client, up
     to ``routing.max_attempts`` attempts and ``routing.retry_budget_s``.
-    The body is replayed from memory on every attempt.
+    The body is replayed from memory on every attempt. A ``free``
+    endpoint's 429 is relayed at once and cools nothing (see
+    ``Endpoint.free``).
+
+    A Responses object made here is remembered with its upstream
+    (gateway.affinity) once its answer has been relayed.
     """
     key = ctx.key
     assert key is not None
-    await admit(gw, ctx, key)
     router = gw.router
-    targets = router.plan(model_cfg.name)
     client = gw.upstream
     assert client is not None
     clock = gw.clock
-    path, query = upstream_target(request)
+    public_model = model_cfg.name if model_cfg is not None else ""
+    raw_path, query = upstream_target(request)
+    path = path or raw_path
+    method = method or request.method
+    client_headers = request.headers if headers is None else headers
     deadline = ctx.t0 + router.retry_budget_s
     attempts_left = router.max_attempts
     failure: GatewayError | None = None
@@ -175,9 +269,9 @@ async def forward(
         now = clock()
         if now < target.cooldown.until:
             continue
-        wire = target.bridges.get(endpoint.name) if target.bridges else None
+        wire = target.bridges.get(endpoint.name) if target.bridges and model_cfg is not None else None
         bridge: Bridge | None = None
-        if wire is not None:
+        if wire is not None and model_cfg is not None:
             try:
                 bridge = Bridge(endpoint.name, wire, obj, target.route.model, model_cfg)
             except GatewayError as e:  # a field this route's protocol cannot carry
@@ -190,18 +284,18 @@ async def forward(
         attempts_left -= 1
         up = target.upstream
         if bridge is None:
-            prepared = endpoint.prepare(raw, obj, target.route.model, model_cfg.name)
+            prepared = endpoint.prepare(raw, obj, target.route.model, public_model)
             url = target.url(path, query)
-            headers = upstream_headers(request.headers, target)
+            sent = upstream_headers(client_headers, target)
         else:
             prepared = bridge.prepared
             url = target.url(PATHS[bridge.wire], "")  # the client's query string is its protocol's
-            headers = bridge.headers(upstream_headers(request.headers, target))
+            sent = bridge.headers(upstream_headers(client_headers, target))
         ctx.upstream = up.name
         ctx.t_upstream = perf_counter()
         try:
             resp = await client.request(
-                request.method, url, headers, prepared.body,
+                method, url, sent, prepared.body,
                 connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
                 total_timeout=up.timeout_s,
             )
@@ -226,7 +320,9 @@ async def forward(
             raise
         try:
             status = resp.status
-            if status == 429:
+            if status == 429 and endpoint.free:
+                breaker.success(grant)  # its own limit upstream: generations are not held back
+            elif status == 429:
                 # Alive but saturated: cool this route, not the breaker.
                 breaker.success(grant)
                 target.cooldown.until = clock() + _cooldown_s(resp.headers, up)
@@ -234,7 +330,8 @@ async def forward(
                 breaker.failure(grant, clock())
             else:
                 breaker.success(grant)
-            if (status >= 500 or status == 429) and _more(targets, i, attempts_left, deadline, clock):
+            retry = status >= 500 or (status == 429 and not endpoint.free)
+            if retry and _more(targets, i, attempts_left, deadline, clock):
                 ctx.error_type = f"upstream_{status}"
                 # Only raised if every later target turns out unavailable.
                 failure = BadGateway(f"Upstream '{up.name}' answered HTTP {status}.", code="upstream_error")
@@ -246,18 +343,18 @@ async def forward(
                     code="upstream_auth_failed",
                 )
             ctx.error_type = None
-            if bridge is None:
-                out = await relay(request, ctx, endpoint, prepared, resp, target)
-            else:
-                out = await relay_translated(request, ctx, bridge, resp, target)
+            out = await relay_to(request, ctx, endpoint, prepared, resp, target, bridge)
             if ctx.error_type in ("upstream_idle_timeout", "upstream_disconnected"):
                 breaker.failure(NORMAL, clock())
+            made = ctx.usage.response_id if ctx.usage is not None and bridge is None else None
+            if made is not None and ctx.status < 400:
+                gw.origins.remember(made, key.workspace_id, up.name, ctx.model)
             return out
         finally:
             resp.release()
     if failure is not None:
         raise failure
-    raise _unavailable(gw, model_cfg.name, targets, clock())
+    raise _unavailable(gw, public_model, targets, clock())
 
 
 def _timeout_reason(e: TimeoutError, up: UpstreamConfig) -> str:
@@ -385,13 +482,8 @@ async def pump(
         return out
     try:
         while True:
-            try:
-                chunk = await resp.readany()
-            except TimeoutError:
-                ctx.status, ctx.error_type = 504, "upstream_idle_timeout"
-                break
-            except UpstreamError:
-                ctx.status, ctx.error_type = 502, "upstream_disconnected"
+            chunk = await read_chunk(ctx, resp)
+            if chunk is None:
                 break
             if not chunk:
                 chunk = reader.flush()
@@ -423,6 +515,18 @@ async def pump(
     except ConnectionError:
         ctx.status, ctx.error_type = 499, "client_disconnected"
     return out
+
+
+async def read_chunk(ctx: RequestContext, resp: UpstreamResponse) -> bytes | None:
+    """The next body bytes of an upstream answer (b"" at its end), or None
+    when it stalled or broke off (the row's status and error_type say which)."""
+    try:
+        return await resp.readany()
+    except TimeoutError:
+        ctx.status, ctx.error_type = 504, "upstream_idle_timeout"
+    except UpstreamError:
+        ctx.status, ctx.error_type = 502, "upstream_disconnected"
+    return None
 
 
 async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes) -> None:

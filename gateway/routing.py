@@ -227,6 +227,12 @@ class Router:
         self.retry_budget_s = cfg.routing.retry_budget_s
         ups = {u.name: u for u in cfg.upstreams}
         breakers = {u.name: health.breaker(u) for u in cfg.upstreams}
+        # One target per upstream for requests that name an object made
+        # there rather than a model (GET /v1/responses/{id}).
+        self._by_upstream = {
+            name: Target(Route(name, ""), up, credential_headers(up), breakers[name], health.cooldown(Route(name, "")))
+            for name, up in ups.items()
+        }
         self._tiers: dict[str, list[list[Target]]] = {}
         for m in cfg.models:
             by_prio: dict[int, list[Target]] = {}
@@ -235,6 +241,10 @@ class Router:
                 target = Target(r, up, credential_headers(up), breakers[up.name], health.cooldown(r), bridges(up))
                 by_prio.setdefault(r.priority, []).append(target)
             self._tiers[m.name] = [by_prio[p] for p in sorted(by_prio)]
+
+    def upstream_target(self, name: str) -> Target | None:
+        """The upstream itself, for a request bound to it by an object id."""
+        return self._by_upstream.get(name)
 
     def plan(self, model: str) -> list[Target]:
         """Every target of the model in the order to try them: priority tiers,

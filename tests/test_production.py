@@ -342,7 +342,7 @@ def test_retention_deletes_old_rows_in_batches(tmp_path: Path) -> None:
     conn = connect(db)
     now = time.time()
     row = [0.0, "r", None, None, "/v1/chat/completions", "m", "u", 200, 0] + [0] * 6 + [0.0, 1.0] + [None] * 3 \
-        + [0, 0, None, 0, 0]
+        + [0, 0, None, 0, 0, None]
     rows = [tuple([now - 100 * 86400 + i, f"old{i}", *row[2:]]) for i in range(1200)]
     rows += [tuple([now - 3600, f"new{i}", *row[2:]]) for i in range(10)]
     conn.execute("BEGIN")
@@ -378,7 +378,7 @@ def _write_usage(db: str, worker: int, per_s: int, seconds: float) -> None:
         t0 = time.monotonic()
         i = 0
         base = [0.0, "", None, None, "/v1/chat/completions", "m", "u", 200, 0] + [1] * 6 + [0.0, 1.0] \
-            + [None] * 3 + [0, 0, None, 0, 0]
+            + [None] * 3 + [0, 0, None, 0, 0, None]
         while (elapsed := time.monotonic() - t0) < seconds:
             due = int(elapsed * per_s)
             while i < due:

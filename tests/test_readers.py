@@ -12,7 +12,8 @@ import pytest
 from gateway.errors import GatewayError
 from gateway.protocols.anthropic import MessageStreamUsage
 from gateway.protocols.base import Counter, EventScanner, Usage, UsageReader
-from gateway.protocols.images import ImageUsage, parse_multipart
+from gateway.protocols.forms import parse_multipart
+from gateway.protocols.images import ImageUsage
 from gateway.protocols.responses import ResponseUsage
 
 

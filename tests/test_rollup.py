@@ -34,6 +34,7 @@ def synthetic_rows(n: int, seed: int = 7) -> list[tuple[Any, ...]]:
             "images": rng.randint(0, 1), "video_tokens": 0, "cost": rng.random() / 100, "latency_ms": lat,
             "ttfb_ms": ttfb, "upstream_ms": lat / 2, "overhead_ms": 0.2, "bytes_in": 100, "bytes_out": 1000,
             "error_type": None if status < 400 else "x", "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
+            "response_id": None,
         }
         rows.append(tuple(rec[c] for c in COLUMNS))
     return rows

@@ -44,6 +44,17 @@ def anthropic_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def _as_anthropic(early: web.Response) -> web.Response:
+    """The shared checks' early answer in Anthropic's error shape (its
+    Retry-After kept)."""
+    if early.status < 400:
+        return early
+    err = anthropic_error(early.status, f"Mock failure {early.status}.")
+    if "Retry-After" in early.headers:
+        err.headers["Retry-After"] = early.headers["Retry-After"]
+    return err
+
+
 def event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
@@ -61,7 +72,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     would be billed on ``/v1/messages``."""
     raw, early = await _check(request, anthropic=True)
     if early is not None:
-        return anthropic_error(early.status, f"Mock failure {early.status}.") if early.status >= 400 else early
+        return _as_anthropic(early)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -75,12 +86,7 @@ async def count_tokens(request: web.Request) -> web.Response:
 async def messages(request: web.Request) -> web.StreamResponse:
     raw, early = await _check(request, anthropic=True)
     if early is not None:
-        if early.status >= 400:
-            err = anthropic_error(early.status, f"Mock failure {early.status}.")
-            if "Retry-After" in early.headers:
-                err.headers["Retry-After"] = early.headers["Retry-After"]
-            return err
-        return early
+        return _as_anthropic(early)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -197,7 +203,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         if fail != "truncate":
             for k in range(1, deltas + 1):
                 last = k == deltas
-                du: dict[str, Any] = {"output_tokens": n * k // deltas}
+                # As Anthropic sends it today: the input counts again (they can
+                # grow with server tools), and the cumulative output.
+                du: dict[str, Any] = {"input_tokens": prompt, "cache_creation_input_tokens": cache_creation,
+                                      "cache_read_input_tokens": cache_read, "output_tokens": n * k // deltas}
                 if last and reasoning:
                     du["output_tokens_details"] = {"thinking_tokens": reasoning}
                 await send(event("message_delta", {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import anthropic, ark, chat, images, responses, volcengine
+from . import anthropic, ark, chat, images, more, responses, volcengine
 from .common import MOCK, MockState
 from .script import scripted
 
@@ -43,6 +43,7 @@ def create_mock_app(api_key: str | None = None, *, record: bool = True) -> web.A
     anthropic.register(app)
     responses.register(app)
     images.register(app)
+    more.register(app)
     ark.setup(app)
     volcengine.setup(app)
     return app

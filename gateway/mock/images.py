@@ -181,7 +181,27 @@ async def edits(request: web.Request) -> web.StreamResponse:
     return await _answer(request, obj, len(images) if isinstance(images, list) else 1, "image_edit")
 
 
+async def variations(request: web.Request) -> web.StreamResponse:
+    """dall-e-2 variations: a form with one ``image``; URLs back, no usage."""
+    raw, early = await _check(request)
+    if early is not None:
+        return early
+    ctype = request.headers.get("Content-Type", "")
+    form = parse_form(ctype, raw) if ctype.startswith("multipart/form-data") else None
+    if form is None or not any(f["name"] == "image" for f in form.files):
+        return openai_error(400, "Expected a multipart/form-data body with an 'image' file.")
+    request.app[IMAGE_FORMS].append(form)
+    try:
+        n = int(form.fields.get("n") or 1)
+    except ValueError:
+        return openai_error(400, "Invalid 'n'.")
+    data = [{"url": f"https://mock.invalid/variation-{i}.png"} for i in range(n)]
+    return web.Response(body=orjson.dumps({"created": int(time.time()), "data": data}),
+                        content_type="application/json")
+
+
 def register(app: web.Application) -> None:
     app[IMAGE_FORMS] = []
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_post("/v1/images/edits", edits)
+    app.router.add_post("/v1/images/variations", variations)

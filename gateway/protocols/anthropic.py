@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import Protocol as ErrorShape
-from .base import EventScanner, JsonBody, Prepared, TailUsage, Usage, UsageReader, as_int
+from .base import EventScanner, JsonBody, NoUsage, Prepared, TailUsage, Usage, UsageReader, as_int
 
 
 def anthropic_usage(u: dict[str, Any] | None) -> Usage:
@@ -91,4 +91,18 @@ class Messages(JsonBody):
         return MessageStreamUsage() if sse else TailUsage(anthropic_usage)
 
 
-__all__ = ["Messages", "anthropic_usage"]
+class CountTokens(Messages):
+    """``/v1/messages/count_tokens``: what a Messages body would be billed as
+    input, answered by an upstream that speaks Messages (never translated);
+    bills nothing (see ``Endpoint.free``)."""
+
+    name = "count_tokens"
+    path = "/v1/messages/count_tokens"
+    free = True
+    speaks: str | None = "messages"
+
+    def reader(self, prepared: Prepared, sse: bool) -> UsageReader:
+        return NoUsage()
+
+
+__all__ = ["CountTokens", "Messages", "anthropic_usage"]

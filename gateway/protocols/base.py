@@ -45,6 +45,9 @@ class Usage:
     # upstream sent an error event, or ended before its usage event); it
     # becomes the usage row's error_type.
     error: str | None = None
+    # The id the upstream gave what it made (a Responses ``resp_...``), so
+    # later requests naming it go to the same upstream (gateway.affinity).
+    response_id: str | None = None
 
 
 class UsageReader(Protocol):
@@ -67,11 +70,19 @@ class Prepared:
 
 
 class Endpoint(Protocol):
-    """A public endpoint's wire protocol (see the module docstring)."""
+    """A public endpoint's wire protocol (see the module docstring).
+
+    ``free``: a token-counting endpoint that bills nothing. It is exempt
+    from the key's limits (RPM, TPM, concurrency, quotas: a client may send
+    dozens at start-up), and an upstream 429 on it is relayed as is: it
+    neither cools the route for generations nor fails over.
+    """
 
     name: str
     path: str
     errors: ErrorShape
+    free: bool
+    speaks: str | None  # only upstreams that speak this chat protocol answer it (None: any)
 
     def parse(self, content_type: str, raw: bytes) -> tuple[dict[str, Any], str]: ...
 
@@ -108,6 +119,9 @@ def check_model(model: Any) -> str:
 class JsonBody:
     """``parse`` and ``prepare`` of an endpoint whose body is a JSON object:
     the client's bytes go upstream unless the model name must change."""
+
+    free = False
+    speaks: str | None = None
 
     def parse(self, content_type: str, raw: bytes) -> tuple[dict[str, Any], str]:
         return parse_json_body(raw)
@@ -171,6 +185,23 @@ def body_usage(tail: Tail) -> dict[str, Any] | None:
             u = obj.get("usage")
             return u if isinstance(u, dict) else None
     return last_object(data, b"usage")
+
+
+class NoUsage:
+    """Relays every chunk untouched and bills nothing: token counts, and
+    stored objects fetched again (a response's usage was billed when it
+    was made)."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def flush(self) -> bytes:
+        return b""
+
+    def finish(self) -> Usage:
+        return Usage()
 
 
 class TailUsage:

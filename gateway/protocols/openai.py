@@ -96,3 +96,30 @@ class ChatCompletions(JsonBody):
         if sse and prepared.hide_usage_chunk:
             return HiddenUsageChunk()
         return TailUsage(chat_usage)
+
+
+class Completions(ChatCompletions):
+    """Legacy completions: chat's body rules and usage (a stream gets the
+    usage-only chunk asked for and hidden the same way)."""
+
+    name = "completions"
+    path = "/v1/completions"
+
+
+class Embeddings(JsonBody):
+    """Usage is ``usage.prompt_tokens`` at the end of the body (the vectors
+    before it are relayed, never kept)."""
+
+    name = "embeddings"
+    path = "/v1/embeddings"
+    errors = ErrorShape.OPENAI
+
+    def reader(self, prepared: Prepared, sse: bool) -> UsageReader:
+        return TailUsage(chat_usage)
+
+
+class Moderations(Embeddings):
+    """Moderations report no usage today; one reported would be read."""
+
+    name = "moderations"
+    path = "/v1/moderations"

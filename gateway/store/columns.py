@@ -27,4 +27,5 @@ COLUMNS = (
     "error_type",
     "cache_write_tokens",
     "cache_write_1h_tokens",
+    "response_id",
 )

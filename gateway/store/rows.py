@@ -15,7 +15,7 @@ from .columns import COLUMNS
 Row = tuple[Any, ...]
 # Values of the columns added after the first release, in COLUMNS order: a
 # spool file written by an older version holds rows without them.
-_LATER_DEFAULTS: dict[str, Any] = {"cache_write_tokens": 0, "cache_write_1h_tokens": 0}
+_LATER_DEFAULTS: dict[str, Any] = {"cache_write_tokens": 0, "cache_write_1h_tokens": 0, "response_id": None}
 
 
 def pad_row(values: list[Any]) -> Row:

@@ -281,6 +281,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER users_upd AFTER UPDATE OF disabled_at ON users BEGIN
         UPDATE meta SET value = value + 1 WHERE name = 'keys_generation'; END;
     """,
+    # The id of the Responses object a request made (``resp_...``): the
+    # row's workspace, upstream and model then say who owns it and where it
+    # lives, so follow-ups (previous_response_id, GET/DELETE by id) go to
+    # that upstream (gateway.affinity). Written with the usage row itself,
+    # through the usage writer and its spool.
+    """
+    ALTER TABLE usage_events ADD COLUMN response_id TEXT;
+    CREATE INDEX usage_response_id ON usage_events (response_id) WHERE response_id IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

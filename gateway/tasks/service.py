@@ -363,6 +363,6 @@ class VideoTasks:
             "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0, "images": 0,
             "video_tokens": tokens, "cost": cost, "latency_ms": 0.0, "ttfb_ms": None, "upstream_ms": None,
             "overhead_ms": None, "bytes_in": 0, "bytes_out": 0, "error_type": None,
-            "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
+            "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "response_id": None,
         }
         return tuple(values[c] for c in COLUMNS)
