@@ -101,6 +101,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     ctx = RequestContext(request_id, t0, endpoint=_endpoint_label(request), errors=error_shape(request.path))
     request[CTX] = ctx
     gw.in_flight += 1
+    ctx.seq = writer.begin(ctx)
     try:
         try:
             resp = await handler(request)
@@ -126,7 +127,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = render(GatewayError("Internal gateway error."), ctx.errors)
     finally:
         gw.in_flight -= 1
-        if not ctx.rowless:
+        if ctx.rowless:
+            writer.end(ctx.seq)
+        else:
             finish(gw, ctx, request.method, request.path)
     if not resp.prepared:
         resp.headers["x-request-id"] = request_id

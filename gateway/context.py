@@ -19,7 +19,7 @@ from .config import Config, ModelConfig
 from .errors import Protocol as ErrorShape
 from .limits import Limiter
 from .metrics import Metrics
-from .protocols.base import Usage
+from .protocols.base import Usage, UsageReader
 from .routing import Router
 
 if TYPE_CHECKING:
@@ -91,9 +91,13 @@ class RequestContext:
     admitted: bool = False  # passed the key's limits; released at the end
     rowless: bool = False  # the door recorded this request's rows itself (a WebSocket's responses)
     rate_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the response
+    seq: int | None = None  # the usage writer's number for it while in flight (UsageWriter.begin)
+    # The relay's usage reader while a body is being relayed: a snapshot of
+    # a request in flight (the usage spool's) asks it for the usage so far.
+    reader: UsageReader | None = None
 
-    def cost(self) -> float:
-        u, m = self.usage, self.model_cfg
+    def cost(self, usage: Usage | None = None) -> float:
+        u, m = usage or self.usage, self.model_cfg
         if u is None or m is None:
             return 0.0
         total = m.price.cost(u)
@@ -104,7 +108,23 @@ class RequestContext:
         chose (a model name, an upstream's error code) is bounded here, so no
         request can store more than a fixed amount."""
         self.cost_usd = self.cost()
-        u = self.usage or Usage()
+        return self._row(now, self.usage, self.cost_usd)
+
+    def snapshot(self, now: float) -> tuple[object, ...]:
+        """The row as far as the request has got (for the usage spool, in
+        case its process dies): the usage the relay has seen so far, and
+        its cost. Changes nothing in the request."""
+        usage = self.usage
+        if usage is None and self.reader is not None:
+            usage = self.reader.finish()  # readers allow it mid-stream (protocols.base)
+        return self._row(now, usage, self.cost(usage))
+
+    def progress(self) -> tuple[object, ...]:
+        """What changes a snapshot, cheap to compare."""
+        return self.status, self.bytes_out, self.upstream, self.model
+
+    def _row(self, now: float, usage: Usage | None, cost: float) -> tuple[object, ...]:
+        u = usage or Usage()
         k = self.key
         upstream_ms = None
         if self.t_upstream is not None:
@@ -125,7 +145,7 @@ class RequestContext:
             u.reasoning_tokens,
             u.images,
             u.video_tokens,
-            self.cost_usd,
+            cost,
             (now - self.t0) * 1000,
             self.ttfb_ms,
             upstream_ms,

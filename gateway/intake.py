@@ -80,7 +80,7 @@ def finish(gw: Gateway, ctx: RequestContext, method: str, path: str) -> None:
     writer = gw.writer
     assert writer is not None
     row = ctx.row(perf_counter())
-    writer.record(row)
+    writer.record(row, ctx.seq)
     if gw.config.server.log_requests:
         log_request(row, method, path)
     key = ctx.key

@@ -472,6 +472,7 @@ async def pump(
 ) -> web.StreamResponse:
     """Send the head, then every body chunk as the reader returns it, as it
     arrives; the usage seen is recorded however the stream ends."""
+    ctx.reader = reader
     ctx.overhead_ms = overhead = _overhead(ctx, perf_counter())
     out.headers["x-gateway-overhead-ms"] = f"{overhead:.3f}"
     try:

@@ -129,8 +129,9 @@ async def test_sigkill_a_worker_under_load(serve: Any, upstream: Upstream, tmp_p
     whose response a client received is recorded exactly once, including
     those whose rows the dead worker had not yet written to the database
     (the supervisor recovers them from its usage spool). A request the dead
-    worker was in the middle of may have a row or not (see docs/production.md);
-    no row is ever duplicated or invented."""
+    worker was in the middle of has a 499 worker_lost row if it had got past
+    its first event-loop turn (see docs/production.md, and test_in_flight.py
+    for that case made certain); no row is ever duplicated or invented."""
     key = make_key(tmp_path / "gateway.db")
     # Rows reach the database only every 2 s: the kill always lands with
     # answered requests still in the dead worker's queue.

@@ -10,6 +10,9 @@ A protocol module describes one family of endpoints:
   the bytes to send to the client (normally the same object, untouched) and
   ``flush`` returns bytes held back (a partial event) at the end, and
   ``finish`` returns the Usage seen. Readers keep a bounded amount of data.
+  ``finish`` may also be called mid-stream, any number of times (the usage
+  spool snapshots long requests with the usage seen so far): it must not
+  change what later ``feed`` calls do or return.
 """
 
 from __future__ import annotations

@@ -290,6 +290,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE usage_events ADD COLUMN response_id TEXT;
     CREATE INDEX usage_response_id ON usage_events (response_id) WHERE response_id IS NOT NULL;
     """,
+    # A spool file now also holds the requests in flight (gateway.store.spool):
+    # recovery turns those a dead process never finished into rows, which an
+    # offset cannot account for, so the file's row says when it has been
+    # recovered whole (and is only waiting to be deleted).
+    """
+    ALTER TABLE usage_spool ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

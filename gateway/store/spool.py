@@ -1,26 +1,37 @@
 """The usage spool: every usage row is appended to a per-process file the
-moment it is recorded, so a worker killed with SIGKILL (or the OOM killer)
-loses none of the rows still waiting in its in-memory queue.
+moment it is recorded, and every request in flight has a line there too, so
+a worker killed with SIGKILL (or the OOM killer) loses neither the rows
+still waiting in its in-memory queue nor the requests it was serving.
 
 - One file per writer, ``<db>.spool/<pid>-<ns>.rows``, one JSON array per
-  line. Rows recorded during one turn of the event loop are written with one
+  line. Lines made during one turn of the event loop are written with one
   ``write`` at the end of that turn (a callback scheduled with call_soon), so
   under load many requests share a system call; the window in which a
-  killed process can lose a row is that one turn, not the usage writer's
+  killed process can lose a line is that one turn, not the usage writer's
   flush interval. No fsync: the kernel keeps the bytes when the process
   dies; a machine crash is what WAL's ``synchronous=NORMAL`` already trades
-  away. The writer holds an
-  exclusive ``flock`` on its file for its whole life: a file nobody locks
-  belongs to a dead process.
+  away. The writer holds an exclusive ``flock`` on its file for its whole
+  life: a file nobody locks belongs to a dead process.
+- Lines: ``["d", seq, *row]`` a finished request's row (``seq`` numbers
+  the process's requests); ``["x", seq]`` a finished request that makes no
+  row itself (a WebSocket connection, whose responses have their own rows);
+  ``["s", seq, *row]`` a request in flight, as far
+  as it has got (written at the end of the loop turn it started in, and again
+  while it runs long and changes, by the usage writer); a plain ``[*row]``
+  is a finished row of an older version's file.
 - Each batch the usage writer commits stores the spool offset just past its
   last row in ``usage_spool`` *in the same transaction* as the rows, so the
-  database always says exactly which rows of the file it holds.
+  database always says exactly which finished rows of the file it holds.
 - ``recover`` (at start-up of every gateway process, and in the supervisor
-  after a worker dies) takes every unlocked file, inserts the rows past the
-  stored offset, records the new offset in the same transaction, then
-  deletes the file. Each row therefore lands exactly once.
+  after a worker dies) takes every unlocked file, inserts the finished rows
+  past the stored offset, and, for each request with an ``s`` line and no
+  ``d`` line anywhere in the file, its last ``s`` row as status 499 with
+  error_type ``worker_lost`` (with whatever usage it had seen); then it
+  marks the file recovered in the same transaction and deletes it. Each row
+  therefore lands exactly once.
 - A writer whose queue is empty rotates to a fresh file once its file is
-  over ``ROTATE_BYTES``; a clean shutdown removes its file.
+  over ``ROTATE_BYTES`` (writing the requests still in flight into the new
+  one); a clean shutdown removes its file.
 """
 
 from __future__ import annotations
@@ -32,18 +43,25 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from .columns import COLUMNS
 from .dbfile import DatabaseFile
-from .rows import insert_rows, pad_row
+from .rows import Row, insert_rows, pad_row
 
 log = logging.getLogger("gateway.spool")
 
 ROTATE_BYTES = 4 << 20
 SET_OFFSET = (
     "INSERT INTO usage_spool (name, offset) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET offset = excluded.offset"
+)
+SET_RECOVERED = (
+    "INSERT INTO usage_spool (name, offset, recovered) VALUES (?, ?, 1) "
+    "ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, recovered = 1"
 )
 
 
@@ -52,16 +70,22 @@ def spool_dir(db_path: Path) -> Path:
 
 
 class SpoolFile:
-    """This process's spool file. ``append`` runs on the event loop thread."""
+    """This process's spool file. Runs on the event loop thread.
 
-    def __init__(self, directory: Path) -> None:
+    ``before_write`` (the usage writer's) is called at the end of each loop
+    turn that has something to write, just before the write, to add the
+    lines of requests that started in that turn."""
+
+    def __init__(self, directory: Path, before_write: Callable[[], None] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.name = ""
         self.fd = -1
         self.pos = 0
-        self.failed = False  # a write failed: no more rows go to the file
+        self.failed = False  # a write failed: no more lines go to the file
         self._pending: list[bytes] = []
+        self._scheduled = False
+        self._before_write = before_write
         self.open_new()
 
     def open_new(self) -> None:
@@ -70,18 +94,40 @@ class SpoolFile:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.name, self.fd, self.pos = name, fd, 0
 
-    def append(self, row: tuple[object, ...]) -> int:
-        """Queue one row for this loop turn's write; returns the offset just
-        past it (where it will end in the file)."""
-        line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
-        if not self._pending:
+    def wake(self) -> None:
+        """Have ``flush`` run at the end of this loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+
+    def append(self, row: Row, seq: int | None = None) -> int:
+        """Queue one finished row (of request ``seq``) for this loop turn's
+        write; returns the offset just past it (where it will end in the file)."""
+        line = orjson.dumps(row if seq is None else ("d", seq, *row), option=orjson.OPT_APPEND_NEWLINE)
+        self.wake()
         self._pending.append(line)
         self.pos += len(line)
         return self.pos
 
+    def in_flight(self, seq: int, row: Row) -> None:
+        """Queue the row of request ``seq`` as far as it has got."""
+        line = orjson.dumps(("s", seq, *row), option=orjson.OPT_APPEND_NEWLINE)
+        self.wake()
+        self._pending.append(line)
+        self.pos += len(line)
+
+    def ended(self, seq: int) -> None:
+        """Queue the end of request ``seq``, which has no row of its own."""
+        self.wake()
+        line = orjson.dumps(("x", seq), option=orjson.OPT_APPEND_NEWLINE)
+        self._pending.append(line)
+        self.pos += len(line)
+
     def flush(self) -> None:
-        """Write the rows queued so far (called at the end of the loop turn)."""
+        """Write the lines queued so far (called at the end of the loop turn)."""
+        self._scheduled = False
+        if self._before_write is not None:
+            self._before_write()
         if not self._pending or self.fd < 0:
             return
         data = b"".join(self._pending)
@@ -104,6 +150,48 @@ class SpoolFile:
         with contextlib.suppress(FileNotFoundError):
             (self.directory / old).unlink()
         return old
+
+
+def read_rows(data: bytes, offset: int) -> tuple[list[Row], int]:
+    """The rows a dead process's spool file adds to a database that holds
+    its finished rows up to ``offset``: the finished rows after it, and a
+    ``worker_lost`` row for each request that never finished. Returns them
+    and how many are of the second kind. Only whole lines count: a write cut
+    short by a crash is not a line."""
+    rows: list[Row] = []
+    finished: set[int] = set()
+    unfinished: dict[int, list[Any]] = {}
+    pos = 0
+    for line in data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]:
+        pos += len(line) + 1
+        try:
+            values = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            log.error("usage spool: skipped a line that is not JSON (%d bytes)", len(line))
+            continue
+        if not values or not isinstance(values[0], str):
+            if pos > offset:
+                rows.append(pad_row(values))
+            continue
+        tag, seq = values[0], values[1]
+        if tag in ("d", "x"):
+            finished.add(seq)
+            unfinished.pop(seq, None)
+            if tag == "d" and pos > offset:
+                rows.append(pad_row(values[2:]))
+        elif seq not in finished:
+            unfinished[seq] = values[2:]
+    lost = [_worker_lost(pad_row(v)) for v in unfinished.values()]
+    return rows + lost, len(lost)
+
+
+_STATUS, _ERROR_TYPE = COLUMNS.index("status"), COLUMNS.index("error_type")
+
+
+def _worker_lost(row: Row) -> Row:
+    values = list(row)
+    values[_STATUS], values[_ERROR_TYPE] = 499, "worker_lost"
+    return tuple(values)
 
 
 def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | None = None) -> int:
@@ -129,21 +217,21 @@ def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | N
             data = path.read_bytes()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute("SELECT offset FROM usage_spool WHERE name = ?", (path.name,)).fetchone()
-                offset = row[0] if row else 0
-                # Only whole lines: a write cut short by a crash is not a row.
-                end = data.rfind(b"\n") + 1
-                rows = [pad_row(orjson.loads(line)) for line in data[offset:end].splitlines() if line]
+                row = conn.execute("SELECT offset, recovered FROM usage_spool WHERE name = ?", (path.name,)).fetchone()
+                # A file recovered before (then a crash before it was deleted)
+                # adds nothing: its unfinished requests are rows already.
+                rows, lost = ([], 0) if row and row[1] else read_rows(data, row[0] if row else 0)
                 if rows:
                     insert_rows(conn, rows)
-                conn.execute(SET_OFFSET, (path.name, max(end, offset)))
+                conn.execute(SET_RECOVERED, (path.name, len(data)))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             total += len(rows)
             if rows:
-                log.warning("usage spool %s: recovered %d rows of a stopped process", path.name, len(rows))
+                log.warning("usage spool %s: recovered %d rows of a stopped process (%d of requests it never "
+                            "finished: status 499, worker_lost)", path.name, len(rows), lost)
             if db_file is not None:
                 db_file.check()
             with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,14 @@ Ordering and delivery guarantees:
   held across event-loop turns. A failed batch is put back at the front of
   the queue and retried.
 - ``close`` drains everything that was recorded before it was called.
+- Requests in flight: ``begin`` registers one (it costs a dict insert; its
+  spool line is made at the end of the loop turn, when its key and model are
+  known, and skipped if it finished within that turn), ``record(row, seq)``
+  ends it. The run loop snapshots requests running longer than
+  ``CHECKPOINT_S`` whose progress changed (status, bytes, usage seen) at
+  most once per ``CHECKPOINT_S``. So if the process dies, spool recovery
+  turns each unfinished request into a 499 ``worker_lost`` row with what it
+  had seen (gateway.store.spool).
 - With a spool directory, ``record`` also appends the row to this process's
   spool file (gateway.store.spool) and each batch stores the spool offset in
   the same transaction as its rows: a process killed outright loses no row;
@@ -38,6 +46,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from time import perf_counter
+from typing import Protocol
 
 from ..config import UsageConfig
 from . import schema
@@ -46,6 +56,24 @@ from .rows import Row, insert_rows
 from .spool import ROTATE_BYTES, SET_OFFSET, SpoolFile
 
 log = logging.getLogger("gateway.usage")
+
+# How often a long request's spool line is brought up to date, at most.
+CHECKPOINT_S = 1.0
+
+
+class InFlight(Protocol):
+    """A request being served, as the usage spool sees it (RequestContext)."""
+
+    t0: float  # perf_counter at its start
+
+    def snapshot(self, now: float) -> Row:
+        """Its row as far as it has got."""
+        ...
+
+    def progress(self) -> tuple[object, ...]:
+        """Changes whenever its snapshot would."""
+        ...
+
 
 class UsageWriter:
     """Bounded-by-admission usage queue with a single batching writer."""
@@ -66,7 +94,14 @@ class UsageWriter:
         # Marks the rows this process inserts (usage_events.writer), so its
         # limiter can tell them from other workers' rows.
         self.writer_id = secrets.randbits(62)
-        self._spool = SpoolFile(spool) if spool is not None else None
+        self._spool = SpoolFile(spool, self._write_started) if spool is not None else None
+        # Requests in flight by number, those started this loop turn, and the
+        # progress of each at its last spool line.
+        self._seq = 0
+        self._in_flight: dict[int, InFlight] = {}
+        self._started: list[int] = []
+        self._spooled: dict[int, tuple[object, ...]] = {}
+        self._checkpoint_at = 0.0
         # Spool offset just past each queued row (None: not spooled), in queue order.
         self._ends: deque[int | None] = deque()
         self._retired: list[str] = []
@@ -90,16 +125,38 @@ class UsageWriter:
     def full(self) -> bool:
         return len(self._queue) >= self._cfg.queue_max
 
-    def record(self, row: Row) -> None:
+    def begin(self, req: InFlight) -> int:
+        """A request starts; returns its number for ``record``."""
+        self._seq = seq = self._seq + 1
+        spool = self._spool
+        if spool is not None and not spool.failed:
+            self._in_flight[seq] = req
+            self._started.append(seq)
+            spool.wake()
+        return seq
+
+    def record(self, row: Row, seq: int | None = None) -> None:
+        """Queue a finished request's row (``seq`` from ``begin``)."""
         q = self._queue
         q.append(row)
         spool = self._spool
-        self._ends.append(spool.append(row) if spool is not None and not spool.failed else None)
+        if seq is not None and self._in_flight.pop(seq, None) is not None:
+            self._spooled.pop(seq, None)
+        self._ends.append(spool.append(row, seq) if spool is not None and not spool.failed else None)
         n = len(q)
         if n >= self._cfg.batch_max:
             self._wake.set()
         if n >= self._cfg.queue_max:
             self._room.clear()
+
+    def end(self, seq: int | None) -> None:
+        """A request ends that makes no row of its own (a door that
+        recorded its rows itself)."""
+        spool = self._spool
+        if seq is not None and self._in_flight.pop(seq, None) is not None:
+            self._spooled.pop(seq, None)
+            if spool is not None and not spool.failed:
+                spool.ended(seq)
 
     async def wait_for_room(self) -> None:
         if len(self._queue) < self._cfg.queue_max:
@@ -110,12 +167,49 @@ class UsageWriter:
             self._room.clear()
             await self._room.wait()
 
+    def _spool_in_flight(self, seq: int, req: InFlight, now: float) -> None:
+        spool = self._spool
+        assert spool is not None
+        self._spooled[seq] = req.progress()
+        spool.in_flight(seq, req.snapshot(now))
+
+    def _write_started(self) -> None:
+        """Spool lines for the requests started this loop turn and still
+        running (called by the spool just before its write)."""
+        started, self._started = self._started, []
+        if not started:
+            return
+        now = perf_counter()
+        in_flight = self._in_flight
+        spool = self._spool
+        assert spool is not None
+        for seq in started:
+            req = in_flight.get(seq)
+            if req is not None:
+                # No progress() kept: most requests end before a checkpoint.
+                spool.in_flight(seq, req.snapshot(now))
+
+    def _checkpoint(self) -> None:
+        """Bring the spool lines of long requests up to date (those whose
+        progress changed since their last line)."""
+        spool = self._spool
+        now = perf_counter()
+        if spool is None or spool.failed or now < self._checkpoint_at:
+            return
+        self._checkpoint_at = now + CHECKPOINT_S
+        old = now - CHECKPOINT_S
+        spooled = self._spooled
+        for seq, req in self._in_flight.items():
+            if req.t0 < old and spooled.get(seq) != req.progress():
+                self._spool_in_flight(seq, req, now)
+
     async def run(self) -> None:
         interval = self._cfg.flush_interval_ms / 1000
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
+            self._checkpoint()
             # Only what is queued now: events arriving during the write wait
             # for the next interval (or a full batch), so batches stay large.
             await self._flush_available(len(self._queue))
@@ -175,9 +269,13 @@ class UsageWriter:
         self.written += n
         spool = self._spool
         if spool is not None and not spool.failed and not q and spool.pos > ROTATE_BYTES and self._live():
-            # Every row of the file is committed, to the live file: start a fresh one.
+            # Every row of the file is committed, to the live file: start a
+            # fresh one, with the requests still in flight.
             self._retired.append(spool.retire())
             spool.open_new()
+            now = perf_counter()
+            for seq, req in self._in_flight.items():
+                self._spool_in_flight(seq, req, now)
         if self._on_batch is not None:
             try:
                 self._on_batch(batch)
