@@ -607,10 +607,13 @@ async def config_summary(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read the config file; a bad file is refused and the old config stays."""
+    gw = request.app[GATEWAY]
     try:
         cfg = await reload_config(request.app, actor=_principal(request).actor(request))
     except ConfigError as e:
         raise BadRequest(f"config not reloaded: {e}", code="invalid_config") from None
+    if gw.store is not None:  # the other instances reload their own files too
+        await gw.store.announce_config(gw.id_prefix)
     return _json({"status": "reloaded", "upstreams": len(cfg.upstreams), "models": len(cfg.models),
                   "groups": len(cfg.groups)})
 

@@ -26,9 +26,7 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import aiosqlite
-
-from .store.origins import find_origin
+from .store.base import Store
 
 MAX_ENTRIES = 100_000
 
@@ -49,7 +47,7 @@ class ResponseOrigins:
         self._map: OrderedDict[str, Origin] = OrderedDict()
         self._max = max_entries
         self.settle_s = settle_s  # how long a just-made id may take to reach the table
-        self.db: aiosqlite.Connection | None = None  # set once the database is open
+        self.store: Store | None = None  # set once the database is open
 
     def __len__(self) -> int:
         return len(self._map)
@@ -76,9 +74,9 @@ class ResponseOrigins:
         return origin
 
     async def _load(self, response_id: str) -> Origin | None:
-        if self.db is None:
+        if self.store is None:
             return None
-        row = await find_origin(self.db, response_id)
+        row = await self.store.find_origin(response_id)
         if row is None or row[0] is None or row[1] is None:
             return None
         origin = Origin(row[0], row[1], row[2])

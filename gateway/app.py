@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from time import perf_counter
+from typing import Any
 
 import aiohttp
 import orjson
@@ -18,7 +18,7 @@ from aiohttp import web
 from . import accounts, admin, bounds, websocket
 from .affinity import ResponseOrigins
 from .auth import KeyCache
-from .config import Config
+from .config import Config, ConfigError
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Protocol, render
 from .intake import finish
@@ -31,11 +31,11 @@ from .protocols.images import ImageEdits, ImageGenerations, ImageVariations
 from .protocols.openai import ChatCompletions, Completions, Embeddings, Moderations
 from .protocols.responses import Responses, ResponsesCompact, ResponsesInputTokens
 from .proxy import handle_json, public_path
+from .reload import reload_config
 from .routing import Health, Router
-from .store.dbfile import DatabaseFile
+from .store.base import open_store
 from .store.retention import run_retention
-from .store.schema import connect, connect_async
-from .store.spool import recover, spool_dir
+from .store.spool import spool_dir
 from .store.usage import UsageWriter
 from .stored import handle_stored
 from .tasks import handlers as tasks
@@ -231,13 +231,20 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 
-def recover_spools(db_path: Path, directory: Path) -> int:
-    """Rows that dead processes left in their usage spool files, written now."""
-    conn = connect(db_path)
+def spawn(app: web.Application, name: str, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` in the background, keeping a reference until it ends."""
+    tasks = app[TASKS]
+    key = f"{name}-{id(coro)}"
+    task = tasks[key] = asyncio.create_task(coro, name=name)
+    task.add_done_callback(lambda _: tasks.pop(key, None))
+
+
+async def reload_quietly(app: web.Application) -> None:
+    """A reload asked for by another instance: a bad file is logged, not raised."""
     try:
-        return recover(conn, directory, DatabaseFile(db_path))
-    finally:
-        conn.close()
+        await reload_config(app)
+    except ConfigError as e:
+        log.error("config reload refused, keeping the running config: %s", e)
 
 
 def make_limiter(cfg: Config, metrics: Metrics, clock: Callable[[], float]) -> Limiter:
@@ -290,42 +297,51 @@ def create_app(
     app[TASKS] = {}
 
     async def database(app: web.Application) -> AsyncIterator[None]:
-        db = await connect_async(cfg.database.path)
-        gw.db_file = db_file = DatabaseFile(cfg.database.path)
+        store = gw.store = await open_store(cfg.database)
+        gw.db_file = store.db_file
         spool = spool_dir(cfg.database.path) if cfg.usage.spool else None
         if spool is not None:
-            await asyncio.to_thread(recover_spools, cfg.database.path, spool)
-        await gw.keys.refresh(db)
-        origins.db = db
-        await limits.load(db)  # this month's spend and tokens, before serving
+            await store.recover_spools(spool)
+        await gw.keys.refresh(store)
+        await limits.load(store)  # this month's spend and tokens, before serving
+        origins.store = store
         writer = UsageWriter(
-            cfg.database.path, cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
-            on_wait=metrics.backpressure.inc, spool=spool, db_file=db_file,
+            store.batch_sink(), cfg.usage, on_batch=metrics.observe_rows, on_flush=metrics.observe_flush,
+            on_wait=metrics.backpressure.inc, spool=spool, db_file=store.db_file,
         )
         gw.writer = writer
         tasks = app[TASKS]
         tasks["usage-writer"] = asyncio.create_task(writer.run(), name="usage-writer")
+        keys_changed = asyncio.Event()
+
+        def on_config(origin: str) -> None:
+            if origin != gw.id_prefix:  # another instance's reload, not this one's own notice
+                spawn(app, "config-reload", reload_quietly(app))
+
+        stop_listening = await store.listen(keys_changed.set, on_config)
         tasks["key-refresh"] = asyncio.create_task(
-            gw.keys.run(db, cfg.server.key_refresh_ms / 1000), name="key-refresh"
+            gw.keys.run(store, cfg.server.key_refresh_ms / 1000, keys_changed), name="key-refresh"
         )
         # Other workers' (and other gateways') spend and tokens into the quotas.
         tasks["quota-sync"] = asyncio.create_task(
-            limits.run_sync(db, writer.writer_id, cfg.server.key_refresh_ms / 1000), name="quota-sync"
+            limits.run_sync(store, writer.writer_id, cfg.server.key_refresh_ms / 1000), name="quota-sync"
         )
         if retention:
             tasks["usage-retention"] = asyncio.create_task(
-                run_retention(cfg.database.path, cfg.usage.retention_days), name="usage-retention"
+                run_retention(store, cfg.usage.retention_days), name="usage-retention"
             )
         yield
         if retention:
             tasks.pop("usage-retention").cancel()
+        if stop_listening is not None:
+            await stop_listening()
         tasks.pop("key-refresh").cancel()
         tasks.pop("quota-sync").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
         await limits.close()
-        origins.db = None
-        await db.close()
+        origins.store = None
+        await store.close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)

@@ -15,11 +15,15 @@ concurrent requests for one key share one lookup, an unknown key is
 remembered for MISS_TTL_S (until the next reload), and at most
 LOOKUPS_PER_S lookups run per second per process; past that, an unknown
 key is refused without one (it works within ``key_refresh_ms`` anyway).
+
+On PostgreSQL the same triggers NOTIFY every instance, which reloads at once
+(a few ms); the poll stays as the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -29,12 +33,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-import aiosqlite
 import orjson
 from aiohttp import web
 
 from .config import Config
 from .errors import ServiceUnavailable, Unauthorized
+from .store.base import Store
 
 log = logging.getLogger("gateway.auth")
 
@@ -101,15 +105,6 @@ def enabled_models(
     return frozenset(_narrow(_narrow(models, ws_patterns), key_patterns))
 
 
-_LOAD = """
-SELECT k.id, k.key_hash, k.name, k.prefix, k.group_name, k.allowed_models, k.rpm, k.tpm,
-       k.max_concurrency, k.spend_limit, k.expires_at,
-       w.id, w.name, w.default_group, w.allowed_models, w.monthly_spend_limit, w.monthly_token_limit
-FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id LEFT JOIN users u ON u.id = k.user_id
-WHERE k.revoked_at IS NULL AND u.disabled_at IS NULL
-"""
-
-
 class KeyCache:
     """Live keys by hash; see the module docstring for how it stays fresh
     and how a key it does not hold yet is found."""
@@ -119,7 +114,7 @@ class KeyCache:
         self._by_hash: dict[str, KeyInfo] = {}
         self._rows: list[tuple[Any, ...]] = []
         self._generation: int | None = None
-        self._db: aiosqlite.Connection | None = None
+        self._store: Store | None = None
         self._on_lookup = on_lookup  # found | unknown | throttled | failed
         self._unknown: dict[str, float] = {}  # hash -> monotonic time until which it stays unknown
         self._pending: dict[str, asyncio.Task[KeyInfo | None]] = {}
@@ -229,37 +224,29 @@ class KeyCache:
     async def fetch_key(self, key_hash: str) -> tuple[int, tuple[Any, ...] | None]:
         """The key generation, then the live key's row (None if there is no
         such key or it is revoked), as ``refresh`` reads them."""
-        db = self._db
-        if db is None:
+        if self._store is None:
             raise RuntimeError("the key cache has not been loaded")
-        async with db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
-            gen = await cur.fetchone()
-        async with db.execute(_LOAD + " AND k.key_hash = ?", (key_hash,)) as cur:
-            row = await cur.fetchone()
-        return (int(gen[0]) if gen else 0), (tuple(row) if row is not None else None)
+        return await self._store.fetch_key(key_hash)
 
     def set_config(self, cfg: Config) -> None:
         """Recompute every key's model set for a reloaded config."""
         self._cfg = cfg
         self._build()
 
-    async def refresh(self, db: aiosqlite.Connection) -> bool:
+    async def refresh(self, store: Store) -> bool:
         """Reload from the database if anything changed; True if it did."""
-        self._db = db
-        async with db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
-            row = await cur.fetchone()
-        generation = int(row[0]) if row else 0
+        self._store = store
+        generation = await store.keys_generation()
         if generation == self._generation:
             return False
-        async with db.execute(_LOAD) as cur:
-            self._rows = [tuple(r) for r in await cur.fetchall()]
+        self._rows = await store.live_keys()
         self._generation = generation
         self._build()
         self._unknown.clear()  # a key created since is in the reloaded set
         return True
 
     def _info(self, row: tuple[Any, ...], memo: dict[tuple[Any, ...], frozenset[str]]) -> KeyInfo:
-        """A KeyInfo from a row of _LOAD; ``memo`` shares model sets between
+        """A KeyInfo from a row of store.queries.LIVE_KEYS; ``memo`` shares model sets between
         keys of one group and allow-lists."""
         cfg = self._cfg
         (kid, _, name, prefix, kgroup, kmodels, rpm, tpm, conc, spend, expires,
@@ -281,11 +268,16 @@ class KeyCache:
         memo: dict[tuple[Any, ...], frozenset[str]] = {}
         self._by_hash = {row[1]: self._info(row, memo) for row in self._rows}
 
-    async def run(self, db: aiosqlite.Connection, interval_s: float) -> None:
+    async def run(self, store: Store, interval_s: float, wake: asyncio.Event | None = None) -> None:
+        """Refresh every ``interval_s``, or at once when ``wake`` is set (a
+        change notice from another instance)."""
+        wake = wake or asyncio.Event()
         while True:
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval_s)
+            wake.clear()
             try:
-                if await self.refresh(db):
+                if await self.refresh(store):
                     log.info("key cache reloaded: %d live keys", len(self._by_hash))
             except Exception as e:  # keep serving from the last good cache
                 log.error("key cache refresh failed: %s", type(e).__name__)

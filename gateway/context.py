@@ -23,6 +23,7 @@ from .protocols.base import Usage, UsageReader
 from .routing import Router
 
 if TYPE_CHECKING:
+    from .store.base import Store
     from .store.dbfile import DatabaseFile
     from .store.usage import UsageWriter
     from .upstream import UpstreamClient
@@ -45,6 +46,7 @@ class Gateway:
     origins: ResponseOrigins = field(default_factory=lambda: ResponseOrigins(settle_s=0.0))
     writer: UsageWriter | None = None
     db_file: DatabaseFile | None = None  # the SQLite file opened, checked before writes
+    store: Store | None = None  # opened by create_app's database context
     session: aiohttp.ClientSession | None = None  # tasks and assets
     upstream: UpstreamClient | None = None  # the pass-through path
     in_flight: int = 0

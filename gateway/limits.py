@@ -32,10 +32,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-import aiosqlite
-
 from .auth import KeyInfo
 from .errors import RateLimited
+from .store.base import Store
 
 WINDOW_S = 60.0
 
@@ -61,12 +60,6 @@ class _WorkspaceState:
     def __init__(self) -> None:
         self.spend = 0.0
         self.tokens = 0
-
-
-async def _max_id(db: aiosqlite.Connection) -> int:
-    async with db.execute("SELECT COALESCE(MAX(id), 0) FROM usage_events") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 def month_bounds(now: float) -> tuple[float, float]:
@@ -105,11 +98,11 @@ class Limiter(Protocol):
         """Count a finished request's tokens and cost."""
         ...
 
-    async def load(self, db: aiosqlite.Connection) -> None:
+    async def load(self, store: Store) -> None:
         """This month's spend and tokens from the usage recorded, before serving."""
         ...
 
-    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+    async def run_sync(self, store: Store, writer_id: int, interval_s: float) -> None:
         """Keep quotas current with what other processes record, until cancelled."""
         ...
 
@@ -221,57 +214,56 @@ class LocalLimiter:
         ws.spend += cost
         ws.tokens += tokens
 
-    async def load(self, db: aiosqlite.Connection) -> None:
+    async def load(self, store: Store) -> None:
         """This month's spend and tokens per key and workspace, from the
         usage already recorded (run once at startup, before serving)."""
         start, _ = month_bounds(self.clock())
-        # The last row id first: the totals then cover exactly the rows up to
-        # it (ids grow in commit order), and sync() takes over from there.
-        self._seen_id = await _max_id(db)
-        sql = ("SELECT {col}, SUM(cost), SUM(input_tokens + output_tokens) FROM usage_events "
-               "WHERE ts >= ? AND id <= ? AND {col} IS NOT NULL GROUP BY {col}")
-        async with db.execute(sql.format(col="key_id"), (start, self._seen_id)) as cur:
-            for kid, spend, _tokens in await cur.fetchall():
-                self._keys.setdefault(kid, _KeyState()).spend = float(spend or 0.0)
-        async with db.execute(sql.format(col="workspace_id"), (start, self._seen_id)) as cur:
-            for wid, spend, tokens in await cur.fetchall():
-                ws = self._workspaces.setdefault(wid, _WorkspaceState())
-                ws.spend, ws.tokens = float(spend or 0.0), int(tokens or 0)
+        self._seen_id, (keys, workspaces) = await store.quota_load(start)
+        for kid, spend in keys.items():
+            self._keys.setdefault(kid, _KeyState()).spend = spend
+        for wid, (spend, tokens) in workspaces.items():
+            ws = self._workspaces.setdefault(wid, _WorkspaceState())
+            ws.spend, ws.tokens = spend, tokens
 
-    async def sync(self, db: aiosqlite.Connection, writer_id: int) -> int:
-        """Add the spend and tokens of rows other processes (other workers,
-        another gateway on the same database) wrote since the last look.
-        This process's own rows are skipped: ``settle`` counted them already.
-        Row ids grow in commit order (one writer at a time), so ``id >
-        last seen`` finds exactly the new rows. Returns how many were added."""
+    async def sync(self, store: Store, writer_id: int) -> int:
+        """Add the spend and tokens that other processes (other workers,
+        other instances) recorded since the last look; returns how many rows
+        were added. This process's own rows are skipped: ``settle`` counted
+        them already.
+
+        Where row ids grow in commit order (SQLite: one writer at a time),
+        ``id > last seen`` finds exactly the new rows. Where they do not
+        (PostgreSQL), the month's totals are read from the rollups and each
+        counter takes the larger of the two, so it never goes back and lags
+        this process's own unwritten rows by at most one flush."""
         start, _ = month_bounds(self.clock())
-        hi = await _max_id(db)
-        if hi <= self._seen_id:
-            return 0
-        async with db.execute(
-            "SELECT key_id, workspace_id, SUM(cost), SUM(input_tokens + output_tokens), COUNT(*) "
-            "FROM usage_events WHERE id > ? AND id <= ? AND ts >= ? AND key_id IS NOT NULL "
-            "AND (writer IS NULL OR writer != ?) GROUP BY key_id, workspace_id",
-            (self._seen_id, hi, start, writer_id),
-        ) as cur:
-            groups = await cur.fetchall()
-        self._seen_id = hi
-        n = 0
-        for kid, wid, spend, tokens, count in groups:
-            n += count
-            self._keys.setdefault(kid, _KeyState()).spend += float(spend or 0.0)
-            if wid is not None:
+        delta = await store.quota_since(self._seen_id, start, writer_id)
+        if delta is None:
+            _, (keys, workspaces) = await store.quota_load(start)
+            for kid, spend in keys.items():
+                st = self._keys.setdefault(kid, _KeyState())
+                st.spend = max(st.spend, spend)
+            for wid, (spend, tokens) in workspaces.items():
                 ws = self._workspaces.setdefault(wid, _WorkspaceState())
-                ws.spend += float(spend or 0.0)
-                ws.tokens += int(tokens or 0)
+                ws.spend, ws.tokens = max(ws.spend, spend), max(ws.tokens, tokens)
+            return 0
+        self._seen_id, groups = delta
+        n = 0
+        for kid, ws_id, spend, tokens, count in groups:
+            n += count
+            self._keys.setdefault(kid, _KeyState()).spend += spend
+            if ws_id is not None:
+                ws = self._workspaces.setdefault(ws_id, _WorkspaceState())
+                ws.spend += spend
+                ws.tokens += tokens
         return n
 
-    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+    async def run_sync(self, store: Store, writer_id: int, interval_s: float) -> None:
         """``sync`` every ``interval_s`` until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.sync(db, writer_id)
+                await self.sync(store, writer_id)
             except Exception as e:  # keep enforcing from what we know
                 log.error("quota sync failed: %s", type(e).__name__)
 

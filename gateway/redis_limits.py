@@ -45,7 +45,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import aiosqlite
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -55,6 +54,7 @@ from .auth import KeyInfo
 from .config import RedisConfig
 from .errors import GatewayError, RateLimited
 from .limits import Headers, LocalLimiter, month_bounds, request_headers, token_headers
+from .store.base import Store
 
 log = logging.getLogger("gateway.redis")
 
@@ -206,7 +206,7 @@ class RedisLimiter:
         self._released: list[tuple[int, str]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self._db: aiosqlite.Connection | None = None
+        self._store: Store | None = None
         self._seeding: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ admission
@@ -341,11 +341,11 @@ class RedisLimiter:
 
     # ------------------------------------------------------------ shared state
 
-    async def load(self, db: aiosqlite.Connection) -> None:
+    async def load(self, store: Store) -> None:
         """Load this month's totals locally, then seed Redis with them if
         no instance did yet."""
-        self._db = db
-        await self.local.load(db)
+        self._store = store
+        await self.local.load(store)
         await self._seed_from(self.local)
 
     async def _seed_from(self, source: LocalLimiter) -> None:
@@ -364,21 +364,21 @@ class RedisLimiter:
     def _reseed(self) -> None:
         """Redis has no totals for this month (it restarted, or lost its
         data): add the database's, once, in the background."""
-        if self._db is None or (self._seeding is not None and not self._seeding.done()):
+        if self._store is None or (self._seeding is not None and not self._seeding.done()):
             return
 
         async def reseed() -> None:
-            assert self._db is not None
+            assert self._store is not None
             fresh = LocalLimiter(self.clock)
-            await fresh.load(self._db)
+            await fresh.load(self._store)
             await self._seed_from(fresh)
 
         self._seeding = asyncio.create_task(reseed(), name="redis-reseed")
 
-    async def run_sync(self, db: aiosqlite.Connection, writer_id: int, interval_s: float) -> None:
+    async def run_sync(self, store: Store, writer_id: int, interval_s: float) -> None:
         """The local limiter's quota sync (for admission while Redis is
         away) and the refresh of this instance's concurrency leases."""
-        await asyncio.gather(self.local.run_sync(db, writer_id, interval_s), self._refresh_leases())
+        await asyncio.gather(self.local.run_sync(store, writer_id, interval_s), self._refresh_leases())
 
     async def _refresh_leases(self) -> None:
         while True:

@@ -50,7 +50,6 @@ import select
 import shutil
 import signal
 import socket
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -58,7 +57,7 @@ from dataclasses import dataclass, replace
 from .config import Config, ConfigError, load_config
 from .logs import set_worker, startup_fields
 from .server import ListenError, run, run_until_signal
-from .store.schema import connect
+from .store.base import Store, run_on_store
 from .store.spool import spool_dir
 
 log = logging.getLogger("gateway.supervisor")
@@ -99,7 +98,7 @@ class Supervisor:
         self._metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         try:
-            connect(self.cfg.database.path).close()  # migrate once, before N processes open it
+            run_on_store(self.cfg.database, _nothing)  # migrate once, before N processes open it
             self._listen()
             for i in range(self.cfg.server.workers):
                 self._spawn(i)
@@ -250,11 +249,10 @@ class Supervisor:
 
     def _recover_usage(self) -> None:
         """Write the usage rows a dead worker had spooled but not committed."""
-        from .app import recover_spools
-
+        directory = spool_dir(self.cfg.database.path)
         try:
-            n = recover_spools(self.cfg.database.path, spool_dir(self.cfg.database.path))
-        except (OSError, sqlite3.Error) as e:
+            n = run_on_store(self.cfg.database, lambda store: store.recover_spools(directory))
+        except Exception as e:
             log.error("usage spool recovery failed (the next start retries): %s", e)
             return
         log.info("recovered %d usage rows of a dead worker", n,
@@ -334,6 +332,10 @@ def _die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the supervisor died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _nothing(store: Store) -> None:
+    return None
 
 
 def serve(cfg: Config, *, bundled_mock: bool = False) -> int:

@@ -108,7 +108,7 @@ def test_histogram_percentiles_within_a_bin(tmp_path: Path, q: float) -> None:
 def test_bins_match_sql_case_at_edges(tmp_path: Path) -> None:
     conn = connect(tmp_path / "e.db")
     values = [0.0, 0.5, *rollup.EDGES, *(e * 0.999999 for e in rollup.EDGES), 1e7]
-    case = rollup._case("v")
+    case = rollup.bin_case("v")
     for v in values:
         expected = bisect_right(rollup.EDGES, v)  # how many edges are <= v
         assert conn.execute(f"SELECT {case} FROM (SELECT ? AS v)", (v,)).fetchone()[0] == expected, v

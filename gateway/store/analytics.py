@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import rollup
@@ -40,8 +41,7 @@ def _none(v: Any) -> Any:
     return None if v in ("", 0) else v
 
 
-def usage_series(
-    conn: sqlite3.Connection,
+def series_query(
     *,
     since: float,
     until: float,
@@ -51,10 +51,9 @@ def usage_series(
     key_id: int | None = None,
     model: str | None = None,
     scope: Scope | None = None,
-) -> list[dict[str, Any]]:
-    """Usage per time bucket (``total``: one bucket for the whole range) and
-    per ``by`` value, within a console user's ``scope``. Times are unix
-    seconds, buckets aligned to UTC."""
+) -> tuple[str, list[Any]]:
+    """The SQL (``?`` placeholders; the same text runs on SQLite and
+    PostgreSQL) and arguments of ``usage_series``."""
     if bucket not in BUCKETS:
         raise QueryError(f"bucket must be one of {', '.join(BUCKETS)}")
     if by is not None and by not in BY:
@@ -73,9 +72,14 @@ def usage_series(
     g_expr = BY[by] if by else "NULL"
     sql = (f"SELECT {t_expr} AS t, {g_expr} AS g, {_SUM_SQL} FROM {table} "
            f"WHERE {' AND '.join(where)} GROUP BY 1, 2 ORDER BY 1, 2")
+    return sql, args
+
+
+def series_items(rows: Iterable[Sequence[Any]], by: str | None) -> list[dict[str, Any]]:
+    """The rows of ``series_query`` as the admin API shows them."""
     out = []
     n_sums = len(rollup.SUMS)
-    for r in conn.execute(sql, args):
+    for r in rows:
         row = tuple(r)
         s = dict(zip(rollup.SUMS, row[2:2 + n_sums], strict=True))
         lat = row[2 + n_sums:2 + n_sums + rollup.NBINS]
@@ -107,6 +111,14 @@ def usage_series(
     return out
 
 
+def usage_series(conn: sqlite3.Connection, *, by: str | None = None, **kw: Any) -> list[dict[str, Any]]:
+    """Usage per time bucket (``total``: one bucket for the whole range) and
+    per ``by`` value, within a console user's ``scope``. Times are unix
+    seconds, buckets aligned to UTC. Keyword arguments: ``series_query``'s."""
+    sql, args = series_query(by=by, **kw)
+    return series_items(conn.execute(sql, args), by)
+
+
 _LOG_COLUMNS = """id, ts, request_id, workspace_id, key_id, endpoint, model, upstream, status, stream,
     input_tokens, output_tokens, cached_tokens, reasoning_tokens, images, video_tokens, cost, latency_ms,
     ttfb_ms, upstream_ms, overhead_ms, bytes_in, bytes_out, error_type"""
@@ -129,8 +141,7 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
     return t, i
 
 
-def request_log(
-    conn: sqlite3.Connection,
+def log_query(
     *,
     since: float,
     until: float,
@@ -141,9 +152,10 @@ def request_log(
     limit: int = 50,
     cursor: str | None = None,
     scope: Scope | None = None,
-) -> dict[str, Any]:
-    """One page of requests, newest first; ``next_cursor`` fetches the next.
-    ``status`` is a code (``429``) or a class (``2xx``, ``4xx``, ``5xx``, ``error``)."""
+) -> tuple[str, list[Any]]:
+    """The SQL (``?`` placeholders, both dialects) and arguments of one
+    request-log page: ``limit + 1`` rows, newest first. ``status`` is a
+    code (``429``) or a class (``2xx``, ``4xx``, ``5xx``, ``error``)."""
     where: list[str] = ["ts >= ?", "ts < ?"]
     args: list[Any] = [since, until]
     _filters(where, args, workspace_id, key_id, model, scope)
@@ -170,7 +182,10 @@ def request_log(
            f"ORDER BY ts DESC, id DESC LIMIT ?) e "
            f"LEFT JOIN api_keys k ON k.id = e.key_id LEFT JOIN workspaces w ON w.id = e.workspace_id "
            f"ORDER BY e.ts DESC, e.id DESC")
-    rows = [dict(r) for r in conn.execute(sql, (*args, limit + 1))]
+    return sql, [*args, limit + 1]
+
+
+def log_page(rows: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -178,12 +193,24 @@ def request_log(
     return {"items": rows, "next_cursor": next_cursor}
 
 
+def request_log(conn: sqlite3.Connection, *, limit: int = 50, **kw: Any) -> dict[str, Any]:
+    """One page of requests, newest first; ``next_cursor`` fetches the next.
+    Keyword arguments: ``log_query``'s."""
+    sql, args = log_query(limit=limit, **kw)
+    return log_page([dict(r) for r in conn.execute(sql, args)], limit)
+
+
+UPSTREAM_LAST = "SELECT upstream, MAX(bucket) FROM usage_minute WHERE bucket >= ? GROUP BY upstream"
+
+
 def upstream_stats(conn: sqlite3.Connection, *, since: float) -> dict[str, dict[str, Any]]:
     """Recent traffic per upstream from the minute rollup."""
     series = usage_series(conn, since=since, until=float("inf"), bucket="total", by="upstream")
-    last = dict(conn.execute(
-        "SELECT upstream, MAX(bucket) FROM usage_minute WHERE bucket >= ? GROUP BY upstream",
-        (int(since // 60) * 60,)).fetchall())
+    last = dict(conn.execute(UPSTREAM_LAST, (int(since // 60) * 60,)).fetchall())
+    return upstream_summary(series, last)
+
+
+def upstream_summary(series: list[dict[str, Any]], last: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for s in series:
         name = s["upstream"]

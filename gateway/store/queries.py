@@ -11,23 +11,17 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from .base import NO_LIMITS, ConflictError, KeyLimits, NotFoundError
 from .scope import Scope, marks
+
+__all__ = ["ConflictError", "KeyLimits", "NotFoundError"]  # defined with the Store protocol, used with these
 
 KEY_PREFIX = "gw-"
 PREFIX_SHOWN = 10
-
-
-class NotFoundError(LookupError):
-    pass
-
-
-class ConflictError(ValueError):
-    pass
 
 
 def hash_key(plaintext: str) -> str:
@@ -39,7 +33,7 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def _json_list(v: list[str] | None) -> str | None:
+def json_list(v: list[str] | None) -> str | None:
     return None if v is None else orjson.dumps(v).decode()
 
 
@@ -77,19 +71,14 @@ def list_workspaces(conn: sqlite3.Connection, ids: Collection[int] | None = None
     return [_workspace(r) for r in conn.execute(sql, ordered)]
 
 
-def _workspace(row: sqlite3.Row) -> dict[str, Any]:
+def shape_row(row: Any) -> dict[str, Any]:
+    """A workspace or key row as a dict, its model allow-list parsed."""
     d = dict(row)
     d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
     return d
 
 
-@dataclass(frozen=True, slots=True)
-class KeyLimits:
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrency: int | None = None
-    spend_limit: float | None = None
-    expires_at: float | None = None
+_workspace = shape_row
 
 
 def create_key(
@@ -99,7 +88,7 @@ def create_key(
     name: str = "",
     group: str | None = None,
     models: list[str] | None = None,
-    limits: KeyLimits = KeyLimits(),
+    limits: KeyLimits = NO_LIMITS,
     user_id: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Create a key (``user_id``: the console user it belongs to); returns its
@@ -116,7 +105,7 @@ def create_key(
             plaintext[:PREFIX_SHOWN],
             hash_key(plaintext),
             group,
-            _json_list(models),
+            json_list(models),
             limits.rpm,
             limits.tpm,
             limits.max_concurrency,
@@ -179,6 +168,16 @@ def revoke_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
     return key
 
 
+# Live keys with what the key cache needs (gateway.auth builds KeyInfo from
+# them); a disabled console user's keys are left out.
+LIVE_KEYS = """
+SELECT k.id, k.key_hash, k.name, k.prefix, k.group_name, k.allowed_models, k.rpm, k.tpm,
+       k.max_concurrency, k.spend_limit, k.expires_at,
+       w.id, w.name, w.default_group, w.allowed_models, w.monthly_spend_limit, w.monthly_token_limit
+FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id LEFT JOIN users u ON u.id = k.user_id
+WHERE k.revoked_at IS NULL AND u.disabled_at IS NULL
+"""
+
 USAGE_GROUPS = {"model": "model", "key": "key_id", "workspace": "workspace_id", "upstream": "upstream"}
 
 
@@ -197,8 +196,8 @@ def usage_summary(conn: sqlite3.Connection, *, since: float = 0.0, by: str = "mo
     return [dict(r) for r in rows]
 
 
-_WORKSPACE_FIELDS = ("default_group", "allowed_models", "monthly_spend_limit", "monthly_token_limit")
-_KEY_FIELDS = (
+WORKSPACE_FIELDS = ("default_group", "allowed_models", "monthly_spend_limit", "monthly_token_limit")
+KEY_FIELDS = (
     "name", "group_name", "allowed_models", "rpm", "tpm", "max_concurrency", "spend_limit", "expires_at",
 )
 
@@ -209,7 +208,7 @@ def _update(conn: sqlite3.Connection, table: str, row_id: int, fields: dict[str,
         raise ValueError(f"unknown field {unknown[0]!r}")
     if not fields:
         return 0
-    values = [_json_list(v) if k == "allowed_models" else v for k, v in fields.items()]
+    values = [json_list(v) if k == "allowed_models" else v for k, v in fields.items()]
     sets = ", ".join(f"{k} = ?" for k in fields)
     return conn.execute(f"UPDATE {table} SET {sets} WHERE id = ?", (*values, row_id)).rowcount
 
@@ -218,14 +217,14 @@ def update_workspace(conn: sqlite3.Connection, ws_id: int, fields: dict[str, Any
     """Change a workspace's default group, model allow-list or monthly quotas
     (``None`` clears a quota or the allow-list)."""
     get_workspace(conn, ws_id)
-    _update(conn, "workspaces", ws_id, fields, _WORKSPACE_FIELDS)
+    _update(conn, "workspaces", ws_id, fields, WORKSPACE_FIELDS)
     return get_workspace(conn, ws_id)
 
 
 def update_key(conn: sqlite3.Connection, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
     """Change a key's name, group, allowed models or limits (``None`` clears)."""
     get_key(conn, key_id)
-    _update(conn, "api_keys", key_id, fields, _KEY_FIELDS)
+    _update(conn, "api_keys", key_id, fields, KEY_FIELDS)
     return get_key(conn, key_id)
 
 

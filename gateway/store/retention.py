@@ -1,6 +1,9 @@
 """Usage retention: delete usage rows older than ``usage.retention_days``.
 
-Runs in one process only (worker 0, or the single process). Each batch is
+Runs in one process only (worker 0, or the single process; on PostgreSQL
+every instance may run it: dropping a partition twice is a no-op).
+The SQLite way is below; PostgreSQL drops whole day partitions instead
+(gateway.store.postgres.usage). Each batch is
 one short DELETE of at most ``batch`` rows in its own transaction, on its own
 connection in a thread, with a pause between batches: the write lock is held
 for milliseconds at a time, so the usage writers of every worker (which wait
@@ -15,9 +18,8 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from .schema import connect
+from .base import Store
 
 log = logging.getLogger("gateway.retention")
 
@@ -44,30 +46,23 @@ def delete_older_than(
 
 
 async def run_retention(
-    path: Path, days: int, *, interval_s: float = 3600.0, batch: int = 500,
-    clock: Callable[[], float] = time.time,
+    store: Store, days: int, *, interval_s: float = 3600.0, clock: Callable[[], float] = time.time,
 ) -> None:
     """Every ``interval_s`` (first run right away), delete rows older than
-    ``days`` days. ``days <= 0`` keeps everything. Runs until cancelled; a
+    ``days`` days (SQLite: in short batches; PostgreSQL: whole day
+    partitions). ``days <= 0`` keeps everything. Runs until cancelled; a
     cancel stops it between batches."""
     if days <= 0:
         return
     stopping = False
-
-    def sweep() -> int:
-        conn = connect(path)
-        try:
-            return delete_older_than(conn, clock() - days * 86400, batch=batch, stop=lambda: stopping)
-        finally:
-            conn.close()
-
     try:
         while True:
             try:
-                n = await asyncio.to_thread(sweep)
+                n = await store.retention(clock() - days * 86400, lambda: stopping)
                 if n:
-                    log.info("usage retention: deleted %d rows older than %d days", n, days)
-            except sqlite3.Error as e:
+                    log.info("usage retention: deleted %d %s older than %d days", n,
+                             "rows" if store.kind == "sqlite" else "day partitions", days)
+            except Exception as e:
                 log.error("usage retention failed, will retry: %s", e)
             await asyncio.sleep(interval_s)
     finally:

@@ -85,13 +85,13 @@ def _table(name: str, keys: tuple[str, ...]) -> str:
             + f",\n    PRIMARY KEY ({', '.join(keys)})\n) WITHOUT ROWID;\n")
 
 
-def _case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
+def bin_case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
     """SQL for the histogram bin of ``col`` (ms): how many EDGES are <= it,
     found by a binary search over EDGES (6 comparisons)."""
     if lo == hi:
         return str(lo)
     mid = (lo + hi + 1) // 2
-    return f"CASE WHEN {col} < {EDGES[mid - 1]!r} THEN {_case(col, lo, mid - 1)} ELSE {_case(col, mid, hi)} END"
+    return f"CASE WHEN {col} < {EDGES[mid - 1]!r} THEN {bin_case(col, lo, mid - 1)} ELSE {bin_case(col, mid, hi)} END"
 
 
 def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
@@ -121,7 +121,7 @@ def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
 
     def pivot(alias: str, col: str, names: tuple[str, ...], where: str) -> str:
         cols = ", ".join(f"SUM(CASE WHEN b = {i} THEN n ELSE 0 END) AS {c}" for i, c in enumerate(names))
-        return (f"{alias} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {_case(col)} AS b, COUNT(*) AS n "
+        return (f"{alias} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {bin_case(col)} AS b, COUNT(*) AS n "
                 f"FROM usage_events {where} GROUP BY {k_list}, b) GROUP BY {k_list})")
 
     join = " AND ".join(f"{{a}}.{k} = s.{k}" for k in keys)

@@ -277,6 +277,11 @@ class TaskStore:
         ) as cur:
             return [_row(r) for r in await cur.fetchall()]
 
+    async def claim_due(self, now: float, limit: int, lease_until: float) -> list[TaskRow]:
+        """Due tasks, each claimed (moved a lease ahead); a task another
+        poller claimed between the read and the claim is left out."""
+        return [t for t in await self.due(now, limit) if await self.claim(t, lease_until)]
+
     async def claim(self, t: TaskRow, lease_until: float) -> bool:
         """Move a due task's next poll time forward, so that another poller
         (another worker) skips it while this one polls it."""

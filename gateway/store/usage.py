@@ -7,11 +7,12 @@ Ordering and delivery guarantees:
   request wait while the queue holds ``queue_max`` events (counted in
   ``gateway_usage_backpressure_waits_total``), so the queue is bounded by
   ``queue_max`` plus the requests already in flight.
-- One writer task owns the write connection, a plain sqlite3 connection
-  living on one dedicated thread: each batch is one transaction run in one
-  hop to that thread (BEGIN, executemany, COMMIT), so the write lock is never
-  held across event-loop turns. A failed batch is put back at the front of
-  the queue and retried.
+- One writer task owns the write connection, through a ``BatchSink``: on
+  SQLite (``SqliteSink``) a plain sqlite3 connection living on one dedicated
+  thread, each batch one transaction run in one hop to that thread (BEGIN,
+  executemany, COMMIT), so the write lock is never held across event-loop
+  turns; on PostgreSQL a COPY per batch (gateway.store.postgres.usage). A
+  failed batch is put back at the front of the queue and retried.
 - ``close`` drains everything that was recorded before it was called.
 - Requests in flight: ``begin`` registers one (it costs a dict insert; its
   spool line is made at the end of the loop turn, when its key and model are
@@ -51,6 +52,7 @@ from typing import Protocol
 
 from ..config import UsageConfig
 from . import schema
+from .base import BatchSink
 from .dbfile import DatabaseFile, DatabaseLost
 from .rows import Row, insert_rows
 from .spool import ROTATE_BYTES, SET_OFFSET, SpoolFile
@@ -75,12 +77,64 @@ class InFlight(Protocol):
         ...
 
 
+class SqliteSink:
+    """Usage batches into one SQLite file, each one transaction on a
+    connection that lives on one dedicated thread; with a ``db_file``, each
+    batch checks before it writes and after it commits that the file is
+    still the one at its path (DatabaseLost otherwise)."""
+
+    def __init__(self, path: Path, db_file: DatabaseFile | None = None) -> None:
+        self._path = path
+        self._db_file = db_file
+        self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
+
+    async def write(self, batch: Sequence[Row], writer: int | None, mark: tuple[str, int] | None = None,
+                    retired: Sequence[str] = ()) -> bool:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch, writer, mark, retired)
+        return True
+
+    def _write(self, batch: Sequence[Row], writer: int | None, mark: tuple[str, int] | None,
+               retired: Sequence[str]) -> None:
+        db_file = self._db_file
+        if db_file is not None:
+            db_file.check()
+        if self._conn is None:
+            self._conn = schema.connect(self._path)
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if batch:
+                insert_rows(c, batch, writer)
+            if mark is not None:
+                c.execute(SET_OFFSET, mark)
+            for name in retired:
+                c.execute("DELETE FROM usage_spool WHERE name = ?", (name,))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        if db_file is not None:
+            # Replaced while this batch was written: it went to the old file,
+            # so it counts as not written (the spool keeps it).
+            db_file.check()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+        self._executor.shutdown(wait=True)
+
+
 class UsageWriter:
     """Bounded-by-admission usage queue with a single batching writer."""
 
     def __init__(
         self,
-        path: Path,
+        sink: BatchSink | Path,
         cfg: UsageConfig,
         *,
         on_batch: Callable[[Sequence[Row]], None] | None = None,
@@ -89,8 +143,8 @@ class UsageWriter:
         spool: Path | None = None,
         db_file: DatabaseFile | None = None,
     ) -> None:
-        self._path = path
         self._db_file = db_file
+        self._sink: BatchSink = SqliteSink(sink, db_file) if isinstance(sink, Path) else sink
         # Marks the rows this process inserts (usage_events.writer), so its
         # limiter can tell them from other workers' rows.
         self.writer_id = secrets.randbits(62)
@@ -105,8 +159,6 @@ class UsageWriter:
         # Spool offset just past each queued row (None: not spooled), in queue order.
         self._ends: deque[int | None] = deque()
         self._retired: list[str] = []
-        self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
         self._cfg = cfg
         self._queue: deque[Row] = deque()
         self._wake = asyncio.Event()
@@ -257,7 +309,7 @@ class UsageWriter:
         retired, self._retired = self._retired, []
         t0 = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch, mark, retired)
+            await self._sink.write(batch, self.writer_id, mark, retired)
         except Exception as e:
             q.extendleft(reversed(batch))
             self._ends.extendleft(reversed(ends))
@@ -299,39 +351,6 @@ class UsageWriter:
             return False
         return True
 
-    def _write(self, batch: list[Row], mark: tuple[str, int] | None = None, retired: Sequence[str] = ()) -> None:
-        db_file = self._db_file
-        if db_file is not None:
-            db_file.check()
-        if self._conn is None:
-            self._conn = schema.connect(self._path)
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            insert_rows(c, batch, self.writer_id)
-            if mark is not None:
-                c.execute(SET_OFFSET, mark)
-            for name in retired:
-                c.execute("DELETE FROM usage_spool WHERE name = ?", (name,))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        if db_file is not None:
-            # Replaced while this batch was written: it went to the old file,
-            # so it counts as not written (the spool keeps it).
-            db_file.check()
-
-    def _close_conn(self, retired: Sequence[str] = ()) -> None:
-        if retired and not self.lost:
-            if self._conn is None:
-                self._conn = schema.connect(self._path)
-            for name in retired:
-                self._conn.execute("DELETE FROM usage_spool WHERE name = ?", (name,))
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
     async def close(self, timeout: float = 30.0) -> None:
         """Stop the loop and write everything recorded so far. The spool
         file is deleted only when every row in it is committed to the
@@ -357,5 +376,10 @@ class UsageWriter:
                 if self.lost:
                     log.error("usage rows of this process kept in %s for the next start (the database file "
                               "was removed or replaced)", spool.directory / spool.name)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn, retired)
-        self._executor.shutdown(wait=True)
+        try:
+            if retired and not self.lost:
+                await self._sink.write([], self.writer_id, None, retired)
+        except Exception as e:  # the next start's recovery removes them
+            log.error("could not remove retired spool entries: %s", type(e).__name__)
+        finally:
+            await self._sink.close()

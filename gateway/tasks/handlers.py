@@ -27,7 +27,7 @@ from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..intake import admit, read_body, resolve_model
 from ..protocols.base import parse_object
 from ..routing import Target
-from ..store.tasks import TaskRow, TaskStore
+from ..store.tasks import TaskRow
 from .assets import ASSET_PROVIDERS, AssetProvider, parse_asset_body, parse_group_body, text_field
 from .options import check_provider_options
 from .poller import Poller
@@ -301,7 +301,8 @@ def setup(app: web.Application, gw: Gateway, *, poller: bool) -> None:
     app[TASK_STATE] = state
 
     async def task_store(app: web.Application) -> AsyncIterator[None]:
-        store = await TaskStore.open(gw.config.database.path, gw.db_file)
+        assert gw.store is not None  # the database context runs first
+        store = await gw.store.task_store()
         await store.backfill([(u.name, *owner_key(u)) for u in gw.config.upstreams if provider_for(u) is not None])
         state.service = svc = VideoTasks(gw, store)
         runner: asyncio.Task[None] | None = None

@@ -43,14 +43,13 @@ class Poller:
         cfg = self.tasks.gw.config.tasks
         now = time.time()
         store = self.tasks.store
-        due = await store.due(now, cfg.max_concurrency * 8)
+        # Claimed before polled: on PostgreSQL with FOR UPDATE SKIP LOCKED,
+        # so instances polling at once get disjoint tasks.
+        due = await store.claim_due(now, cfg.max_concurrency * 8, now + cfg.max_backoff_s)
         gate = asyncio.Semaphore(cfg.max_concurrency)
-        lease = now + cfg.max_backoff_s
 
         async def one(t: TaskRow) -> int:
             async with gate:
-                if not await store.claim(t, lease):
-                    return 0
                 try:
                     if t.upstream_task_id is None:
                         await self.tasks.give_up_stale(t)  # its creator is gone

@@ -20,8 +20,9 @@ from ..config import UpstreamConfig
 from ..context import Gateway
 from ..errors import BadGateway, Conflict, GatewayError, NotFound, ServiceUnavailable, Unprocessable
 from ..routing import Target
+from ..store.base import TaskStoreProtocol
 from ..store.columns import COLUMNS
-from ..store.tasks import CREATING, Owners, TaskRow, TaskStore
+from ..store.tasks import CREATING, Owners, TaskRow
 from .upstream import retryable, took_nothing
 from .video import PROVIDERS, Snapshot, VideoProvider, VideoRequest
 
@@ -128,7 +129,7 @@ class VideoTasks:
     """Operations on video tasks; every state change goes through the
     store's guarded updates (see gateway.store.tasks)."""
 
-    def __init__(self, gw: Gateway, store: TaskStore) -> None:
+    def __init__(self, gw: Gateway, store: TaskStoreProtocol) -> None:
         self.gw = gw
         self.store = store
         # Creates and recordings running on their own (see create); kept so

@@ -1,0 +1,1 @@
+"""The Store protocol on PostgreSQL (asyncpg): schema, COPY usage writer, partitions, tasks."""

@@ -1,0 +1,1 @@
+"""The Store protocol on SQLite (the default)."""

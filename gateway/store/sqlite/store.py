@@ -1,0 +1,194 @@
+"""SqliteStore: the Store protocol on one SQLite file.
+
+Reads and writes run on a fresh sqlite3 connection in a worker thread (the
+event loop never waits on SQLite), through the functions of
+gateway.store.queries and gateway.store.analytics; the usage writer has its
+own connection on its own thread (gateway.store.usage.SqliteSink), the task
+store its own aiosqlite connection, and the key cache and quota sync read
+on one aiosqlite connection held for the store's life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .. import analytics, queries
+from ..base import NO_LIMITS, BatchSink, KeyLimits, MonthTotals, QuotaDelta
+from ..dbfile import DatabaseFile
+from ..origins import find_origin
+from ..retention import delete_older_than
+from ..schema import connect, connect_async
+from ..spool import recover
+from ..tasks import TaskStore
+from ..usage import SqliteSink
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    """See the module docstring."""
+
+    kind = "sqlite"
+    ordered_ids = True
+
+    def __init__(self, path: Path, db: aiosqlite.Connection) -> None:
+        self.path = path
+        # The key cache's and the quota sync's reads, as before the Store.
+        self.db = db
+        # The file opened: writes check it is still the one at the path.
+        self.db_file: DatabaseFile | None = DatabaseFile(path)
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        return cls(path, await connect_async(path))  # migrated by connect_async
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = connect(self.path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(self.run_sync, fn)
+
+    # ------------------------------------------------------------ workspaces and keys
+
+    async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]:
+        return await self._run(lambda c: queries.create_workspace(c, name, group))
+
+    async def get_workspace(self, ws_id: int) -> dict[str, Any]:
+        return await self._run(lambda c: queries.get_workspace(c, ws_id))
+
+    async def find_workspace(self, name: str) -> dict[str, Any]:
+        return await self._run(lambda c: queries.find_workspace(c, name))
+
+    async def list_workspaces(self) -> list[dict[str, Any]]:
+        return await self._run(queries.list_workspaces)
+
+    async def update_workspace(self, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._run(lambda c: queries.update_workspace(c, ws_id, fields))
+
+    async def create_key(
+        self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
+        limits: KeyLimits = NO_LIMITS,
+    ) -> tuple[dict[str, Any], str]:
+        return await self._run(
+            lambda c: queries.create_key(c, workspace_id, name=name, group=group, models=models, limits=limits)
+        )
+
+    async def get_key(self, key_id: int) -> dict[str, Any]:
+        return await self._run(lambda c: queries.get_key(c, key_id))
+
+    async def list_keys(self, workspace_id: int | None = None) -> list[dict[str, Any]]:
+        return await self._run(lambda c: queries.list_keys(c, workspace_id))
+
+    async def update_key(self, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        return await self._run(lambda c: queries.update_key(c, key_id, fields))
+
+    async def revoke_key(self, key_id: int) -> dict[str, Any]:
+        return await self._run(lambda c: queries.revoke_key(c, key_id))
+
+    async def key_usage_totals(self) -> dict[int, dict[str, Any]]:
+        return await self._run(queries.key_usage_totals)
+
+    async def keys_generation(self) -> int:
+        async with self.db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def live_keys(self) -> list[tuple[Any, ...]]:
+        async with self.db.execute(queries.LIVE_KEYS) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def fetch_key(self, key_hash: str) -> tuple[int, tuple[Any, ...] | None]:
+        generation = await self.keys_generation()
+        async with self.db.execute(queries.LIVE_KEYS + " AND k.key_hash = ?", (key_hash,)) as cur:
+            row = await cur.fetchone()
+        return generation, (tuple(row) if row is not None else None)
+
+    # ------------------------------------------------------------ usage
+
+    def batch_sink(self) -> BatchSink:
+        return SqliteSink(self.path, self.db_file)
+
+    async def recover_spools(self, directory: Path) -> int:
+        return await self._run(lambda c: recover(c, directory, self.db_file))
+
+    async def retention(self, cutoff: float, stop: Callable[[], bool] = lambda: False) -> int:
+        return await self._run(lambda c: delete_older_than(c, cutoff, stop=stop))
+
+    async def quota_load(self, start: float) -> tuple[int, MonthTotals]:
+        db = self.db
+        # The last row id first: the totals then cover exactly the rows up to
+        # it (ids grow in commit order), and quota_since takes over from there.
+        seen = await self._max_id()
+        sql = ("SELECT {col}, SUM(cost), SUM(input_tokens + output_tokens) FROM usage_events "
+               "WHERE ts >= ? AND id <= ? AND {col} IS NOT NULL GROUP BY {col}")
+        async with db.execute(sql.format(col="key_id"), (start, seen)) as cur:
+            keys = {kid: float(spend or 0.0) for kid, spend, _ in await cur.fetchall()}
+        async with db.execute(sql.format(col="workspace_id"), (start, seen)) as cur:
+            workspaces = {wid: (float(spend or 0.0), int(tokens or 0)) for wid, spend, tokens in await cur.fetchall()}
+        return seen, (keys, workspaces)
+
+    async def quota_since(self, seen_id: int, start: float, writer: int) -> QuotaDelta | None:
+        hi = await self._max_id()
+        if hi <= seen_id:
+            return seen_id, []
+        async with self.db.execute(
+            "SELECT key_id, workspace_id, SUM(cost), SUM(input_tokens + output_tokens), COUNT(*) "
+            "FROM usage_events WHERE id > ? AND id <= ? AND ts >= ? AND key_id IS NOT NULL "
+            "AND (writer IS NULL OR writer != ?) GROUP BY key_id, workspace_id",
+            (seen_id, hi, start, writer),
+        ) as cur:
+            groups = [(kid, wid, float(spend or 0.0), int(tokens or 0), int(n))
+                      for kid, wid, spend, tokens, n in await cur.fetchall()]
+        return hi, groups
+
+    async def _max_id(self) -> int:
+        async with self.db.execute("SELECT COALESCE(MAX(id), 0) FROM usage_events") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def usage_summary(self, *, since: float = 0.0, by: str = "model") -> list[dict[str, Any]]:
+        return await self._run(lambda c: queries.usage_summary(c, since=since, by=by))
+
+    async def usage_series(self, **kw: Any) -> list[dict[str, Any]]:
+        return await self._run(lambda c: analytics.usage_series(c, **kw))
+
+    async def request_log(self, **kw: Any) -> dict[str, Any]:
+        return await self._run(lambda c: analytics.request_log(c, **kw))
+
+    async def upstream_stats(self, *, since: float) -> dict[str, dict[str, Any]]:
+        return await self._run(lambda c: analytics.upstream_stats(c, since=since))
+
+    async def usage_rows(self, *, after_id: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
+        return await self._run(lambda c: [dict(r) for r in c.execute(
+            "SELECT * FROM usage_events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))])
+
+    async def find_origin(self, response_id: str) -> tuple[int | None, str | None, str | None] | None:
+        return await find_origin(self.db, response_id)
+
+    # ------------------------------------------------------------ tasks
+
+    async def task_store(self) -> TaskStore:
+        return await TaskStore.open(self.path, self.db_file)
+
+    # ------------------------------------------------------------ notices
+
+    async def listen(
+        self, on_keys: Callable[[], None], on_config: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]] | None:
+        return None  # one machine: the key refresh polls a counter every key_refresh_ms
+
+    async def announce_config(self, origin: str) -> None:
+        return None
