@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.server import Running, start_app, start_gateway
 from gateway.store import queries, users
 from gateway.store.schema import connect
+
+from . import services
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 PASSWORD = "correct horse battery"  # console users made by Gateway.add_user
@@ -389,3 +391,10 @@ async def admin_gateway(make_gateway: GatewayFactory, upstream: Upstream, monkey
     """The default test gateway with the admin API enabled (token ADMIN_TOKEN)."""
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
     return await make_gateway(config_toml(upstream.base_url))
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """URL of a fresh database on the machine's PostgreSQL (dropped after)."""
+    with services.fresh_database() as url:
+        yield url

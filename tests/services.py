@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -119,3 +120,110 @@ def drop_prefix(url: str, prefix: str) -> None:
             r.delete(*keys)
     finally:
         r.close()
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def _pg_admin(sql: str, port: int = PG_PORT, host: str = PG_HOST) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=host, port=port, user=PG_USER, database="postgres", timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    # A thread of its own: the caller may be inside a running event loop.
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=main)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def pg_url(name: str, port: int = PG_PORT, host: str = PG_HOST) -> str:
+    return f"postgresql://{PG_USER}@{host}:{port}/{name}"
+
+
+@contextlib.contextmanager
+def fresh_database(port: int = PG_PORT, host: str = PG_HOST) -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL, dropped after."""
+    if not listening(host, port):
+        unavailable(f"PostgreSQL on {host}:{port}")
+    name = "gwtest_" + uuid.uuid4().hex[:12]
+    _pg_admin(f"CREATE DATABASE {name}", port, host)
+    try:
+        yield pg_url(name, port, host)
+    finally:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", port, host)
+
+
+@dataclass
+class PgCluster:
+    """A PostgreSQL server of the test's own (initdb in a temporary
+    directory, a free port), which it may restart."""
+
+    port: int
+    directory: Path
+    bindir: Path
+    user: str | None  # run the server as this user (root may not)
+
+    def _cmd(self, *args: str) -> list[str]:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        return ["runuser", "-u", self.user, "--", *cmd] if self.user else cmd
+
+    def init(self) -> None:
+        if self.user:
+            shutil.chown(self.directory, self.user)
+        subprocess.run(self._cmd("initdb", "-D", str(self.directory / "data"), "-U", PG_USER, "-A", "trust",
+                                 "--no-sync"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(self._cmd("pg_ctl", "-D", str(self.directory / "data"), "-o", opts, "-w", "-l",
+                                 str(self.directory / "log"), "start"), check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(self._cmd("pg_ctl", "-D", str(self.directory / "data"), "-m", mode, "-w", "stop"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def url(self, name: str = "postgres") -> str:
+        return pg_url(name, self.port, "127.0.0.1")
+
+
+def _pg_bindir() -> Path | None:
+    found = shutil.which("pg_ctl") or shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    return versions[-1] if versions else None
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[PgCluster]:
+    bindir = _pg_bindir()
+    if bindir is None or not (bindir / "initdb").exists():
+        unavailable("PostgreSQL server binaries (initdb, pg_ctl)")
+    assert bindir is not None
+    user = "postgres" if os.geteuid() == 0 else None
+    directory = Path(tempfile.mkdtemp(prefix="gw-pg-"))
+    cluster = PgCluster(free_port(), directory, bindir, user)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(directory, ignore_errors=True)
