@@ -123,10 +123,25 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 # ------------------------------------------------------------------ plumbing
 
 
+class NotImplementedOnPostgres(GatewayError):
+    status = 501
+    type = "not_implemented"
+    code = "not_on_postgres"
+
+    def __init__(self) -> None:
+        super().__init__("The admin API and the console are not available on PostgreSQL yet (docs/scaling.md); "
+                         "use the CLI (workspaces, keys, usage) and /metrics.")
+
+
 async def db(request: web.Request, fn: Callable[[sqlite3.Connection], T]) -> T:
     """``fn(conn)`` in a worker thread on a short-lived connection, so the
     event loop never waits on SQLite."""
-    path = request.app[GATEWAY].config.database.path
+    database = request.app[GATEWAY].config.database
+    if database.url is not None:
+        # The admin API and the console (accounts, audit, scoped views) run
+        # on SQLite only so far: refuse rather than write to a local file.
+        raise NotImplementedOnPostgres()
+    path = database.path
 
     def run() -> T:
         conn = connect(path)

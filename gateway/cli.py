@@ -1,4 +1,5 @@
-"""Command line: serve, demo, mock, check-config, workspaces, keys, users, usage.
+"""Command line: serve, demo, mock, check-config, workspaces, keys, users, usage,
+migrate, export-usage, import.
 
 ``--config PATH`` may come before the command or after it (or between a
 group and its action: ``gateway keys --config F list``). Without it the
@@ -18,24 +19,28 @@ actions such as ``keys``), saying what it needs (``Needs``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__, cli_users, logs
 from .config import MOCK_UPSTREAM, Config, ConfigError, embedded_config, load_config
 from .store import audit, queries
 from .store.audit import changes
+from .store.base import KeyLimits, Store, migrate_schema, run_on_store
 from .store.schema import connect
+
+T = TypeVar("T")
 
 CONFIG_HELP = "TOML config file (default: $GATEWAY_CONFIG, then ./gateway.toml, then the embedded default)"
 MOCK_PORT = 8081
@@ -79,7 +84,15 @@ def resolve_config(path: str | None, *, secrets: bool = True) -> Config:
     return load_config(path, secrets=secrets)
 
 
+def _on_store(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """``fn`` on the config's database through the Store (PostgreSQL here:
+    the console's audit log and accounts are SQLite's only, so far)."""
+    return run_on_store(cfg.database, fn)
+
+
 def _db(cfg: Config) -> sqlite3.Connection:
+    if cfg.database.url is not None:
+        raise CliError("this command runs on SQLite only so far (docs/scaling.md, Not yet on PostgreSQL)")
     return connect(cfg.database.path)
 
 
@@ -228,6 +241,10 @@ def _check_group(cfg: Config, group: str | None) -> None:
 
 def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
     _check_group(cfg, args.group)
+    if cfg.database.url is not None:
+        ws = _on_store(cfg, lambda s: s.create_workspace(args.name, args.group))
+        print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
+        return 0
     conn = _db(cfg)
     with changes(conn):
         ws = queries.create_workspace(conn, args.name, args.group)
@@ -238,22 +255,36 @@ def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_workspaces_list(args: argparse.Namespace, cfg: Config) -> int:
-    _table(queries.list_workspaces(_db(cfg)), ["id", "name", "default_group"])
+    rows = (_on_store(cfg, lambda s: s.list_workspaces()) if cfg.database.url is not None
+            else queries.list_workspaces(_db(cfg)))
+    _table(rows, ["id", "name", "default_group"])
     return 0
 
 
 def cmd_keys_create(args: argparse.Namespace, cfg: Config) -> int:
-    conn = _db(cfg)
-    ws = queries.find_workspace(conn, args.workspace)
     _check_group(cfg, args.group)
     expires_at = parse_time(args.expires, future=True) if args.expires else None
     if expires_at is not None and expires_at <= time.time():
         raise CliError(f"--expires {args.expires} is in the past: a key must expire in the future")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    limits = queries.KeyLimits(
+    limits = KeyLimits(
         rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency, spend_limit=args.spend_limit,
         expires_at=expires_at,
     )
+    if cfg.database.url is not None:
+
+        async def create(s: Store) -> tuple[dict[str, Any], tuple[dict[str, Any], str]]:
+            ws = await s.find_workspace(args.workspace)
+            return ws, await s.create_key(ws["id"], name=args.name or "", group=args.group, models=models,
+                                          limits=limits)
+
+        ws, (row, plaintext) = _on_store(cfg, create)
+        print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
+        print("the key is shown once; store it now:")
+        print(plaintext)
+        return 0
+    conn = _db(cfg)
+    ws = queries.find_workspace(conn, args.workspace)
     with changes(conn):
         row, plaintext = queries.create_key(
             conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
@@ -271,13 +302,21 @@ def key_status(key: dict[str, Any], now: float) -> str:
         return "revoked"
     if key["expires_at"] is not None and key["expires_at"] <= now:
         return "expired"
-    return "suspended" if key["user_suspended"] else "active"
+    return "suspended" if key.get("user_suspended") else "active"
 
 
 def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
-    conn = _db(cfg)
-    ws_id = queries.find_workspace(conn, args.workspace)["id"] if args.workspace else None
-    rows = queries.list_keys(conn, ws_id)
+    if cfg.database.url is not None:
+
+        async def listing(s: Store) -> list[dict[str, Any]]:
+            ws_id = (await s.find_workspace(args.workspace))["id"] if args.workspace else None
+            return await s.list_keys(ws_id)
+
+        rows = _on_store(cfg, listing)
+    else:
+        conn = _db(cfg)
+        ws_id = queries.find_workspace(conn, args.workspace)["id"] if args.workspace else None
+        rows = queries.list_keys(conn, ws_id)
     now = time.time()
     for r in rows:
         expires = r["expires_at"]
@@ -288,6 +327,10 @@ def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
+    if cfg.database.url is not None:
+        row = _on_store(cfg, lambda s: s.revoke_key(args.id))
+        print(f"revoked key {row['id']} ({row['prefix']}...)")
+        return 0
     conn = _db(cfg)
     with changes(conn):
         before = queries.get_key(conn, args.id)
@@ -298,27 +341,92 @@ def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _usage_labels(conn: sqlite3.Connection, by: str) -> dict[Any, str]:
+async def _usage_labels(store: Store, by: str) -> dict[Any, str]:
     """Names for the ids usage rows hold: keys as ``name (prefix...)``."""
     if by == "key":
         return {k["id"]: f"{k['name']} ({k['prefix']}...)" if k["name"] else f"{k['prefix']}..."
-                for k in queries.list_keys(conn)}
+                for k in await store.list_keys()}
     if by == "workspace":
-        return {w["id"]: w["name"] for w in queries.list_workspaces(conn)}
+        return {w["id"]: w["name"] for w in await store.list_workspaces()}
     return {}
 
 
 def cmd_usage(args: argparse.Namespace, cfg: Config) -> int:
-    conn = _db(cfg)
     since = parse_time(args.since) if args.since else 0.0
-    rows = queries.usage_summary(conn, since=since, by=args.by)
-    labels = _usage_labels(conn, args.by)
+
+    async def summary(s: Store) -> tuple[list[dict[str, Any]], dict[Any, str]]:
+        return await s.usage_summary(since=since, by=args.by), await _usage_labels(s, args.by)
+
+    rows, labels = _on_store(cfg, summary)
     for r in rows:
         value = r[args.by]
         r[args.by] = f"(no {args.by})" if value is None else labels.get(value, str(value))
         r["cost"] = dollars(r["cost"])
     _table(rows, [args.by, "requests", "errors", "input_tokens", "output_tokens", "cached_tokens", "video_tokens",
                   "cost"])
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
+    db = replace(cfg.database, url=args.url) if args.url else cfg.database
+    before, after = asyncio.run(migrate_schema(db))
+    where = "PostgreSQL" if db.url else str(db.path)
+    print(f"{where}: schema version {after}" + (f" (was {before})" if before != after else " (up to date)"))
+    return 0
+
+
+def cmd_export_usage(args: argparse.Namespace, cfg: Config) -> int:
+    from .store.postgres.transfer import export_lines
+
+    since = parse_time(args.since) if args.since else None
+    out = sys.stdout.buffer if args.out in (None, "-") else open(args.out, "wb")  # noqa: SIM115
+
+    async def export(s: Store) -> int:
+        n, last = 0, 0
+        while rows := await s.usage_rows(after_id=last, limit=5000):
+            last = rows[-1]["id"]
+            keep = [r for r in rows if since is None or r["ts"] >= since]
+            out.write(export_lines(keep))
+            n += len(keep)
+        return n
+
+    try:
+        n = _on_store(cfg, export)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"exported {n} usage rows", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncpg
+
+    from .store.postgres.transfer import TransferError, import_export, import_sqlite, is_sqlite
+
+    db = cfg.database
+    if db.url is None:
+        raise CliError("import writes into PostgreSQL: set [database] url in the config")
+    source = Path(args.source)
+    if not source.is_file():
+        raise CliError(f"{source}: no such file")
+
+    async def run() -> str:
+        await migrate_schema(db)
+        assert db.url is not None
+        conn = await asyncpg.connect(db.url, timeout=10)
+        try:
+            if is_sqlite(source):
+                counts = await import_sqlite(conn, source)
+                return ", ".join(f"{n} {table}" for table, n in counts.items())
+            return f"{await import_export(conn, source)} usage_events"
+        finally:
+            await conn.close()
+
+    try:
+        print(f"imported {asyncio.run(run())} from {source}")
+    except TransferError as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -410,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     u = top.command("usage", cmd_usage, "usage summary")
     u.add_argument("--since", help="ISO 8601 time or 30m / 24h / 7d back")
     u.add_argument("--by", choices=sorted(queries.USAGE_GROUPS), default="model")
+
+    g = top.command("migrate", cmd_migrate, "apply the schema to the configured database (or --url)")
+    g.add_argument("--url", help="a postgresql:// URL instead of the config's database")
+    e = top.command("export-usage", cmd_export_usage, "write usage rows as JSON lines")
+    e.add_argument("--out", help="file to write (default: stdout)")
+    e.add_argument("--since", help="ISO 8601 time or 30m / 24h / 7d back")
+    i = top.command("import", cmd_import,
+                    "copy an SQLite database (or an export-usage file) into the configured PostgreSQL")
+    i.add_argument("source", help="gateway.db of an SQLite installation, or a file written by export-usage")
     return p
 
 

@@ -146,6 +146,8 @@ def _set_disabled(disabled: bool) -> Action:
 
 def _command(action: Action) -> Callable[[argparse.Namespace, Config], int]:
     def run(args: argparse.Namespace, cfg: Config) -> int:
+        if cfg.database.url is not None:
+            raise SystemExit("error: users run on SQLite only so far (docs/scaling.md, Not yet on PostgreSQL)")
         conn = connect(cfg.database.path)
         try:
             action(conn, args, cfg)

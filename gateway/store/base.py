@@ -196,3 +196,29 @@ def run_on_store(db: DatabaseConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
             await store.close()
 
     return asyncio.run(main())
+
+
+async def migrate_schema(db: DatabaseConfig) -> tuple[int, int]:
+    """Apply every pending migration to the database ``db`` names; returns
+    the schema version before and after (``gateway migrate``)."""
+    if db.url is not None:
+        import asyncpg
+
+        from .postgres import schema as pg
+
+        conn = await asyncpg.connect(db.url, timeout=10)
+        try:
+            return await pg.migrate(conn), pg.SCHEMA_VERSION
+        finally:
+            await conn.close()
+    import sqlite3
+
+    from . import schema
+
+    before = 0
+    if db.path.exists():
+        raw = sqlite3.connect(db.path)
+        before = int(raw.execute("PRAGMA user_version").fetchone()[0])
+        raw.close()
+    schema.connect(db.path).close()
+    return before, schema.SCHEMA_VERSION

@@ -218,9 +218,13 @@ class BatchWriter:
 
 async def write_batch(
     conn: Conn, batch: Sequence[Row], writer: int | None, mark: tuple[str, int] | None,
-    retired: Sequence[str], known_days: set[int],
+    retired: Sequence[str], known_days: set[int], *, with_ids: bool = False,
 ) -> bool:
-    days = {int(r[0] // DAY) for r in batch} - known_days
+    """One batch in one transaction (see the module docstring). With
+    ``with_ids`` the rows carry their own id first and writer last (an
+    import), else they are usage rows and get ``writer``."""
+    ts = 1 if with_ids else 0
+    days = {int(r[ts] // DAY) for r in batch} - known_days
     if days:
         await ensure_partitions(conn, days)
         known_days |= days
@@ -232,7 +236,10 @@ async def write_batch(
             if stored is not None and stored >= mark[1]:
                 return False
         if batch:
-            await conn.copy_records_to_table(STAGE, records=[(*r, writer) for r in batch], columns=WRITE_COLUMNS)
+            if with_ids:
+                await conn.copy_records_to_table(STAGE, records=batch, columns=("id", *WRITE_COLUMNS))
+            else:
+                await conn.copy_records_to_table(STAGE, records=[(*r, writer) for r in batch], columns=WRITE_COLUMNS)
             await conn.execute(f"INSERT INTO usage_events SELECT * FROM {STAGE}")
             for sql in ROLLUPS:
                 await conn.execute(sql)
