@@ -113,6 +113,6 @@ def startup_fields(cfg: Config, port: int, workers: int) -> dict[str, Any]:
         "workers": workers,
         "upstreams": [u.name for u in cfg.upstreams],
         "models": [m.name for m in cfg.models],
-        "database": str(cfg.database.path),
+        "database": "postgresql" if cfg.database.url else str(cfg.database.path),  # a URL may hold a password
         "supervisor_pid": os.getpid(),
     }

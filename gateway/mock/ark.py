@@ -43,6 +43,8 @@ class ArkTask:
     steer: dict[str, Any]
     created_at: int
     polls: int = 0
+    in_flight: int = 0  # GETs of this task being answered now
+    max_in_flight: int = 0  # the most at once (pollers racing show here)
 
 
 @dataclass
@@ -136,7 +138,12 @@ async def get_task(request: web.Request) -> web.StreamResponse:
     s = t.steer
     delay = _steer_int(s, "get_delay_ms", 0)
     if delay:
-        await asyncio.sleep(delay / 1000)
+        t.in_flight += 1
+        t.max_in_flight = max(t.max_in_flight, t.in_flight)
+        try:
+            await asyncio.sleep(delay / 1000)
+        finally:
+            t.in_flight -= 1
     status = _steer_int(s, "get_status", 0)
     if status:
         return ark_error(status, "MockFailure", f"Mock poll failure {status}.")
