@@ -183,7 +183,7 @@ async def load(cluster: Cluster, key: str, state: Load, clients: int = 6, tag: s
                 rid = f"{tag}{c}-{n}"
                 try:
                     state.answered[rid] = await chat(http, urls[n % len(urls)], key, rid)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     state.failed.add(rid)
                     await asyncio.sleep(0.01)
 
