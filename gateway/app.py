@@ -331,12 +331,13 @@ def create_app(
                 run_retention(store, cfg.usage.retention_days), name="usage-retention"
             )
         yield
-        if retention:
-            tasks.pop("usage-retention").cancel()
+        background = [tasks.pop(name) for name in ("key-refresh", "quota-sync", "usage-retention") if name in tasks]
+        for task in background:
+            task.cancel()
+        # Ended before the store closes: none is left holding a connection.
+        await asyncio.gather(*background, return_exceptions=True)
         if stop_listening is not None:
             await stop_listening()
-        tasks.pop("key-refresh").cancel()
-        tasks.pop("quota-sync").cancel()
         await writer.close(cfg.server.graceful_timeout_s)
         await asyncio.gather(tasks.pop("usage-writer"), return_exceptions=True)
         await limits.close()

@@ -29,6 +29,7 @@ cutoff.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -184,6 +185,10 @@ class BatchWriter:
         self._url = url
         self._conn: Conn | None = None
         self._days: set[int] = set()
+        # One statement at a time on the connection, in call order: the
+        # writer's loop and its close() may both flush (SQLite's single
+        # writer thread gives the same order).
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> Conn:
         if self._conn is None or self._conn.is_closed():
@@ -202,18 +207,25 @@ class BatchWriter:
                     retired: Sequence[str] = ()) -> bool:
         """Write one batch (one transaction). False if the batch's spool
         mark shows it was committed already (a retry after a lost COMMIT)."""
-        try:
-            conn = await self._connection()
-            return await write_batch(conn, batch, writer, mark, retired, self._days)
-        except BaseException:
-            await self.close()
-            raise
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                return await write_batch(conn, batch, writer, mark, retired, self._days)
+            except BaseException:
+                await self._drop()
+                raise
 
-    async def close(self) -> None:
+    async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)
+            if not conn.is_closed():
+                conn.terminate()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
 
 
 async def write_batch(
