@@ -1,0 +1,340 @@
+"""Multi-instance bench (docs/scaling.md): the targets of issue 14, measured
+side by side in one run on this machine.
+
+    python bench/multinode.py [--duration 10] [--writer-seconds 60] [--writer-rate 20000]
+                              [--retention-rows 10000000] [--only gateways,writer,retention] [--out FILE]
+
+1. gateways: the fast mock upstream; one gateway on SQLite; two gateway
+   instances on PostgreSQL + Redis. wrk at c=1 (latency) and c=32
+   (throughput) against each, with a key without limits (no Redis call) and
+   a key with an RPM limit (one Lua round trip per request). Then both
+   PostgreSQL instances loaded at once. Usage rows are counted against
+   requests sent.
+2. writer: two processes, each a UsageWriter on PostgreSQL recording
+   ``writer-rate / 2`` rows a second for ``writer-seconds``; every row
+   must arrive, no batch may fail.
+3. retention: ``retention-rows`` rows in one day partition, dropped by the
+   retention pass; the time of the drop.
+
+Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (databases
+and key prefixes of its own, removed after) and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import CHAT, PY, WRK_UNSENT, Load, proc, wrk  # noqa: E402
+
+PG = "postgresql://postgres@127.0.0.1:5432/"
+REDIS = "redis://127.0.0.1:6379/0"
+MOCK, SQLITE_GW, PG_GW1, PG_GW2 = 19400, 19401, 19402, 19403
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+[database]
+path = "{path}"
+{url}
+[usage]
+flush_interval_ms = 200
+batch_max = 2000
+queue_max = 50000
+{redis}
+[[upstreams]]
+name = "fast"
+kind = "openai"
+base_url = "http://127.0.0.1:{mock}/v1"
+[[models]]
+name = "bench-model"
+routes = [{{ upstream = "fast", model = "bench-model" }}]
+price = {{ input = 1.0, output = 2.0 }}
+"""
+
+
+def admin_sql(sql: str) -> None:
+    subprocess.run(["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql], check=True,
+                   capture_output=True)
+
+
+def pg_value(url: str, sql: str) -> int:
+    import asyncpg
+
+    async def run() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval(sql))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def drop_redis_prefix(prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
+    keys = list(r.scan_iter(match=prefix + ":*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def key(cfg: Path, **limits: int) -> str:
+    gw = [PY, "-m", "gateway"]
+    ws = f"bench-{uuid.uuid4().hex[:6]}"
+    subprocess.run([*gw, "workspaces", "create", ws, "--config", str(cfg)], check=True, capture_output=True)
+    flags = [f"--{k}={v}" for k, v in limits.items()]
+    out = subprocess.run([*gw, "keys", "create", "--workspace", ws, *flags, "--config", str(cfg)], check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def gateways(duration: float) -> list[str]:
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-mn-"))
+    db = "gwbench_" + uuid.uuid4().hex[:8]
+    prefix = "gwbench-" + uuid.uuid4().hex[:8]
+    admin_sql(f"CREATE DATABASE {db}")
+    url = PG + db
+    redis = f'[redis]\nurl = "{REDIS}"\nkey_prefix = "{prefix}"'
+    cfgs = {}
+    for name, port, u, r in (("sqlite", SQLITE_GW, "", ""), ("pg1", PG_GW1, f'url = "{url}"', redis),
+                             ("pg2", PG_GW2, f'url = "{url}"', redis)):
+        d = tmp / name
+        d.mkdir()
+        cfgs[name] = d / "gateway.toml"
+        cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=u, redis=r, mock=MOCK))
+    keys = {"sqlite": key(cfgs["sqlite"]), "sqlite-rpm": key(cfgs["sqlite"], rpm=10**9),
+            "pg": key(cfgs["pg1"]), "pg-rpm": key(cfgs["pg1"], rpm=10**9)}
+    chat = "/v1/chat/completions"
+    results: list[tuple[str, Load, Load]] = []
+    sent = {"sqlite": 0, "pg": 0}
+    serve = [PY, "-m", "gateway", "serve", "--config"]
+    try:
+        with proc([PY, "-m", "gateway.mock.fast", "--port", str(MOCK)], MOCK), \
+             proc([*serve, str(cfgs["sqlite"])], SQLITE_GW), \
+             proc([*serve, str(cfgs["pg1"])], PG_GW1), proc([*serve, str(cfgs["pg2"])], PG_GW2):
+            time.sleep(1.0)
+            targets = [
+                ("mock upstream, direct", f"http://127.0.0.1:{MOCK}{chat}", "", None),
+                ("1 instance, SQLite", f"http://127.0.0.1:{SQLITE_GW}{chat}", keys["sqlite"], "sqlite"),
+                ("1 instance, SQLite, key with RPM", f"http://127.0.0.1:{SQLITE_GW}{chat}", keys["sqlite-rpm"],
+                 "sqlite"),
+                ("instance 1 of 2, PostgreSQL + Redis", f"http://127.0.0.1:{PG_GW1}{chat}", keys["pg"], "pg"),
+                ("instance 1 of 2, PostgreSQL + Redis, key with RPM (Redis)", f"http://127.0.0.1:{PG_GW1}{chat}",
+                 keys["pg-rpm"], "pg"),
+            ]
+            for label, target, k, store in targets:
+                c1 = wrk(target, CHAT, 1, duration, k)
+                c32 = wrk(target, CHAT, 32, duration, k)
+                results.append((label, c1, c32))
+                if store:
+                    sent[store] += c1.sent + c32.sent - 2 * WRK_UNSENT
+            # Both PostgreSQL instances under load at once.
+            both: list[Load] = []
+
+            def run(port: int, k: str) -> None:
+                both.append(wrk(f"http://127.0.0.1:{port}{chat}", CHAT, 32, duration, k))
+
+            import threading
+            threads = [threading.Thread(target=run, args=(p, keys["pg-rpm"])) for p in (PG_GW1, PG_GW2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sent["pg"] += sum(b.sent - WRK_UNSENT for b in both)
+        # SIGTERM flushed every queue: rows must equal requests.
+        pg_rows = pg_value(url, "SELECT COUNT(*) FROM usage_events")
+        import sqlite3
+
+        conn = sqlite3.connect(tmp / "sqlite" / "gateway.db")
+        sqlite_rows = conn.execute("SELECT COUNT(*) FROM usage_events").fetchone()[0]
+        conn.close()
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        drop_redis_prefix(prefix)
+    base = results[0][1].p50
+    sqlite_c1, sqlite_c32 = results[1][1].p50, results[1][2].rps
+    lines = [
+        "| target | c=1 p50 (ms) | added vs direct (ms) | vs SQLite at c=1 (ms) | c=32 req/s | vs SQLite c=32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, c1, c32 in results:
+        lines.append(f"| {label} | {c1.p50:.3f} | {c1.p50 - base:+.3f} | "
+                     f"{c1.p50 - sqlite_c1:+.3f} | {c32.rps:.0f} | {c32.rps / sqlite_c32 * 100:.0f}% |")
+    per = sum(b.rps for b in both) / 2
+    lines.append(f"| 2 instances, PostgreSQL + Redis, both loaded (per instance; 2 cores shared) | | | | "
+                 f"{per:.0f} ({sum(b.rps for b in both):.0f} total) | {per / sqlite_c32 * 100:.0f}% |")
+    lines.append("")
+    lines.append(f"Usage rows: SQLite {sqlite_rows} for {sent['sqlite']} requests; PostgreSQL {pg_rows} "
+                 f"for {sent['pg']} requests.")
+    return lines
+
+
+# ------------------------------------------------------------------ writer
+
+
+def writer_child(url: str, seconds: float, rate: int, tag: str) -> None:
+    """One instance's usage writer, fed ``rate`` rows a second."""
+    from gateway.config import UsageConfig
+    from gateway.store.columns import COLUMNS
+    from gateway.store.postgres.usage import BatchWriter
+    from gateway.store.usage import UsageWriter
+
+    failed = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                failed.append(record.getMessage())
+
+    logging.getLogger("gateway").addHandler(Count())
+
+    async def main() -> dict[str, Any]:
+        w = UsageWriter(BatchWriter(url), UsageConfig(flush_interval_ms=200, batch_max=5000, queue_max=200000))
+        runner = asyncio.create_task(w.run())
+        base = dict.fromkeys(COLUMNS, 0)
+        base.update(endpoint="/v1/chat/completions", model="bench", upstream="fast", status=200, latency_ms=1.5,
+                    ttfb_ms=1.0, upstream_ms=1.0, overhead_ms=0.2, cost=0.0001, error_type=None, workspace_id=1,
+                    key_id=1)
+        t0 = time.monotonic()
+        n = 0
+        tick = 0.01
+        while (elapsed := time.monotonic() - t0) < seconds:
+            due = int(elapsed * rate)
+            now = time.time()
+            while n < due:
+                base["ts"], base["request_id"] = now, f"{tag}{n}"
+                w.record(tuple(base[c] for c in COLUMNS))
+                n += 1
+            await asyncio.sleep(tick)
+        await w.close(60)
+        await asyncio.gather(runner, return_exceptions=True)
+        return {"recorded": n, "written": w.written, "seconds": time.monotonic() - t0, "errors": failed}
+
+    import uvloop
+
+    print(json.dumps(uvloop.run(main())))
+
+
+def writer(seconds: float, rate: int) -> list[str]:
+    db = "gwbench_w_" + uuid.uuid4().hex[:8]
+    admin_sql(f"CREATE DATABASE {db}")
+    url = PG + db
+    try:
+        from gateway.config import DatabaseConfig
+        from gateway.store.base import migrate_schema
+
+        asyncio.run(migrate_schema(DatabaseConfig(Path("unused.db"), url)))
+        children = [subprocess.Popen([PY, __file__, "writer-child", url, str(seconds), str(rate // 2), f"w{i}-"],
+                                     stdout=subprocess.PIPE, text=True) for i in range(2)]
+        t0 = time.monotonic()
+        outs = [json.loads(c.communicate()[0]) for c in children]
+        wall = time.monotonic() - t0
+        rows = pg_value(url, "SELECT COUNT(*) FROM usage_events")
+        dupes = pg_value(url, "SELECT COUNT(*) - COUNT(DISTINCT request_id) FROM usage_events")
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    recorded = sum(o["recorded"] for o in outs)
+    errors = [e for o in outs for e in o["errors"]]
+    return [
+        "| writer | rows recorded | rows in PostgreSQL | rate (rows/s) | failed batches / errors |",
+        "|---|---|---|---|---|",
+        f"| 2 processes x {rate // 2}/s for {seconds:.0f} s | {recorded} | {rows} | {rows / wall:.0f} "
+        f"(over {wall:.1f} s incl. start and drain) | {len(errors)} |",
+        "", f"Lost rows: {recorded - rows}; duplicate rows: {dupes}; errors: {errors[:3]}",
+    ]
+
+
+# ------------------------------------------------------------------ retention
+
+
+def retention(n: int) -> list[str]:
+    import asyncpg
+
+    from gateway.config import DatabaseConfig
+    from gateway.store.base import migrate_schema
+    from gateway.store.postgres import usage
+
+    db = "gwbench_r_" + uuid.uuid4().hex[:8]
+    admin_sql(f"CREATE DATABASE {db}")
+    url = PG + db
+
+    async def run() -> tuple[float, float, int, int]:
+        await migrate_schema(DatabaseConfig(Path("unused.db"), url))
+        conn = await asyncpg.connect(url)
+        try:
+            day = int(time.time() // 86400) - 100
+            await usage.ensure_partitions(conn, [day, day + 1])
+            t0 = time.monotonic()
+            await conn.execute(
+                "INSERT INTO usage_events (ts, request_id, workspace_id, key_id, endpoint, model, upstream, status, "
+                "input_tokens, output_tokens, cost, latency_ms, ttfb_ms) "
+                f"SELECT {day * 86400} + i * 86399.0 / $1, 'r' || i, 1 + i % 50, 1 + i % 500, "
+                "'/v1/chat/completions', 'model-' || (i % 8), 'up-' || (i % 3), 200, 10, 20, 0.001, 12.5, 3.5 "
+                "FROM generate_series(1, $1) AS i", n)
+            await conn.execute(f"INSERT INTO usage_events (ts, request_id, endpoint, status, latency_ms) "
+                               f"VALUES ({(day + 1) * 86400 + 10}, 'kept', 'x', 200, 1)")
+            fill = time.monotonic() - t0
+            t0 = time.monotonic()
+            dropped = await usage.drop_older_than(conn, (day + 1) * 86400)
+            took = time.monotonic() - t0
+            left = int(await conn.fetchval("SELECT COUNT(*) FROM usage_events"))
+            return fill, took, dropped, left
+        finally:
+            await conn.close()
+
+    try:
+        fill, took, dropped, left = asyncio.run(run())
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    return [
+        "| retention | rows in the day | partitions dropped | time to drop | rows left (next day) |",
+        "|---|---|---|---|---|",
+        f"| one UTC day past the cutoff | {n:,} (filled in {fill:.0f} s) | {dropped} | {took * 1000:.0f} ms | {left} |",
+    ]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "writer-child":
+        writer_child(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--writer-seconds", type=float, default=60.0)
+    ap.add_argument("--writer-rate", type=int, default=20000)
+    ap.add_argument("--retention-rows", type=int, default=10_000_000)
+    ap.add_argument("--only", default="gateways,writer,retention")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    parts = a.only.split(",")
+    out = [f"Machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    if "gateways" in parts:
+        out += [*gateways(a.duration), ""]
+    if "writer" in parts:
+        out += [*writer(a.writer_seconds, a.writer_rate), ""]
+    if "retention" in parts:
+        out += [*retention(a.retention_rows), ""]
+    text = "\n".join(out)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
