@@ -417,10 +417,15 @@ def test_four_processes_write_one_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian: systemd)")
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = ROOT / "systemd" / "gateway.service"
+@pytest.mark.parametrize(("name", "config", "instance"), [
+    ("gateway.service", "/etc/gateway/config.toml", "gateway.service"),
+    # The template of docs/scaling.md: one instance per config file.
+    ("gateway@.service", "/etc/gateway/%i.toml", "gateway@a.service"),
+])
+def test_systemd_unit_verifies(tmp_path: Path, name: str, config: str, instance: str) -> None:
+    unit = ROOT / "systemd" / name
     text = unit.read_text()
-    for needed in ("ExecStart=", "gateway serve --config /etc/gateway/config.toml", "User=", "EnvironmentFile=",
+    for needed in ("ExecStart=", f"gateway serve --config {config}", "User=", "EnvironmentFile=",
                    "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=",
                    "PrivateTmp=yes", "ProtectHome=yes", "LimitNOFILE=", "KillSignal=SIGTERM", "TimeoutStopSec="):
         assert needed in text, needed
@@ -428,11 +433,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     exe = tmp_path / "gateway"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
-    copy = tmp_path / "gateway.service"
+    copy = tmp_path / instance
     copy.write_text(text.replace("/opt/gateway/venv/bin/gateway", str(exe)))
     r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (r.stdout + r.stderr).splitlines()
-                if ("gateway.service" in line and str(copy) in line) or "Unknown" in line]
+                if (instance in line and str(copy) in line) or "Unknown" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 

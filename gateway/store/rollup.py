@@ -94,16 +94,34 @@ def bin_case(col: str, lo: int = 0, hi: int = len(EDGES)) -> str:
     return f"CASE WHEN {col} < {EDGES[mid - 1]!r} THEN {bin_case(col, lo, mid - 1)} ELSE {bin_case(col, mid, hi)} END"
 
 
-def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
-    """SQL that adds usage rows to a rollup: every row (the backfill), or with
-    ``since`` only rows whose id is above the ``:since`` parameter, added to
-    what the rollup holds (the writer, once per batch)."""
+# How the two dialects spell the rollup SQL's parts: the bucket of a time,
+# the summed metrics (in SUMS order), an alias the derived table needs.
+_SQLITE_SUMS = (
+    "COUNT(*)", "SUM(status BETWEEN 400 AND 499)", "SUM(status >= 500)", "SUM(input_tokens)",
+    "SUM(output_tokens)", "SUM(cached_tokens)", "SUM(reasoning_tokens)", "SUM(images)", "SUM(video_tokens)",
+    "SUM(cost)", "SUM(latency_ms)", "TOTAL(ttfb_ms)", "COUNT(ttfb_ms)",
+)
+_PG_SUMS = (
+    "COUNT(*)", "COUNT(*) FILTER (WHERE status BETWEEN 400 AND 499)", "COUNT(*) FILTER (WHERE status >= 500)",
+    "SUM(input_tokens)", "SUM(output_tokens)", "SUM(cached_tokens)", "SUM(reasoning_tokens)", "SUM(images)",
+    "SUM(video_tokens)", "SUM(cost)", "SUM(latency_ms)", "COALESCE(SUM(ttfb_ms), 0)", "COUNT(ttfb_ms)",
+)
+
+
+def fill_sql(
+    name: str, keys: tuple[str, ...], size: int, *, source: str = "usage_events", rows: str = "WHERE true",
+    upsert: bool = False, postgres: bool = False,
+) -> str:
+    """SQL that adds the usage rows of ``source`` picked by ``rows`` to a
+    rollup; with ``upsert``, added to what the rollup holds. ``postgres``:
+    PostgreSQL's spelling, each upsert in key order (two writers then lock
+    the same rollup rows in the same order and never deadlock)."""
     # Three passes over the raw rows, each with few aggregates: the sums per
     # key, then (key, bin) counts for each histogram, pivoted into columns on
     # the much smaller grouped result. One pass with 100 SUM(bin = i)
     # aggregates per row is ten times slower.
     key_exprs = {
-        "bucket": f"CAST(ts / {size} AS INTEGER) * {size}",
+        "bucket": f"(floor(ts / {size}) * {size})::bigint" if postgres else f"CAST(ts / {size} AS INTEGER) * {size}",
         "model": "COALESCE(model, '')",
         "upstream": "COALESCE(upstream, '')",
         "workspace_id": "COALESCE(workspace_id, 0)",
@@ -111,32 +129,40 @@ def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
     }
     k_sel = ", ".join(f"{key_exprs[k]} AS {k}" for k in keys)
     k_list = ", ".join(keys)
-    sums = [
-        "COUNT(*)", "SUM(status BETWEEN 400 AND 499)", "SUM(status >= 500)", "SUM(input_tokens)",
-        "SUM(output_tokens)", "SUM(cached_tokens)", "SUM(reasoning_tokens)", "SUM(images)", "SUM(video_tokens)",
-        "SUM(cost)", "SUM(latency_ms)", "TOTAL(ttfb_ms)", "COUNT(ttfb_ms)",
-    ]
+    sums = _PG_SUMS if postgres else _SQLITE_SUMS
     sum_sel = ", ".join(f"{expr} AS {col}" for expr, col in zip(sums, SUMS, strict=True))
-    rows = "WHERE id > :since" if since else "WHERE true"
+    alias = " x" if postgres else ""
 
-    def pivot(alias: str, col: str, names: tuple[str, ...], where: str) -> str:
+    def pivot(a: str, col: str, names: tuple[str, ...], where: str) -> str:
         cols = ", ".join(f"SUM(CASE WHEN b = {i} THEN n ELSE 0 END) AS {c}" for i, c in enumerate(names))
-        return (f"{alias} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {bin_case(col)} AS b, COUNT(*) AS n "
-                f"FROM usage_events {where} GROUP BY {k_list}, b) GROUP BY {k_list})")
+        return (f"{a} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {bin_case(col)} AS b, COUNT(*) AS n "
+                f"FROM {source} {where} GROUP BY {k_list}, b){alias} GROUP BY {k_list})")
 
     join = " AND ".join(f"{{a}}.{k} = s.{k}" for k in keys)
     hist = [f"COALESCE(lp.{c}, 0)" for c in LAT_COLS] + [f"COALESCE(tp.{c}, 0)" for c in TTFB_COLS]
-    # "WHERE true": an upsert's SELECT needs a WHERE clause to parse.
-    upsert = (f" WHERE true ON CONFLICT ({k_list}) DO UPDATE SET "
-              + ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUE_COLS)) if since else ""
+    tail = ""
+    if upsert and postgres:
+        tail = (f"\nORDER BY {', '.join('s.' + k for k in keys)}\nON CONFLICT ({k_list}) DO UPDATE SET "
+                + ", ".join(f"{c} = {name}.{c} + excluded.{c}" for c in VALUE_COLS))
+    elif upsert:
+        # "WHERE true": an upsert's SELECT needs a WHERE clause to parse.
+        tail = (f" WHERE true ON CONFLICT ({k_list}) DO UPDATE SET "
+                + ", ".join(f"{c} = {c} + excluded.{c}" for c in VALUE_COLS))
     return (
         f"INSERT INTO {name} ({', '.join(keys + VALUE_COLS)})\n"
-        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM usage_events {rows} GROUP BY {k_list}),\n"
+        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM {source} {rows} GROUP BY {k_list}),\n"
         f"{pivot('lp', 'latency_ms', LAT_COLS, rows)},\n"
         f"{pivot('tp', 'ttfb_ms', TTFB_COLS, rows + ' AND ttfb_ms IS NOT NULL')}\n"
         f"SELECT {', '.join('s.' + k for k in keys)}, {', '.join('s.' + c for c in SUMS)}, {', '.join(hist)}\n"
-        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')}{upsert};\n"
+        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')}{tail}"
+        + ("" if postgres else ";\n")
     )
+
+
+def _fill(name: str, keys: tuple[str, ...], size: int, *, since: bool) -> str:
+    """SQLite: every row (the backfill), or with ``since`` only rows whose id
+    is above the ``:since`` parameter (the writer, once per batch)."""
+    return fill_sql(name, keys, size, rows="WHERE id > :since" if since else "WHERE true", upsert=since)
 
 
 def _totals(*, since: bool) -> str:

@@ -43,7 +43,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,16 +194,12 @@ def _worker_lost(row: Row) -> Row:
     return tuple(values)
 
 
-def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | None = None) -> int:
-    """Insert the rows of dead processes' spool files that the database does
-    not hold yet; delete those files. Returns how many rows were inserted.
-
-    ``db_file`` is the database file ``conn`` opened: a spool file is
-    deleted only while that file is still the one at its path (DatabaseLost
-    otherwise, and the spool file stays for the next recovery)."""
+def dead_files(directory: Path) -> Iterator[tuple[Path, bytes]]:
+    """The spool files no live writer holds, with their bytes, each locked
+    (so no other recovering process takes it) until the caller asks for the
+    next. Used by recovery on both stores."""
     if not directory.is_dir():
-        return 0
-    total = 0
+        return
     for path in sorted(directory.glob("*.rows")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -214,31 +210,49 @@ def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | N
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live writer's file
-            data = path.read_bytes()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT offset, recovered FROM usage_spool WHERE name = ?", (path.name,)).fetchone()
-                # A file recovered before (then a crash before it was deleted)
-                # adds nothing: its unfinished requests are rows already.
-                rows, lost = ([], 0) if row and row[1] else read_rows(data, row[0] if row else 0)
-                if rows:
-                    insert_rows(conn, rows)
-                conn.execute(SET_RECOVERED, (path.name, len(data)))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            total += len(rows)
-            if rows:
-                log.warning("usage spool %s: recovered %d rows of a stopped process (%d of requests it never "
-                            "finished: status 499, worker_lost)", path.name, len(rows), lost)
-            if db_file is not None:
-                db_file.check()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            conn.execute("DELETE FROM usage_spool WHERE name = ?", (path.name,))
+            yield path, path.read_bytes()
         finally:
             os.close(fd)
+
+
+def recovered(path: Path, n: int, lost: int) -> None:
+    """Log a recovered file and delete it (its rows are committed)."""
+    if n:
+        log.warning("usage spool %s: recovered %d rows of a stopped process (%d of requests it never "
+                    "finished: status 499, worker_lost)", path.name, n, lost)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def recover(conn: sqlite3.Connection, directory: Path, db_file: DatabaseFile | None = None) -> int:
+    """Insert the rows of dead processes' spool files that the database does
+    not hold yet; delete those files. Returns how many rows were inserted.
+
+    ``db_file`` is the database file ``conn`` opened: a spool file is
+    deleted only while that file is still the one at its path (DatabaseLost
+    otherwise, and the spool file stays for the next recovery)."""
+    if not directory.is_dir():
+        return 0
+    total = 0
+    for path, data in dead_files(directory):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT offset, recovered FROM usage_spool WHERE name = ?", (path.name,)).fetchone()
+            # A file recovered before (then a crash before it was deleted)
+            # adds nothing: its unfinished requests are rows already.
+            rows, lost = ([], 0) if row and row[1] else read_rows(data, row[0] if row else 0)
+            if rows:
+                insert_rows(conn, rows)
+            conn.execute(SET_RECOVERED, (path.name, len(data)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        total += len(rows)
+        if db_file is not None:
+            db_file.check()
+        recovered(path, len(rows), lost)
+        conn.execute("DELETE FROM usage_spool WHERE name = ?", (path.name,))
     # Rows of files that are gone (rotated, recovered): nothing refers to them.
     names = [r[0] for r in conn.execute("SELECT name FROM usage_spool")]
     for name in names:

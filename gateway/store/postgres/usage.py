@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -41,12 +39,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from .. import rollup
 from ..columns import COLUMNS
-from ..rows import Row, pad_row
+from ..rows import Row
+from ..spool import dead_files, read_rows, recovered
 from .schema import PARTITION_LOCK
 
 log = logging.getLogger("gateway.usage")
@@ -62,54 +60,19 @@ _PART = re.compile(r"^usage_events_p(\d{8})$")
 CREATE_STAGE = (
     f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
+SET_RECOVERED = (
+    'INSERT INTO usage_spool (name, "offset", recovered) VALUES ($1, $2, 1) '
+    'ON CONFLICT (name) DO UPDATE SET "offset" = excluded."offset", recovered = 1'
+)
 SET_OFFSET = (
     'INSERT INTO usage_spool (name, "offset") VALUES ($1, $2) '
     'ON CONFLICT (name) DO UPDATE SET "offset" = GREATEST(usage_spool."offset", excluded."offset")'
 )
 
 
-def _fill(name: str, keys: tuple[str, ...], size: int) -> str:
-    """Add the staged batch to one rollup (PostgreSQL's spelling of
-    gateway.store.rollup's fill: the same bins, sums and keys)."""
-    key_exprs = {
-        "bucket": f"(floor(ts / {size}) * {size})::bigint",
-        "model": "COALESCE(model, '')",
-        "upstream": "COALESCE(upstream, '')",
-        "workspace_id": "COALESCE(workspace_id, 0)",
-        "key_id": "COALESCE(key_id, 0)",
-    }
-    k_sel = ", ".join(f"{key_exprs[k]} AS {k}" for k in keys)
-    k_list = ", ".join(keys)
-    sums = [
-        "COUNT(*)", "COUNT(*) FILTER (WHERE status BETWEEN 400 AND 499)", "COUNT(*) FILTER (WHERE status >= 500)",
-        "SUM(input_tokens)", "SUM(output_tokens)", "SUM(cached_tokens)", "SUM(reasoning_tokens)", "SUM(images)",
-        "SUM(video_tokens)", "SUM(cost)", "SUM(latency_ms)", "COALESCE(SUM(ttfb_ms), 0)", "COUNT(ttfb_ms)",
-    ]
-    sum_sel = ", ".join(f"{expr} AS {col}" for expr, col in zip(sums, rollup.SUMS, strict=True))
-
-    def pivot(alias: str, col: str, names: tuple[str, ...], where: str) -> str:
-        cols = ", ".join(f"SUM(CASE WHEN b = {i} THEN n ELSE 0 END) AS {c}" for i, c in enumerate(names))
-        return (f"{alias} AS (SELECT {k_list}, {cols} FROM (SELECT {k_sel}, {rollup.bin_case(col)} AS b, "
-                f"COUNT(*) AS n FROM {STAGE} {where} GROUP BY {k_list}, b) x GROUP BY {k_list})")
-
-    join = " AND ".join(f"{{a}}.{k} = s.{k}" for k in keys)
-    hist = [f"COALESCE(lp.{c}, 0)" for c in rollup.LAT_COLS] + [f"COALESCE(tp.{c}, 0)" for c in rollup.TTFB_COLS]
-    return (
-        f"INSERT INTO {name} ({', '.join(keys + rollup.VALUE_COLS)})\n"
-        f"WITH s AS (SELECT {k_sel}, {sum_sel} FROM {STAGE} GROUP BY {k_list}),\n"
-        f"{pivot('lp', 'latency_ms', rollup.LAT_COLS, '')},\n"
-        f"{pivot('tp', 'ttfb_ms', rollup.TTFB_COLS, 'WHERE ttfb_ms IS NOT NULL')}\n"
-        f"SELECT {', '.join('s.' + k for k in keys)}, {', '.join('s.' + c for c in rollup.SUMS)}, {', '.join(hist)}\n"
-        f"FROM s LEFT JOIN lp ON {join.format(a='lp')} LEFT JOIN tp ON {join.format(a='tp')}\n"
-        f"ORDER BY {', '.join('s.' + k for k in keys)}\n"
-        f"ON CONFLICT ({k_list}) DO UPDATE SET "
-        + ", ".join(f"{c} = {name}.{c} + excluded.{c}" for c in rollup.VALUE_COLS)
-    )
-
-
 ROLLUPS: tuple[str, ...] = (
-    _fill("usage_minute", rollup.MINUTE_KEYS, 60),
-    _fill("usage_hour", rollup.HOUR_KEYS, 3600),
+    rollup.fill_sql("usage_minute", rollup.MINUTE_KEYS, 60, source=STAGE, upsert=True, postgres=True),
+    rollup.fill_sql("usage_hour", rollup.HOUR_KEYS, 3600, source=STAGE, upsert=True, postgres=True),
     "INSERT INTO usage_key_totals (key_id, requests, input_tokens, output_tokens, cost, last_used) "
     f"SELECT key_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost), MAX(ts) FROM {STAGE} "
     "WHERE key_id IS NOT NULL GROUP BY key_id ORDER BY key_id ON CONFLICT (key_id) DO UPDATE SET "
@@ -273,31 +236,18 @@ async def recover(conn: Conn, directory: Path) -> int:
     await conn.execute(CREATE_STAGE)
     days = set(await partitions(conn))
     total = 0
-    for path in sorted(directory.glob("*.rows")):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            data = path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", path.name)
-                offset = await conn.fetchval('SELECT "offset" FROM usage_spool WHERE name = $1', path.name) or 0
-                rows = [pad_row(orjson.loads(line)) for line in data[offset:end].splitlines() if line]
-                await write_batch(conn, rows, None, (path.name, max(end, offset)), (), days)
-            total += len(rows)
-            if rows:
-                log.warning("usage spool %s: recovered %d rows of a stopped process", path.name, len(rows))
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            await conn.execute("DELETE FROM usage_spool WHERE name = $1", path.name)
-        finally:
-            os.close(fd)
+    for path, data in dead_files(directory):
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", path.name)
+            row = await conn.fetchrow('SELECT "offset", recovered FROM usage_spool WHERE name = $1', path.name)
+            # A file recovered before (then a crash before it was deleted)
+            # adds nothing: its unfinished requests are rows already.
+            rows, lost = ([], 0) if row and row["recovered"] else read_rows(data, row["offset"] if row else 0)
+            await write_batch(conn, rows, None, None, (), days)
+            await conn.execute(SET_RECOVERED, path.name, len(data))
+        total += len(rows)
+        recovered(path, len(rows), lost)
+        await conn.execute("DELETE FROM usage_spool WHERE name = $1", path.name)
     names = [r["name"] for r in await conn.fetch("SELECT name FROM usage_spool")]
     gone = [n for n in names if not (directory / n).exists()]
     if gone:
