@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import secrets
@@ -54,6 +55,7 @@ from .auth import KeyInfo
 from .config import RedisConfig
 from .errors import GatewayError, RateLimited
 from .limits import Headers, LocalLimiter, month_bounds, request_headers, token_headers
+from .resp import RespClient, RespError
 from .store.base import Store
 
 log = logging.getLogger("gateway.redis")
@@ -126,6 +128,8 @@ end
 return {0, 0, seeded, used, treset, n, rreset}
 """
 
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
+
 # KEYS: the month's quota hash. ARGV: field, amount, field, amount, ...
 # Adds the database's totals once per hash (the first caller wins).
 SEED = f"""
@@ -189,7 +193,8 @@ class RedisLimiter:
             cfg.url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)), health_check_interval=0,
         )
-        self._admit = self.redis.register_script(ADMIT)
+        # The admission's own connection: see gateway.resp for why.
+        self._fast = RespClient(cfg.url, timeout)
         self._seed = self.redis.register_script(SEED)
         self._prefix = cfg.key_prefix
         self._instance = secrets.token_hex(6)
@@ -225,14 +230,21 @@ class RedisLimiter:
         member = f"{self._instance}:{self._seq}"
         p = self._prefix
         month = f"{p}:q:{_month(now)}"
+        args = (
+            f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month,
+            now_ms, _limit(key.rpm), _limit(key.tpm), _limit(key.max_concurrency), _limit(key.spend_limit),
+            _limit(key.workspace_spend_limit), _limit(key.workspace_token_limit), member, LEASE_MS,
+            f"k:{key.id}", f"w:{key.workspace_id}:s", f"w:{key.workspace_id}:t",
+        )
         try:
-            res = await self._admit(
-                keys=[f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month],
-                args=[now_ms, _limit(key.rpm), _limit(key.tpm), _limit(key.max_concurrency),
-                      _limit(key.spend_limit), _limit(key.workspace_spend_limit), _limit(key.workspace_token_limit),
-                      member, LEASE_MS, f"k:{key.id}", f"w:{key.workspace_id}:s", f"w:{key.workspace_id}:t"],
-            )
-        except (RedisError, OSError, TimeoutError) as e:
+            try:
+                res = await self._fast.call("EVALSHA", ADMIT_SHA, 4, *args)
+            except RespError as e:
+                if not str(e).startswith("NOSCRIPT"):
+                    raise
+                await self._fast.call("SCRIPT", "LOAD", ADMIT)  # Redis restarted, or flushed its scripts
+                res = await self._fast.call("EVALSHA", ADMIT_SHA, 4, *args)
+        except (RespError, RedisError, OSError, TimeoutError) as e:
             self._failed("admit", e)
             return self._degraded(key)
         self._recovered()
@@ -411,6 +423,7 @@ class RedisLimiter:
                 pipe.zrem(f"{self._prefix}:c:{kid}", *members)
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await pipe.execute()
+        await self._fast.close()
         await self.redis.aclose()
 
     # ------------------------------------------------------------ health

@@ -179,3 +179,22 @@ async def test_fail_closed(
     assert (await chat(http, gw, limited))[0] == 200
     rows = await gw.wait_usage(4)
     assert [r["status"] for r in rows] == [200, 503, 200, 200]
+
+
+async def test_redis_url_database_number(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
+) -> None:
+    """The admission's own client (gateway.resp) honours the URL's database."""
+    import redis.asyncio as aioredis
+
+    url, prefix = shared_redis
+    db3 = url.rsplit("/", 1)[0] + "/3"
+    gw = await make_gateway(config_toml(upstream.base_url, redis_section(db3, prefix)))
+    key = await gw.key(rpm=2)
+    assert [(await chat(http, gw, key))[0] for _ in range(3)] == [200, 200, 429]
+    r = aioredis.Redis.from_url(db3)
+    try:
+        assert [k async for k in r.scan_iter(match=prefix + ":r:*")]
+        await r.delete(*[k async for k in r.scan_iter(match=prefix + ":*")])
+    finally:
+        await r.aclose()
