@@ -195,7 +195,12 @@ async def test_tasks_claimed_once_and_billed_once(store: Store, tmp_path: Path) 
     a, b = await store.task_store(), await second.task_store()
     try:
         for i in range(6):
-            await a.insert(task(i, now))
+            t = task(i, now)
+            creating = TaskRow(t.id, 1, 1, "video", "ark", "v", None, "creating", created_at=now, updated_at=now,
+                               next_poll_at=now + 600)
+            assert await a.begin(creating, 86400) is None
+            assert await a.record_created(t, now)
+            assert not await b.record_created(t, now)  # it has its upstream id already
         claimed = await asyncio.gather(a.claim_due(now, 4, now + 60), b.claim_due(now, 4, now + 60))
         ids = [t.id for batch in claimed for t in batch]
         assert len(ids) == len(set(ids))  # no task to two pollers
