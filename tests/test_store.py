@@ -82,6 +82,9 @@ async def test_workspaces_and_keys(store: Store) -> None:
     live = {r[0]: r for r in await store.live_keys()}
     assert set(live) == {key["id"], other["id"]}
     assert live[key["id"]][7] == 500  # tpm, in the key cache's column order
+    generation, one = await store.fetch_key(live[key["id"]][1])
+    assert one == live[key["id"]] and generation == await store.keys_generation()
+    assert (await store.fetch_key("0" * 64))[1] is None
     revoked = await store.revoke_key(key["id"])
     assert revoked["revoked_at"] is not None
     assert {r[0] for r in await store.live_keys()} == {other["id"]}
