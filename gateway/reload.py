@@ -101,6 +101,8 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
         "config reloaded from %s: %d upstreams, %d models, %d groups",
         path, len(new.upstreams), len(new.models), len(new.groups),
     )
+    if old.database.url is not None:
+        return new  # the audit log is SQLite's only so far (docs/scaling.md)
     try:
         await asyncio.to_thread(_record, old.database.path, actor, Path(path).resolve(), old, new)
     except sqlite3.Error as e:  # the reload stands; say loudly that its audit row is missing
