@@ -210,7 +210,8 @@ def writer_child(url: str, seconds: float, rate: int, tag: str) -> None:
         runner = asyncio.create_task(w.run())
         base = dict.fromkeys(COLUMNS, 0)
         base.update(endpoint="/v1/chat/completions", model="bench", upstream="fast", status=200, latency_ms=1.5,
-                    ttfb_ms=1.0, upstream_ms=1.0, overhead_ms=0.2, cost=0.0001, error_type=None, workspace_id=1,
+                    ttfb_ms=1.0, upstream_ms=1.0, overhead_ms=0.2, cost=0.0001, error_type=None, response_id=None,
+                    workspace_id=1,
                     key_id=1)
         t0 = time.monotonic()
         n = 0

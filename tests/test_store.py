@@ -30,7 +30,7 @@ def row(**kw: Any) -> tuple[Any, ...]:
         "model": "m", "upstream": "u", "status": 200, "stream": 0, "input_tokens": 10, "output_tokens": 5,
         "cached_tokens": 0, "reasoning_tokens": 0, "images": 0, "video_tokens": 0, "cost": 0.5,
         "latency_ms": 12.0, "ttfb_ms": 3.0, "upstream_ms": 10.0, "overhead_ms": 0.2, "bytes_in": 100,
-        "bytes_out": 200, "error_type": None, "cache_write_tokens": 0, "cache_write_1h_tokens": 0,
+        "bytes_out": 200, "error_type": None, "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "response_id": None,
     }
     values.update(kw)
     return tuple(values[c] for c in COLUMNS)
