@@ -154,6 +154,13 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
                            headers={"Upgrade": "websocket"})
     await ws.prepare(request)
     ctx.status = 101
+    writer = gw.writer
+    assert writer is not None
+    # The connection is no request in flight of its own: its responses are
+    # (each begins below), so a killed worker leaves a row per unfinished
+    # response, not one for the connection.
+    writer.end(ctx.seq)
+    ctx.seq = None
     conn = Connection(ws, _upstream_headers(request), gw.config.server.max_body_bytes)
     open_conns = request.app[WEBSOCKETS]
     open_conns.add(conn)
@@ -205,6 +212,9 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
     ctx = RequestContext(f"{conn_id}.{conn.frames}", perf_counter(), endpoint=ENDPOINT, errors=ErrorShape.OPENAI)
     ctx.key = key
     ctx.stream = True
+    writer = gw.writer
+    assert writer is not None
+    ctx.seq = writer.begin(ctx)
     conn.busy = True
     counted = True
     try:
@@ -254,6 +264,8 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         if counted:
             conn.rows += 1
             finish(gw, ctx, "WS", ENDPOINT)
+        else:
+            writer.end(ctx.seq)
 
 
 async def _tell(conn: Connection, ctx: RequestContext, status: int, kind: str, code: str | None, message: str,

@@ -168,3 +168,36 @@ def test_a_recovered_spool_is_never_recovered_twice(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM usage_events").fetchone()[0] == 2
     assert list(spool.iterdir()) == []
     conn.close()
+
+
+async def test_killed_process_mid_websocket_response(
+    serve: Any, upstream: Upstream, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A Responses WebSocket whose second response waits on the upstream when
+    the process is killed: the first response's row, a worker_lost row for
+    the second, and none for the connection itself."""
+    key = make_key(tmp_path / "gateway.db")
+    toml = prod_toml(upstream, "")
+    s = serve(toml)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(s.url + "/v1/responses",
+                                   headers={"Authorization": f"Bearer {key}", "x-request-id": "ws-1"})
+        frame = {"type": "response.create", "model": "gpt-test", "input": "hi"}
+        await ws.send_str(orjson.dumps(frame).decode())
+        while orjson.loads(await ws.receive_str())["type"] != "response.completed":
+            pass
+        upstream.state.steer.update(HANG)
+        await ws.send_str(orjson.dumps(frame).decode())
+        await wait_for(lambda: len(upstream.state.requests) == 2)
+        await asyncio.sleep(0.3)  # the loop turn that spools it has passed
+        s.proc.kill()
+        s.proc.wait()
+        await ws.close()
+    s2 = serve(toml)
+    rows = rows_by_id(s2.rows())
+    assert s2.stop() == 0
+    assert set(rows) == {"ws-1.1", "ws-1.2"}
+    assert (rows["ws-1.1"]["status"], rows["ws-1.1"]["upstream"]) == (200, "mock")
+    lost = rows["ws-1.2"]
+    assert (lost["status"], lost["error_type"], lost["model"], lost["endpoint"]) == (
+        499, "worker_lost", "gpt-test", "/v1/responses")
