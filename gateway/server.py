@@ -27,6 +27,7 @@ from .app import create_app
 from .config import Config, ConfigError, with_mock_url
 from .connections import ConnectionLimits, GatewayRunner
 from .context import GATEWAY
+from .listener import close_door
 from .logs import startup_fields
 from .mock.app import create_mock_app
 from .reload import reload_config
@@ -186,8 +187,15 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down: finishing in-flight requests, flushing usage",
              extra={"fields": {"event": "stopping", "in_flight": gw.runner.app[GATEWAY].in_flight}})
-    # Stop accepting first, then give connections accepted in the last
-    # instant time to send their request: aiohttp's shutdown closes every
+    if sock is None:
+        # The listening socket is this process's alone: stop new connections
+        # first and serve the ones the kernel has queued, or closing the
+        # socket would reset them (gateway.listener). A worker leaves that to
+        # its supervisor, which owns the shared socket.
+        socks = [s for site in gw.runner.sites for s in getattr(site._server, "sockets", None) or ()]
+        await asyncio.to_thread(close_door, socks)
+    # Stop accepting, then give connections accepted in the last instant
+    # time to send their request: aiohttp's shutdown closes every
     # connection that is not yet handling one.
     for site in list(gw.runner.sites):
         await site.stop()

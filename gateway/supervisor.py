@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .config import Config, ConfigError, load_config
+from .listener import close_door
 from .logs import set_worker, startup_fields
 from .server import ListenError, run, run_until_signal
 from .store.base import Store, run_on_store
@@ -264,6 +265,12 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         self.stopping = True
+        if self._sock is not None and self.workers:
+            # The shared socket first takes no new connection; the workers,
+            # still accepting, empty its queue; only then are they stopped.
+            # Otherwise every connection the kernel queued while they drained
+            # would be reset when this process closes the socket.
+            close_door([self._sock])
         for pid in list(self.workers):
             self._signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.cfg.server.graceful_timeout_s + 5
