@@ -546,11 +546,15 @@ class Bridge:
 
     __slots__ = ("client", "module", "prepared", "public_model", "req", "wire")
 
-    def __init__(self, client: str, wire: str, obj: dict[str, Any], upstream_model: str, model_cfg: ModelConfig):
+    def __init__(self, client: str, wire: str, obj: dict[str, Any], upstream_model: str, model_cfg: ModelConfig,
+                 *, count: bool = False):
         self.client, self.wire, self.req = client, wire, obj
         self.module = pair(client, wire)
         self.public_model = model_cfg.name
-        body = self.module.request(obj, upstream_model, model_cfg.max_output_tokens or DEFAULT_MAX_TOKENS)
+        if count:  # Anthropic's count_tokens as a Responses input_tokens body (gateway.counting)
+            body = self.module.count_request(obj, upstream_model)
+        else:
+            body = self.module.request(obj, upstream_model, model_cfg.max_output_tokens or DEFAULT_MAX_TOKENS)
         try:
             data = orjson.dumps(body)
         except orjson.JSONEncodeError:  # nested past orjson's 255 levels (it parses up to 1024)
@@ -595,7 +599,7 @@ async def relay_translated(
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         reader = TranslatedStream(bridge.module.Stream(bridge.req, bridge.public_model))
         return await pump(request, ctx, reader, resp, web.StreamResponse(status=status, headers=headers))
-    body = await _read_whole(resp, ctx, up.name)
+    body = await read_whole(resp, ctx, up.name)
     if compressed:
         body = _decompress(body, up.name, ctx)
     if status >= 300:
@@ -621,7 +625,7 @@ async def relay_translated(
     return web.Response(status=status, body=data, headers=headers)
 
 
-async def _read_whole(resp: UpstreamResponse, ctx: RequestContext, name: str) -> bytes:
+async def read_whole(resp: UpstreamResponse, ctx: RequestContext, name: str) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:

@@ -615,3 +615,18 @@ def test_codex_namespaced_tools_and_web_search() -> None:
     with pytest.raises(BadRequest) as e:
         pair("responses", "messages").request({**req, "tools": [{"type": "file_search"}]}, "up", 100)
     assert e.value.param == "tools[0].type"
+
+
+def test_count_tokens_body_for_a_responses_upstream() -> None:
+    body = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "count me"}],
+            "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}}}],
+            "thinking": {"type": "enabled", "budget_tokens": 2048}}
+    out = pair("messages", "responses").count_request(body, "up")
+    assert out == {"model": "up", "input": [{"type": "message", "role": "user", "content": "count me"}],
+                   "instructions": "Be brief.",
+                   "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}},
+                              "strict": False}],
+                   "reasoning": {"effort": "low", "summary": "auto"}}
+    from openai.types.responses.input_token_count_params import InputTokenCountParams
+
+    check(out, InputTokenCountParams)

@@ -84,6 +84,16 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
     return out
 
 
+# What POST /responses/input_tokens takes (OpenAI's own token counting).
+COUNT_FIELDS = ("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning", "text")
+
+
+def count_request(obj: Obj, model: str) -> Obj:
+    """An Anthropic count_tokens body as a Responses input_tokens body."""
+    full = request({**obj, "max_tokens": obj.get("max_tokens") or MIN_OUTPUT, "stream": None}, model, MIN_OUTPUT)
+    return {k: full[k] for k in COUNT_FIELDS if k in full}
+
+
 def input_items(obj: Obj) -> list[Obj]:
     out: list[Obj] = []
     for i, m in enumerate(expect(obj.get("messages"), list, "messages")):
