@@ -63,7 +63,8 @@ async def _upstream_count(
     try:
         resp = await client.request(
             "POST", target.url("/responses/input_tokens", ""), headers, bridge.prepared.body,
-            connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s, total_timeout=up.timeout_s,
+            connect_timeout=up.connect_timeout_s, first_byte_timeout=up.first_byte_timeout_s,
+            total_timeout=up.timeout_s,
         )
     except UpstreamError as e:  # timeouts included
         log.warning("upstream %s could not count tokens: %s", up.name, e)
