@@ -92,7 +92,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def end_to_end(duration: float, events: int, rounds: int) -> list[str]:
+def end_to_end(duration: float, events: int, rounds: int, only_passthrough: bool = False) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-translate-"))
     cfg = tmp / "bench.toml"
     cfg.write_text(CONFIG.format(gw=GW, chat=MOCK_CHAT, anth=MOCK_ANTH))
@@ -103,14 +103,15 @@ def end_to_end(duration: float, events: int, rounds: int) -> list[str]:
     mock = [PY, "-m", "gateway.mock.fast", "--events", str(events)]
     # Upstream events per stream: the content deltas plus the protocol's frame.
     n_events = {"anth": events + 6, "chat": events + 4}
-    per_req: dict[str, list[float]] = {m[0]: [] for m in MODES}
-    rps: dict[str, list[float]] = {m[0]: [] for m in MODES}
+    modes = [m for m in MODES if not (only_passthrough and m[4])]
+    per_req: dict[str, list[float]] = {m[0]: [] for m in modes}
+    rps: dict[str, list[float]] = {m[0]: [] for m in modes}
     with proc([*mock, "--port", str(MOCK_CHAT)], MOCK_CHAT), proc([*mock, "--port", str(MOCK_ANTH)], MOCK_ANTH), \
          proc([*gw_cli, "serve", "--config", str(cfg)], GW) as gw:
-        for _, path, body, _, _ in MODES:  # warm up
+        for _, path, body, _, _ in modes:  # warm up
             wrk(f"http://127.0.0.1:{GW}{path}", body, 8, 1.0, key)
         for _ in range(rounds):
-            for label, path, body, _, _ in MODES:
+            for label, path, body, _, _ in modes:
                 c0 = cpu_s(gw.pid)
                 r = wrk(f"http://127.0.0.1:{GW}{path}", body, 8, duration, key)
                 used = cpu_s(gw.pid) - c0
@@ -120,7 +121,7 @@ def end_to_end(duration: float, events: int, rounds: int) -> list[str]:
     rows = ["| stream (client <- upstream) | req/s | gateway CPU per request (us) | per event over pass-through (us) |",
             "|---|---|---|---|"]
     base: dict[str, float] = {}
-    for label, _, _, up, translated in MODES:
+    for label, _, _, up, translated in modes:
         cpu = statistics.median(per_req[label])
         extra = ""
         if not translated:
@@ -234,7 +235,13 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200, help="content events per stream")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the four modes")
     ap.add_argument("--skip-e2e", action="store_true", help="only the in-process table")
+    ap.add_argument("--passthrough", action="store_true",
+                    help="only the pass-through streams, end to end (to compare two versions of the gateway: "
+                         "run from each one's source tree)")
     a = ap.parse_args()
+    if a.passthrough:
+        print("\n".join(end_to_end(a.duration, a.events, a.rounds, only_passthrough=True)))
+        return
     print("\n".join(in_process(a.events, 30)))
     if not a.skip_e2e:
         print()
