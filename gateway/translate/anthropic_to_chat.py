@@ -22,6 +22,7 @@ from .common import (
     choice_from_anthropic,
     choice_to_chat,
     dumps,
+    each,
     effort_for,
     estimate_tokens,
     expect,
@@ -87,9 +88,7 @@ def messages(obj: Obj) -> list[Obj]:
     system = obj.get("system")
     if system:
         out.append({"role": "system", "content": text_of(system, "system", WIRE)})
-    for i, m in enumerate(expect(obj.get("messages"), list, "messages")):
-        where = f"messages[{i}]"
-        expect(m, dict, where)
+    for where, m in each(obj.get("messages"), "messages"):
         role = m.get("role")
         content = m.get("content")
         if role == "assistant":

@@ -24,6 +24,7 @@ from .common import (
     choice_from_anthropic,
     choice_to_responses,
     dumps,
+    each,
     effort_for,
     estimate_tokens,
     expect,
@@ -96,9 +97,7 @@ def count_request(obj: Obj, model: str) -> Obj:
 
 def input_items(obj: Obj) -> list[Obj]:
     out: list[Obj] = []
-    for i, m in enumerate(expect(obj.get("messages"), list, "messages")):
-        where = f"messages[{i}]"
-        expect(m, dict, where)
+    for where, m in each(obj.get("messages"), "messages"):
         role = m.get("role")
         content = m.get("content")
         if role == "system":  # a system message between turns stays there

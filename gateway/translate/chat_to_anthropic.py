@@ -22,6 +22,7 @@ from .common import (
     check_noops,
     choice_from_openai,
     choice_to_anthropic,
+    each,
     expect,
     image_source,
     parse_arguments,
@@ -108,9 +109,7 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
         else:
             turns.append({"role": role, "content": blocks})
 
-    for i, m in enumerate(expect(obj.get("messages"), list, "messages")):
-        where = f"messages[{i}]"
-        expect(m, dict, where)
+    for where, m in each(obj.get("messages"), "messages"):
         role = m.get("role")
         content = m.get("content")
         if role in ("system", "developer"):

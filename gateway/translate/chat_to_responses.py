@@ -21,6 +21,7 @@ from .common import (
     check_noops,
     choice_from_openai,
     choice_to_responses,
+    each,
     expect,
     refuse,
     responses_pieces,
@@ -83,9 +84,7 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
 
 def input_items(obj: Obj) -> list[Obj]:
     out: list[Obj] = []
-    for i, m in enumerate(expect(obj.get("messages"), list, "messages")):
-        where = f"messages[{i}]"
-        expect(m, dict, where)
+    for where, m in each(obj.get("messages"), "messages"):
         role = m.get("role")
         content = m.get("content")
         if role in ("system", "developer"):

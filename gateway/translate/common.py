@@ -19,7 +19,7 @@ import base64
 import binascii
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,13 @@ def expect(v: Any, kind: type | tuple[type, ...], field: str) -> Any:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise BadRequest(f"'{field}' must be {_article(names)}.", code="invalid_request", param=field)
     return v
+
+
+def each(items: Any, field: str) -> Iterator[tuple[str, Obj]]:
+    """The objects of a list field with where each one is (``messages[3]``)."""
+    for i, item in enumerate(expect(items, list, field)):
+        where = f"{field}[{i}]"
+        yield where, expect(item, dict, where)
 
 
 def _article(names: str) -> str:

@@ -25,6 +25,7 @@ from .common import (
     check_noops,
     choice_from_openai,
     choice_to_anthropic,
+    each,
     expect,
     flat_name,
     image_source,
@@ -116,9 +117,8 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
     inp = obj.get("input")
     if isinstance(inp, str):
         return system, [{"role": "user", "content": [{"type": "text", "text": inp}]}]
-    for i, item in enumerate(expect(inp, list, "input")):
-        where = f"input[{i}]"
-        kind = expect(item, dict, where).get("type", "message")
+    for where, item in each(inp, "input"):
+        kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             content = item.get("content")

@@ -23,6 +23,7 @@ from .common import (
     check_noops,
     choice_from_openai,
     choice_to_chat,
+    each,
     expect,
     flat_name,
     namespaces,
@@ -94,9 +95,8 @@ def messages(obj: Obj) -> list[Obj]:
     if isinstance(inp, str):
         out.append({"role": "user", "content": inp})
         return out
-    for i, item in enumerate(expect(inp, list, "input")):
-        where = f"input[{i}]"
-        kind = expect(item, dict, where).get("type", "message")
+    for where, item in each(inp, "input"):
+        kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             content = item.get("content")
