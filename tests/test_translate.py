@@ -426,6 +426,14 @@ def test_reasoning_settings_map_both_ways() -> None:
     assert pair("chat", "messages").request(chat, "up", 100)["thinking"] == {"type": "enabled", "budget_tokens": 24576}
     # No room for thinking under a small output limit: thinking stays off.
     assert "thinking" not in pair("chat", "messages").request({**chat, "max_completion_tokens": 900}, "up", 100)
+    # A tool loop whose client does not send the signed thinking back goes
+    # without thinking (Anthropic would refuse the request).
+    loop = {**chat, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f",
+                                                                                           "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    assert "thinking" not in pair("chat", "messages").request(loop, "up", 100)
     msg = {"model": "m", "max_tokens": 4000, "messages": [{"role": "user", "content": "x"}],
            "thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}
     assert pair("messages", "chat").request(msg, "up", 100)["reasoning_effort"] == "xhigh"

@@ -75,7 +75,7 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
     if tc is not None:
         out["tool_choice"] = tc
     thinking = thinking_for(obj.get("reasoning_effort"), out["max_tokens"])
-    if thinking is not None:
+    if thinking is not None and not _unsigned_tool_turn(msgs):
         out["thinking"] = thinking
     fmt = obj.get("response_format")
     if fmt is not None:
@@ -134,6 +134,17 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
         else:
             raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
     return system, turns
+
+
+def _unsigned_tool_turn(turns: list[Obj]) -> bool:
+    """Whether the last assistant turn called tools without its signed
+    thinking: Anthropic refuses thinking then (the block must come back
+    with the calls), so the request goes without thinking instead."""
+    last = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
+    if last is None:
+        return False
+    kinds = {b.get("type") for b in last["content"]}
+    return "tool_use" in kinds and not kinds & {"thinking", "redacted_thinking"}
 
 
 def _user(content: Any, where: str) -> list[Obj]:
