@@ -330,9 +330,17 @@ def test_random_requests_translate_to_valid_requests_and_back(client: str, wire:
     valid(there, wire)
     back = pair(wire, client).request(there, "m", 4096)
     valid(back, client)
-    assert normal(back, client) == normal(req, client)
+    want, got_back, got_there = normal(req, client), normal(back, client), normal(there, wire)
+    # The last assistant turn that says anything (an empty one is sent only
+    # by the Anthropic renderer, as "ok").
+    said = [t for t in conv["turns"] if t[0] == "assistant" and (t[1] or t[2] or client == "messages")]
+    if "messages" in (client, wire) and said and said[-1][2]:
+        # A tool loop with no signed thinking to send back goes to Anthropic
+        # without thinking (docs/translation.md): the effort may be lost.
+        want, got_back, got_there = (x[:8] + x[9:] for x in (want, got_back, got_there))
+    assert got_back == want
     # The conversation is the same one in the wire protocol's own terms.
-    assert normal(there, wire)[1:] == normal(req, client)[1:]
+    assert got_there[1:] == want[1:]
 
 
 # -------------------------------------------------------------- unit rules

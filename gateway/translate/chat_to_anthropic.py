@@ -32,6 +32,7 @@ from .common import (
     tool_id,
     tools_from_chat,
     tools_to_anthropic,
+    unsigned_tool_turn,
     wire_usage,
 )
 
@@ -75,7 +76,7 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
     if tc is not None:
         out["tool_choice"] = tc
     thinking = thinking_for(obj.get("reasoning_effort"), out["max_tokens"])
-    if thinking is not None and not _unsigned_tool_turn(msgs):
+    if thinking is not None and not unsigned_tool_turn(msgs):
         out["thinking"] = thinking
     fmt = obj.get("response_format")
     if fmt is not None:
@@ -134,17 +135,6 @@ def messages(obj: Obj) -> tuple[list[Obj], list[Obj]]:
         else:
             raise refuse(f"{where}.role", WIRE, f"= {role!r} has no counterpart")
     return system, turns
-
-
-def _unsigned_tool_turn(turns: list[Obj]) -> bool:
-    """Whether the last assistant turn called tools without its signed
-    thinking: Anthropic refuses thinking then (the block must come back
-    with the calls), so the request goes without thinking instead."""
-    last = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
-    if last is None:
-        return False
-    kinds = {b.get("type") for b in last["content"]}
-    return "tool_use" in kinds and not kinds & {"thinking", "redacted_thinking"}
 
 
 def _user(content: Any, where: str) -> list[Obj]:

@@ -403,6 +403,17 @@ def thinking_for(effort: Any, max_tokens: int) -> Obj | None:
     return {"type": "enabled", "budget_tokens": budget}
 
 
+def unsigned_tool_turn(turns: list[Obj]) -> bool:
+    """Whether the last assistant turn called tools without its signed
+    thinking: Anthropic refuses thinking then (the block must come back
+    with the calls), so the request goes without thinking instead."""
+    last = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
+    if last is None:
+        return False
+    kinds = {b.get("type") for b in last["content"]}
+    return "tool_use" in kinds and not kinds & {"thinking", "redacted_thinking"}
+
+
 def effort_for(thinking: Any, output_config: Any) -> str | None:
     """An OpenAI reasoning effort for Anthropic's ``thinking`` and
     ``output_config.effort`` (None: leave the model's default)."""

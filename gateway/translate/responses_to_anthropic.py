@@ -39,6 +39,7 @@ from .common import (
     tool_id,
     tools_from_responses,
     tools_to_anthropic,
+    unsigned_tool_turn,
     wire_usage,
 )
 
@@ -78,7 +79,7 @@ def request(obj: Obj, model: str, max_tokens: int) -> Obj:
     reasoning = obj.get("reasoning")
     if isinstance(reasoning, dict):
         thinking = thinking_for(reasoning.get("effort"), out["max_tokens"])
-        if thinking is not None:
+        if thinking is not None and not unsigned_tool_turn(msgs):
             out["thinking"] = thinking
     text = obj.get("text")
     fmt = expect(text, dict, "text").get("format") if text is not None else None
