@@ -63,14 +63,16 @@ async def test_count_tokens_upstream_429_does_not_hold_back_generations(
         assert r.status == 200  # the route was not cooled for generations
 
 
-async def test_count_tokens_needs_an_anthropic_upstream(pgateway: Gateway, upstream: Upstream,
-                                                        http: aiohttp.ClientSession) -> None:
+async def test_count_tokens_on_a_model_without_an_anthropic_upstream(pgateway: Gateway, upstream: Upstream,
+                                                                     http: aiohttp.ClientSession) -> None:
+    """No Messages upstream for the model: its OpenAI upstream counts
+    (/responses/input_tokens, the body translated; docs/translation.md)."""
     key = await pgateway.key()
     async with http.post(pgateway.url + "/v1/messages/count_tokens", json={**BODY, "model": "gpt-test"},
                          headers=headers(key)) as r:
         body = await r.json()
-    assert r.status == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"
-    assert upstream.state.requests == []
+    assert r.status == 200 and isinstance(body["input_tokens"], int) and body["input_tokens"] > 0
+    assert [q.path for q in upstream.state.requests] == ["/v1/responses/input_tokens"]
 
 
 async def test_base_url_ending_in_v1(pgateway: Gateway, upstream: Upstream, httpx_client: httpx2.AsyncClient,
