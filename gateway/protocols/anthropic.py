@@ -93,8 +93,9 @@ class Messages(JsonBody):
 
 class CountTokens(Messages):
     """``/v1/messages/count_tokens``: what a Messages body would be billed as
-    input, answered by an upstream that speaks Messages (never translated);
-    bills nothing (see ``Endpoint.free``)."""
+    input, answered by an upstream that speaks Messages (relayed as is); a
+    model with none is counted by its Responses upstream or estimated
+    (gateway.proxy.count_elsewhere). Bills nothing (see ``Endpoint.free``)."""
 
     name = "count_tokens"
     path = "/v1/messages/count_tokens"
