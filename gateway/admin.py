@@ -606,10 +606,12 @@ async def config_summary(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    """Re-read the config file; a bad file is refused and the old config stays."""
+    """Re-read the config file; a bad file is refused and the old config
+    stays. ``?force=true`` applies a config with no upstream or no model."""
     gw = request.app[GATEWAY]
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
     try:
-        cfg = await reload_config(request.app, actor=_principal(request).actor(request))
+        cfg = await reload_config(request.app, actor=_principal(request).actor(request), force=force)
     except ConfigError as e:
         raise BadRequest(f"config not reloaded: {e}", code="invalid_config") from None
     if gw.store is not None:  # the other instances reload their own files too

@@ -14,6 +14,11 @@ Every applied reload is audited (gateway.store.audit): who asked (a console
 user, the operator token, SIGHUP), and before/after the parts of the config
 that changed, by name (upstreams by kind and cleaned URL, models by routes
 and prices, groups by models and ratio; never a secret).
+
+A reload that would leave the gateway with no upstream or no model (an
+emptied or half-written file: every request would 404) is refused unless
+forced: ``POST /admin/api/reload?force=true``. SIGHUP never forces; the
+supervisor applies the same check before its workers do.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ log = logging.getLogger("gateway.reload")
 
 RESTART_ONLY = ("server", "database", "usage", "admin")
 SIGHUP = Actor("SIGHUP")
+
+
+def check_not_emptied(old: Config, new: Config) -> None:
+    """ConfigError if ``new`` removes every upstream or every model that
+    ``old`` had (see the module docstring)."""
+    for what in ("upstreams", "models"):
+        if getattr(old, what) and not getattr(new, what):
+            raise ConfigError(f"the new config has no {what}: every request would fail; "
+                              "reload with force to apply it anyway")
 
 
 def summary(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -78,10 +92,11 @@ def _record(path: Path, actor: Actor, source: Path, old: Config, new: Config) ->
 
 
 async def reload_config(app: web.Application, path: str | Path | None = None, *,
-                        actor: Actor = SIGHUP) -> Config:
+                        actor: Actor = SIGHUP, force: bool = False) -> Config:
     """Reload the gateway's config from ``path`` (default: the file it was
     started from) and audit it as ``actor``'s. Raises ConfigError, leaving
-    the old config in place, if the file is missing or invalid. Returns the
+    the old config in place, if the file is missing or invalid, or (unless
+    ``force``) would remove every upstream or every model. Returns the
     config now in use."""
     gw = app[GATEWAY]
     old = gw.config
@@ -89,6 +104,8 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
     if path is None:
         raise ConfigError("reload: the gateway was not started from a config file")
     new = await asyncio.to_thread(load_config, path)
+    if not force:
+        check_not_emptied(old, new)
     kept = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
     if kept:
         log.warning("config reload: %s changed; these take effect on restart", ", ".join(kept))

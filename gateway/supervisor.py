@@ -57,6 +57,7 @@ from dataclasses import dataclass, replace
 from .config import Config, ConfigError, load_config
 from .listener import close_door
 from .logs import set_worker, startup_fields
+from .reload import check_not_emptied
 from .server import ListenError, run, run_until_signal
 from .store.base import Store, run_on_store
 from .store.spool import spool_dir
@@ -291,6 +292,7 @@ class Supervisor:
         if self.cfg.source is not None:
             try:
                 new = load_config(self.cfg.source)
+                check_not_emptied(self.cfg, new)
             except ConfigError as e:
                 log.error("config reload refused by the supervisor: %s", e)
             else:

@@ -345,8 +345,10 @@ class Relay:
         return self.conn.ws
 
     async def _events(self, ctx: RequestContext, events: SSEEvents, data: bytes) -> None:
-        """Sends the complete events in ``data`` (the client protocol's SSE)."""
-        for ev in events.split(data)[1] if data else ():
+        """Sends the complete events in ``data`` (the client protocol's SSE).
+        An event past SSEEvents' bound (1 MiB) is no message a client can
+        take whole: it is not sent."""
+        for ev in events.split(data)[2] if data else ():
             await self._event(ctx, event_data(ev))
 
     async def _event(self, ctx: RequestContext, data: bytes) -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,7 +19,8 @@ from gateway.config import ConfigError
 from gateway.store import queries
 from gateway.store.schema import connect
 
-from .conftest import UPSTREAM_KEY, GatewayFactory, Upstream, UpstreamFactory, config_toml
+from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, GatewayFactory, Upstream, UpstreamFactory, config_toml
+from .test_production import make_key, prod_toml, serve  # noqa: F401 (serve: a fixture)
 
 CHAT = "/v1/chat/completions"
 
@@ -179,3 +181,60 @@ async def test_sighup_reloads_a_running_server(tmp_path: Path, upstream: Upstrea
             proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)
     assert proc.returncode == 0
+
+
+def emptied(toml: str) -> tuple[str, str]:
+    """The config without its models, and without its upstreams too."""
+    no_models = toml.split("[[models]]")[0]
+    return no_models, no_models.split("[[upstreams]]")[0]
+
+
+async def test_reload_refuses_to_empty_the_gateway_unless_forced(
+    admin_gateway: Any, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    gw = admin_gateway
+    key = await gw.key()
+    toml = gw.config.source.read_text()
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    for bad, what in zip(emptied(toml), ("models", "upstreams"), strict=True):
+        with pytest.raises(ConfigError, match=f"no {what}"):
+            await gw.reload(bad)
+        async with http.post(gw.url + CHAT, json=body, headers=auth(key)) as r:
+            assert r.status == 200  # still the old config
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    gw.config.source.write_text(emptied(toml)[0])
+    async with http.post(gw.url + "/admin/api/reload", headers=admin) as r:
+        data = await r.json()
+        assert r.status == 400 and data["error"]["code"] == "invalid_config" and "force" in data["error"]["message"]
+    async with http.post(gw.url + CHAT, json=body, headers=auth(key)) as r:
+        assert r.status == 200
+    async with http.post(gw.url + "/admin/api/reload?force=true", headers=admin) as r:
+        assert r.status == 200 and (await r.json())["models"] == 0
+    async with http.post(gw.url + CHAT, json=body, headers=auth(key)) as r:
+        assert r.status == 404  # forced: the operator asked for it
+
+
+async def test_sighup_with_an_emptied_file_keeps_every_worker_serving(
+    serve: Any, upstream: Upstream, tmp_path: Path, http: aiohttp.ClientSession  # noqa: F811
+) -> None:
+    s = serve(prod_toml(upstream, "workers = 2\n"))
+    key = make_key(s.db)
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(100):  # until both workers know the key
+        async with aiohttp.ClientSession() as fresh, fresh.post(s.url + CHAT, json=body, headers=auth(key)) as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    path = tmp_path / "gateway.toml"
+    path.write_text(emptied(path.read_text())[0])
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_line(lambda x: "config reload refused by the supervisor" in x.get("msg", ""))
+    for _ in range(2):
+        s.wait_line(lambda x: x.get("msg", "").startswith("config reload refused, keeping"))
+    for _ in range(8):  # fresh connections: both workers answer
+        async with aiohttp.ClientSession() as fresh, fresh.post(s.url + CHAT, json=body, headers=auth(key)) as r:
+            assert r.status == 200
+    refused = [x for x in s.lines() if "no models" in x.get("msg", "")]
+    assert len(refused) == 3  # the supervisor and each worker
+    assert s.stop() == 0

@@ -105,10 +105,82 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+# Top-level keys the gateway reads to decide (what to route and bill, how to
+# read usage), and the nested one inside stream_options.
+DECIDING_KEYS = ("model", "stream", "stream_options")
+
+
+_DECIDING_NAMES = re.compile(rb'"(model|stream|stream_options|include_usage)"')
+
+
+def _maybe_ambiguous(raw: bytes) -> bool:
+    """The cheap byte checks, on every JSON request: a key given twice needs
+    its name twice, or an escape that spells it (``"mod\\u0065l"``; JSON
+    encoders never escape printable ASCII). One regex pass and a memchr,
+    about as fast as orjson's own parse; the careful parse runs only when
+    they say it might be needed."""
+    found = _DECIDING_NAMES.findall(raw)
+    return len(found) != len(set(found)) or (b"\\" in raw and b"\\u00" in raw)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+# json's C string scanner (not in the type stubs): a key and where it ends.
+_scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _skip_ws(text: str, i: int) -> int:
+    m = _WS.match(text, i)
+    assert m is not None  # "*": it always matches
+    return m.end()
+
+
 def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
-    """The JSON object of a request body and its ``model``."""
+    """The JSON object of a request body and its ``model``; 400 when the body
+    is ambiguous: a key the gateway decides on appears twice (parsers differ
+    on which one wins, so the gateway could check and bill one value while
+    the upstream acts on the other), or ``stream`` is not a boolean (an
+    upstream that reads ``1`` or ``"true"`` as true would stream while the
+    gateway reads the answer as a plain body)."""
     obj = parse_object(raw)
+    if _maybe_ambiguous(raw):
+        refuse_duplicates(raw)
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", code="invalid_type", param="stream")
     return obj, check_model(obj.get("model"))
+
+
+def refuse_duplicates(raw: bytes, keys: tuple[str, ...] = DECIDING_KEYS) -> None:
+    """400 if one of ``keys`` occurs twice at the top level of the JSON
+    object ``raw`` (or ``include_usage`` twice inside ``stream_options``).
+    ``raw`` is already known to be valid JSON; each top-level value is
+    skipped by the C scanner, so this costs about one more parse."""
+    text = raw.decode("utf-8")
+    spans = _object_keys(text, _skip_ws(text, 0), keys)
+    so = spans.get("stream_options")
+    if so is not None and text[so] == "{":
+        _object_keys(text, so, ("include_usage",), "stream_options.")
+
+
+def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> dict[str, int]:
+    """Where the values of ``keys`` start in the object at ``text[i]``; 400
+    naming the first of them that occurs twice."""
+    seen: dict[str, int] = {}
+    i = _skip_ws(text, i + 1)
+    while text[i] != "}":
+        key, i = _scanstring(text, i + 1)
+        i = _skip_ws(text, i) + 1  # past the colon
+        start = _skip_ws(text, i)
+        _, i = _DECODER.raw_decode(text, start)
+        if key in keys:
+            if key in seen:
+                raise BadRequest(f"'{prefix}{key}' is given twice; send it once.", code="duplicate_key",
+                                 param=prefix + key)
+            seen[key] = start
+        i = _skip_ws(text, i)
+        if text[i] == ",":
+            i = _skip_ws(text, i + 1)
+    return seen
 
 
 def check_model(model: Any) -> str:
@@ -259,30 +331,94 @@ def last_object(buf: bytes, key: bytes) -> dict[str, Any] | None:
     return None
 
 
+# The most of one SSE event a reader holds back to parse (gateway-hidden
+# usage chunks); a longer event is relayed as it arrives, unparsed.
+EVENT_MAX = 1024 * 1024
+
+
+def _last_boundary(data: bytes, start: int) -> int:
+    """The end of the last event boundary at or after ``start``, or -1."""
+    end = max(data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start))
+    if end < 0:
+        return -1
+    return end + (2 if data[end : end + 2] == b"\n\n" else 4)
+
+
+def _first_boundary(data: bytes) -> int:
+    """The end of the first event boundary in ``data``, or -1."""
+    found = [(i, n) for i, n in ((data.find(b"\n\n"), 2), (data.find(b"\r\n\r\n"), 4)) if i >= 0]
+    if not found:
+        return -1
+    i, n = min(found)
+    return i + n
+
+
 class SSEEvents:
     """Splits an SSE byte stream into complete events (``\\n\\n`` or
-    ``\\r\\n\\r\\n`` terminated), holding back at most one partial event."""
+    ``\\r\\n\\r\\n`` terminated), holding back at most one partial event of
+    at most ``limit`` bytes.
 
-    __slots__ = ("_pending",)
+    An event longer than that is not held: what was held is released and
+    the rest of that event passes through untouched until its end, after
+    which splitting resumes; ``overflowed`` records that an event went by
+    unparsed. Only the new bytes (and three of the held ones) are searched
+    for a boundary, so a long unterminated event costs linear time."""
 
-    def __init__(self) -> None:
-        self._pending = b""
+    __slots__ = ("_limit", "_parts", "_size", "_skipping", "_tail", "overflowed")
 
-    def split(self, chunk: bytes) -> tuple[bytes, list[bytes]]:
-        """Returns (complete bytes, the events in them); keeps the rest."""
-        data = self._pending + chunk if self._pending else chunk
-        end = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
-        if end < 0:
-            # Bounded by the size of one event: the bytes are owed to the client.
-            self._pending = data
-            return b"", []
-        cut = end + (2 if data[end : end + 2] == b"\n\n" else 4)
-        complete, self._pending = data[:cut], data[cut:]
-        return complete, re.split(rb"\r?\n\r?\n", complete)[:-1]
+    def __init__(self, limit: int = EVENT_MAX) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._tail = b""  # the last bytes seen, where a boundary may begin
+        self._limit = limit
+        self._skipping = False
+        self.overflowed = False
+
+    def split(self, chunk: bytes) -> tuple[bytes, bytes, list[bytes], bytes]:
+        """Returns (bytes passed through before, complete bytes, the events
+        in them, bytes passed through after); the client gets them in that
+        order, the middle one after the reader's changes."""
+        before = b""
+        if self._skipping:
+            probe = self._tail + chunk
+            cut = _first_boundary(probe)
+            if cut < 0:
+                self._tail = probe[-3:]
+                return chunk, b"", [], b""
+            cut -= len(self._tail)
+            before, chunk = chunk[:cut], chunk[cut:]
+            self._skipping, self._tail = False, b""
+        if self._parts:
+            if _last_boundary(self._tail + chunk, 0) < 0:  # nothing ends here: hold on, or give up
+                return before + self._hold(chunk), b"", [], b""
+            data = b"".join(self._parts) + chunk
+            cut = _last_boundary(data, max(0, self._size - 3))
+        else:
+            data = chunk
+            cut = _last_boundary(data, 0)
+            if cut < 0:
+                return before + self._hold(chunk), b"", [], b""
+        complete, rest = data[:cut], data[cut:]
+        self._parts, self._size, self._tail = [], 0, b""
+        after = self._hold(rest) if rest else b""
+        return before, complete, re.split(rb"\r?\n\r?\n", complete)[:-1], after
+
+    def _hold(self, data: bytes) -> bytes:
+        """Keep ``data`` as part of the partial event; if that makes it too
+        long, release all of it (returned) and pass the rest of the event."""
+        self._tail = (self._tail + data)[-3:]
+        if self._size + len(data) <= self._limit:
+            self._parts.append(data)
+            self._size += len(data)
+            return b""
+        held = b"".join(self._parts) + data
+        self._parts, self._size = [], 0
+        self._skipping = self.overflowed = True
+        return held
 
     @property
     def pending(self) -> bytes:
-        return self._pending
+        return b"".join(self._parts)
 
 
 def event_data(event: bytes) -> bytes:

@@ -20,9 +20,24 @@ from .base import JsonBody, Prepared, check_model
 # Text fields longer than this are not decoded (a prompt fits; a file does not).
 FIELD_MAX = 64 * 1024
 
-_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
-_NAME = re.compile(rb'(?:^|;)\s*name="([^"]*)"', re.IGNORECASE)
-_FILENAME = re.compile(rb';\s*filename\*?=', re.IGNORECASE)
+# One parameter of a header value: name=token or name="quoted string".
+_PARAM = re.compile(r';\s*([^\s;=]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+# Form fields the gateway reads (to route and to read usage): each may occur once.
+DECIDING_FIELDS = ("model", "stream")
+
+
+def header_params(value: str, where: str) -> dict[str, str]:
+    """The parameters of a header value (``type; a=1; b="x;y"``), names
+    lowered; 400 if one is given twice: parsers differ on which one wins."""
+    params: dict[str, str] = {}
+    for m in _PARAM.finditer(value):
+        name, v = m.group(1).lower(), m.group(2).strip()
+        if v.startswith('"'):
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        if name in params:
+            raise BadRequest(f"{where} has the parameter '{name[:40]}' twice.", code="invalid_multipart")
+        params[name] = v
+    return params
 
 
 class FormFields(dict[str, Any]):
@@ -34,17 +49,21 @@ class FormFields(dict[str, Any]):
 
 def parse_multipart(content_type: str, raw: bytes) -> FormFields:
     """The text fields of a multipart/form-data body, without copying its
-    file parts; BadRequest if the body is not a well-formed form."""
-    m = _BOUNDARY.search(content_type)
-    if m is None:
-        raise BadRequest("multipart/form-data without a boundary.", code="invalid_multipart")
-    delim = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    file parts; BadRequest if the body is not a well-formed form, or is one
+    two parsers could read differently (two boundaries, a part with two
+    names or two Content-Dispositions, ``model`` or ``stream`` twice or as
+    a file)."""
+    boundary = header_params(content_type, "Content-Type").get("boundary")
+    if not boundary or len(boundary) > 70:
+        raise BadRequest("multipart/form-data without a valid boundary.", code="invalid_multipart")
+    delim = b"--" + boundary.encode("utf-8", "surrogateescape")
     fields = FormFields()
     pos = raw.find(delim)
     if pos != 0 and (pos < 2 or raw[pos - 2 : pos] != b"\r\n"):
         raise BadRequest("Malformed multipart body: no opening boundary.", code="invalid_multipart")
     pos += len(delim)
     sep = b"\r\n" + delim
+    seen: set[str] = set()
     while True:
         if raw.startswith(b"--", pos):
             return fields  # the closing delimiter; what follows is epilogue
@@ -57,21 +76,33 @@ def parse_multipart(content_type: str, raw: bytes) -> FormFields:
         end = raw.find(sep, start)
         if end < 0:
             raise BadRequest("Malformed multipart body: missing closing boundary.", code="invalid_multipart")
-        disposition = b""
+        dispositions = []
         for line in raw[pos + 2 : head_end].split(b"\r\n"):
             k, _, v = line.partition(b":")
             if k.strip().lower() == b"content-disposition":
-                disposition = v
-        nm = _NAME.search(disposition)
-        if nm is None:
-            raise BadRequest("Malformed multipart body: part without a name.", code="invalid_multipart")
-        if _FILENAME.search(disposition) is None and end - start <= FIELD_MAX:
-            name = nm.group(1).decode("utf-8", "replace")
+                dispositions.append(v.decode("utf-8", "surrogateescape"))
+        if len(dispositions) != 1:
+            raise BadRequest("Malformed multipart body: a part needs one Content-Disposition.",
+                             code="invalid_multipart")
+        params = header_params(dispositions[0], "A part's Content-Disposition")
+        name = params.get("name")
+        if name is None or "name*" in params:
+            raise BadRequest("Malformed multipart body: a part needs one plain name.", code="invalid_multipart")
+        is_file = "filename" in params or "filename*" in params
+        if name in DECIDING_FIELDS:
+            if name in seen:
+                raise BadRequest(f"Form field '{name}' is given twice; send it once.", code="duplicate_key",
+                                 param=name)
+            if is_file or end - start > FIELD_MAX:
+                raise BadRequest(f"Form field '{name}' must be a short text field.", code="invalid_multipart",
+                                 param=name)
+            seen.add(name)
+        if not is_file and end - start <= FIELD_MAX:
             try:
                 fields.setdefault(name, raw[start:end].decode("utf-8"))
             except UnicodeDecodeError:
-                raise BadRequest(f"Form field '{name}' is not UTF-8.", code="invalid_multipart") from None
-            if name == "model" and fields.model_span == (0, 0):
+                raise BadRequest(f"Form field '{name[:40]}' is not UTF-8.", code="invalid_multipart") from None
+            if name == "model":
                 fields.model_span = (start, end)
         pos = end + len(sep)
 

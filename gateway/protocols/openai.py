@@ -27,7 +27,11 @@ class HiddenUsageChunk:
     """For a stream where the gateway switched ``include_usage`` on: passes
     complete events through as they arrive, drops the usage-only chunk (empty
     ``choices``) that the client did not ask for, and the ``"usage":null``
-    that include_usage adds to every other chunk."""
+    that include_usage adds to every other chunk.
+
+    An event longer than ``SSEEvents``' limit (1 MiB: far above any chat
+    chunk) is relayed as it arrives, unparsed, and the row is flagged
+    ``sse_event_too_large``: the usage may be incomplete."""
 
     __slots__ = ("_events", "_usage")
 
@@ -36,34 +40,37 @@ class HiddenUsageChunk:
         self._usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        complete, events = self._events.split(chunk)
+        before, complete, events, after = self._events.split(chunk)
         if b'"usage":null' in complete:
             complete = complete.replace(b',"usage":null', b"")
-        if b'"usage"' not in complete:
-            return complete
-        events = [e.replace(b',"usage":null', b"") for e in events]
-        kept = []
-        dropped = False
-        for ev in events:
-            data = event_data(ev)
-            if b'"usage"' in data and data.startswith(b"{"):
-                try:
-                    obj = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    self._usage = obj["usage"]
-                    if not obj.get("choices"):
-                        dropped = True
-                        continue
-            kept.append(ev)
-        if not dropped:
-            return complete
-        sep = b"\r\n\r\n" if complete.endswith(b"\r\n\r\n") else b"\n\n"
-        return b"".join(e + sep for e in kept)
+        if b'"usage"' in complete:
+            events = [e.replace(b',"usage":null', b"") for e in events]
+            kept = []
+            dropped = False
+            for ev in events:
+                data = event_data(ev)
+                if b'"usage"' in data and data.startswith(b"{"):
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        obj = None
+                    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                        self._usage = obj["usage"]
+                        if not obj.get("choices"):
+                            dropped = True
+                            continue
+                kept.append(ev)
+            if dropped:
+                sep = b"\r\n\r\n" if complete.endswith(b"\r\n\r\n") else b"\n\n"
+                complete = b"".join(e + sep for e in kept)
+        # Bytes of an event too long to hold pass around the parsed part.
+        return before + complete + after if before or after else complete
 
     def finish(self) -> Usage:
-        return chat_usage(self._usage)
+        usage = chat_usage(self._usage)
+        if self._events.overflowed:
+            usage.error = "sse_event_too_large"
+        return usage
 
     def flush(self) -> bytes:
         return self._events.pending

@@ -1099,7 +1099,9 @@ class TranslatedStream:
         self._t = t
 
     def feed(self, chunk: bytes) -> bytes:
-        _, events = self._events.split(chunk)
+        # An event too long to hold (SSEEvents' bound) cannot be translated:
+        # its bytes are dropped, and the row says so (finish).
+        _, _, events, _ = self._events.split(chunk)
         out = []
         t = self._t
         for ev in events:
@@ -1125,5 +1127,5 @@ class TranslatedStream:
 
     def finish(self) -> Usage:
         u = self._t.usage()
-        u.error = self._t.error()
+        u.error = self._t.error() or ("sse_event_too_large" if self._events.overflowed else None)
         return u

@@ -1,0 +1,137 @@
+"""Ambiguous bodies (issue 11, item 9): anything the gateway checks and bills
+as one value while the upstream may act on another is refused with a 400,
+before it goes upstream; the ordinary bodies that look alike still pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .conftest import Gateway, Upstream
+
+CHAT = "/v1/chat/completions"
+MSG = "/v1/messages"
+EDITS = "/v1/images/edits"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def send(http: aiohttp.ClientSession, gw: Gateway, key: str, path: str, raw: bytes,
+               content_type: str = "application/json", **headers: str) -> tuple[int, Any]:
+    async with http.post(gw.url + path, data=raw, headers={**auth(key), "Content-Type": content_type,
+                                                           **headers}) as r:
+        text = await r.text()
+        return r.status, orjson.loads(text) if text.startswith("{") else text
+
+
+MESSAGES = '"messages":[{"role":"user","content":"hi"}]'
+
+
+async def test_json_with_a_deciding_key_twice_is_refused(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    gw = pgateway
+    key = await gw.key()
+    ambiguous: list[tuple[str, str, str]] = [
+        # The cheap model checked and billed, the other one run (or the reverse).
+        (CHAT, f'{{"model":"gpt-test",{MESSAGES},"model":"renamed"}}', "model"),
+        (CHAT, f'{{"mod\\u0065l":"renamed",{MESSAGES},"model":"gpt-test"}}', "model"),
+        (CHAT, f'{{"\\u006dodel":"renamed", "model" :"gpt-test",{MESSAGES}}}', "model"),
+        # Streamed or not decides how usage is read (and hidden).
+        (CHAT, f'{{"model":"gpt-test","stream":false,{MESSAGES},"stream":true}}', "stream"),
+        (CHAT, f'{{"model":"gpt-test","stream":true,"stream_options":{{}},{MESSAGES},"stream_options":{{}}}}',
+         "stream_options"),
+        (CHAT, f'{{"model":"gpt-test","stream":true,"stream_options":{{"include_usage":false,'
+               f'"include_usage":true}},{MESSAGES}}}', "stream_options.include_usage"),
+        (MSG, f'{{"model":"claude-test","max_tokens":5,{MESSAGES},"model":"claude-renamed"}}', "model"),
+        ("/v1/responses", '{"model":"gpt-test","input":"hi","model":"renamed"}', "model"),
+    ]
+    for path, raw, param in ambiguous:
+        status, data = await send(http, gw, key, path, raw.encode())
+        assert status == 400, (raw, data)
+        err = data["error"]
+        assert (err.get("param"), err.get("code")) in ((param, "duplicate_key"), (None, None)), data
+        assert param.split(".")[-1] in err["message"], data
+    # A non-boolean stream: an upstream that reads "true" or 1 as true would
+    # stream while the gateway reads the answer as a plain body.
+    for value in ('"true"', "1", '"yes"', "{}"):
+        status, data = await send(http, gw, key, CHAT, f'{{"model":"gpt-test","stream":{value},{MESSAGES}}}'.encode())
+        assert status == 400 and data["error"]["param"] == "stream", (value, data)
+    assert upstream.state.requests == []
+
+    # What looks alike but is not ambiguous still goes through.
+    fine = [
+        # "model" as a nested property name (a tool's schema), and in content.
+        f'{{"model":"gpt-test",{MESSAGES},"tools":[{{"type":"function","function":{{"name":"pick",'
+        '"parameters":{"type":"object","properties":{"model":{"type":"string"},"stream":{}}}}}]}',
+        # Escaped text (non-ASCII, a control character) in the content.
+        '{"model":"gpt-test","messages":[{"role":"user","content":"\\u4f60\\u597d \\u001b[1m \\"model\\""}]}',
+        f'{{"model":"gpt-test","stream":null,{MESSAGES}}}',
+    ]
+    for raw in fine:
+        status, data = await send(http, gw, key, CHAT, raw.encode())
+        assert status == 200, (raw, data)
+    assert len(upstream.state.requests) == len(fine)
+    assert await gw.wait_usage(len(ambiguous) + 4 + len(fine)) and len(gw.usage_rows()) == len(ambiguous) + 4 + len(
+        fine)
+
+
+def form(*parts: tuple[str, bytes], boundary: str = "b0und") -> bytes:
+    """A multipart body from (part headers, value) pairs."""
+    out = b""
+    for head, value in parts:
+        out += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def field(name: str, value: bytes, extra: str = "") -> tuple[str, bytes]:
+    return f'Content-Disposition: form-data; name="{name}"{extra}', value
+
+
+async def test_multipart_read_two_ways_is_refused(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    gw = pgateway
+    key = await gw.key()
+    image = field("image", b"\x89PNG fake", '; filename="a.png"')
+    ct = "multipart/form-data; boundary=b0und"
+    ambiguous: list[tuple[bytes, str]] = [
+        (form(field("model", b"gpt-image-test"), image, field("model", b"image-renamed")), ct),
+        (form(field("model", b"gpt-image-test"), field("stream", b"false"), field("stream", b"true"), image), ct),
+        # Two boundaries: which one splits the body depends on the parser.
+        (form(field("model", b"gpt-image-test"), image), "multipart/form-data; boundary=b0und; boundary=other"),
+        (form(field("model", b"gpt-image-test"), image), 'multipart/form-data; boundary="b0und"; BOUNDARY=b0und'),
+        # A part with two names, an encoded name, two dispositions, model as a file.
+        (form(('Content-Disposition: form-data; name="model"; name="prompt"', b"gpt-image-test"), image), ct),
+        (form(("Content-Disposition: form-data; name*=utf-8''model", b"image-renamed"),
+              field("model", b"gpt-image-test"), image), ct),
+        (form(('Content-Disposition: form-data; name="prompt"\r\nContent-Disposition: form-data; name="model"',
+               b"image-renamed"), field("model", b"gpt-image-test"), image), ct),
+        (form(field("model", b"gpt-image-test", '; filename="m.txt"'), field("model", b"x"), image), ct),
+    ]
+    for raw, content_type in ambiguous:
+        status, data = await send(http, gw, key, EDITS, raw, content_type)
+        assert status == 400, (raw[:200], data)
+    # Two Content-Type headers: the gateway would read one, the upstream maybe
+    # the other. aiohttp's parser refuses a repeated singleton header before
+    # the request reaches the gateway (so it has no usage row).
+    async with http.post(gw.url + EDITS, data=form(field("model", b"gpt-image-test"), image),
+                         headers=[("Authorization", f"Bearer {key}"), ("Content-Type", ct),
+                                  ("Content-Type", "application/json")]) as r:
+        assert r.status == 400 and (await r.json())["error"]["code"] == "bad_http_request"
+    assert upstream.state.requests == []
+
+    # A quoted boundary holding a ';', several image[] parts: fine.
+    quoted = 'multipart/form-data; boundary="b;0und"'
+    ok = form(field("model", b"gpt-image-test"), field("prompt", b"a cat"), image,
+              field("image[]", b"\x89PNG other", '; filename="b.png"'), boundary="b;0und")
+    status, data = await send(http, gw, key, EDITS, ok, quoted)
+    assert status == 200, data
+    assert upstream.state.requests[-1].body == ok  # still byte for byte
+    rows = await gw.wait_usage(len(ambiguous) + 1)
+    assert len(rows) == len(ambiguous) + 1
+    assert [r["status"] for r in rows].count(400) == len(ambiguous)
