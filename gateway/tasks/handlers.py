@@ -11,6 +11,7 @@ compare-and-swap into ``succeeded`` (see gateway.store.tasks).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ def _json(obj: Any) -> web.Response:
 
 def _envelope(data: dict[str, Any]) -> web.Response:
     return _json({"code": 200, "msg": "OK", "data": data})
+
+
+# The upstream task ids a poll may adopt: the providers' own form (Ark's
+# "cgt-20250507173314-t4pkt", a gateway's "vt_<hex>"), nothing a lax upstream
+# could normalise into another id.
+ADOPTABLE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,255}")
 
 
 def task_not_found() -> NotFound:
@@ -164,6 +171,10 @@ async def get_video_task(request: web.Request) -> web.Response:
         if t.workspace_id != key.workspace_id:
             raise task_not_found()
     elif "model" in request.query:
+        if not ADOPTABLE_ID.fullmatch(task_id):
+            # Another spelling of an id (case, padding, encoding) that an
+            # upstream might read as a task some workspace owns: never asked.
+            raise task_not_found()
         t = await adopt_task(request, gw, svc, key, request.query["model"], task_id)
     else:
         raise task_not_found()
