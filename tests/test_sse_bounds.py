@@ -113,3 +113,29 @@ def test_splitting_gives_back_every_byte_in_order() -> None:
                 assert parsed == [b"data: 1", b"data: " + b"l" * 50, b"data: 2", b": " + b"m" * 30, b"data: 3"]
             elif size == 1:
                 assert events.overflowed and b"data: 1" in parsed
+
+
+async def test_absurd_usage_numbers_are_not_stored(make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    """An upstream reporting more tokens than a 64-bit integer holds (found
+    by the fuzz suite, on a Responses stream: the row could not be written,
+    the request was a 500 and the usage writer stuck): the answer is
+    relayed, the absurd count read as 0."""
+    async def responses(request: web.Request) -> web.Response:
+        event = (b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+                 b'{"input_tokens":99999999999999999999,"output_tokens":3}}}\n\n')
+        return web.Response(body=event, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    running = await start_app(app, "127.0.0.1", 0, shutdown_timeout=1.0)
+    try:
+        gw = await make_gateway(config_toml(running.url + "/v1"))
+        key = await gw.key()
+        for _ in range(2):
+            async with http.post(gw.url + "/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                                 json={"model": "gpt-test", "input": "hi", "stream": True}) as r:
+                assert r.status == 200 and b"99999999999999999999" in await r.read()
+        rows = await gw.wait_usage(2)
+        assert [(x["status"], x["input_tokens"], x["output_tokens"]) for x in rows] == [(200, 0, 3)] * 2
+    finally:
+        await running.runner.cleanup()

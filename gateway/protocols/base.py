@@ -208,8 +208,15 @@ class JsonBody:
         return Prepared(orjson.dumps({**obj, "model": upstream_model}), stream)
 
 
+# More tokens than any answer has: a count above it is an upstream's garbage
+# (it would overflow the database's 64-bit integers, or bill absurdly), read as 0.
+MAX_TOKENS = 10**12
+
+
 def as_int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    """A token count from an upstream's usage object: a positive integer up
+    to MAX_TOKENS, else 0."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_TOKENS else 0
 
 
 class Tail:

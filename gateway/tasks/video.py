@@ -21,7 +21,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..errors import BadGateway, BadRequest, NotFound
-from ..protocols.base import parse_json_body
+from ..protocols.base import as_int, parse_json_body
 from .options import resource_url
 from .upstream import Answer, bad_answer, bearer, call, upstream_error
 
@@ -156,10 +156,6 @@ def _ok(up: UpstreamConfig, answer: Answer) -> dict[str, Any]:
     return answer.obj
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
-
-
 def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
@@ -241,9 +237,9 @@ class ArkVideo:
                 "resolution": obj.get("resolution"), "ratio": obj.get("ratio"),
             }
             u = _dict(obj.get("usage"))
-            tokens = _int(u.get("completion_tokens"))
+            tokens = as_int(u.get("completion_tokens"))
             snap.usage = {"video_tokens": tokens, "completion_tokens": tokens,
-                          "total_tokens": _int(u.get("total_tokens")) or tokens}
+                          "total_tokens": as_int(u.get("total_tokens")) or tokens}
         return snap
 
 
@@ -280,9 +276,9 @@ class GatewayVideo:
         if status == "succeeded":
             snap.video = obj.get("video") if isinstance(obj.get("video"), dict) else None
             u = _dict(obj.get("usage"))
-            tokens = _int(u.get("video_tokens")) or _int(u.get("completion_tokens"))
-            snap.usage = {"video_tokens": tokens, "completion_tokens": _int(u.get("completion_tokens")) or tokens,
-                          "total_tokens": _int(u.get("total_tokens")) or tokens}
+            tokens = as_int(u.get("video_tokens")) or as_int(u.get("completion_tokens"))
+            snap.usage = {"video_tokens": tokens, "completion_tokens": as_int(u.get("completion_tokens")) or tokens,
+                          "total_tokens": as_int(u.get("total_tokens")) or tokens}
         return snap
 
 
