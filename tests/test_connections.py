@@ -123,7 +123,7 @@ async def test_a_401_flood_stays_small(make_gateway: GatewayFactory, upstream: U
 
 SLOW = """
 header_timeout_s = 0.5
-keepalive_timeout_s = 1.0
+keepalive_timeout_s = 2.0
 """
 
 
@@ -172,7 +172,7 @@ async def test_slow_and_silent_clients_are_cut_off(
                                 *[held_open(port, half, 3.0) for _ in range(30)],
                                 *[trickle() for _ in range(5)])
     assert not any(held), held
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 20  # each closed after 0.5 s, not after aiohttp's hour
 
     # A kept-alive connection left idle is closed after keepalive_timeout_s;
     # one used again in time keeps working.
@@ -184,15 +184,15 @@ async def test_slow_and_silent_clients_are_cut_off(
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
         assert head.startswith(b"HTTP/1.1 200")
-        await asyncio.sleep(0.6)
-    assert await asyncio.wait_for(reader.read(), 3.0) == b""
+        await asyncio.sleep(0.5)  # idle, but less than keepalive_timeout_s
+    assert await asyncio.wait_for(reader.read(), 6.0) == b""
     writer.close()
 
     # A head sent in pieces, in time, is served.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = request(key=key)
     writer.write(data[:20])
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.1)
     writer.write(data[20:])
     assert (await asyncio.wait_for(reader.read(), 3.0)).startswith(b"HTTP/1.1 200")
     writer.close()
