@@ -33,7 +33,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from .context import GATEWAY
 from .errors import GatewayError, NotFound, Unauthorized
 from .store import users
-from .store.audit import Actor
+from .store.audit import Actor, changes
 from .store.schema import connect
 from .store.scope import Scope
 
@@ -265,12 +265,24 @@ async def verify_password(request: web.Request, hashed: str | None, password: st
 # ------------------------------------------------------------------ sign-in throttling
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A sign-in attempt, counted as a failure until it succeeds (``passed``)."""
+
+    email: str
+    address_row: int
+
+
+def _window_s(request: web.Request) -> float:
+    return request.app[GATEWAY].config.console.login_window_minutes * 60
+
+
 def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> TooManyAttempts | None:
     """The error to answer if this account or this address has failed too
     often within the window, else None. Keyed by the email as typed, so an
     unknown account is throttled exactly like a real one."""
     console = request.app[GATEWAY].config.console
-    window = console.login_window_minutes * 60
+    window = _window_s(request)
     for scope, subject, limit, what in (
         ("account", email, console.login_failures_per_account, "for this account"),
         ("address", client_address(request), console.login_failures_per_address, "from your address"),
@@ -285,8 +297,24 @@ def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: f
     return None
 
 
-def failed(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> None:
-    users.add_failure(conn, "account", email, now)
-    users.add_failure(conn, "address", client_address(request), now)
-    window = request.app[GATEWAY].config.console.login_window_minutes * 60
-    users.prune_failures(conn, now - window)
+def attempt(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> Attempt:
+    """Count a sign-in attempt for ``email`` from this address before its
+    password is checked, or raise TooManyAttempts. The check and the count
+    are one write transaction: attempts sent all at once cannot all pass the
+    check before any of them is counted (and make argon2 work for each)."""
+    with changes(conn):
+        err = throttled(conn, request, email, now)
+        if err is not None:
+            raise err
+        users.add_failure(conn, "account", email, now)
+        row = users.add_failure(conn, "address", client_address(request), now)
+        users.prune_failures(conn, now - _window_s(request))
+    return Attempt(email, row)
+
+
+def passed(conn: sqlite3.Connection, attempt: Attempt) -> None:
+    """The attempt succeeded: it is no failure, and the account's count
+    starts again."""
+    with changes(conn):
+        users.clear_failures(conn, "account", attempt.email)
+        users.drop_failure(conn, attempt.address_row)

@@ -11,8 +11,9 @@ their own.
 
 Sign-in answers "Email or password is incorrect." for an unknown email, a
 wrong password, a disabled account and an invitation not yet accepted alike,
-after the same argon2 work (gateway.access); failures are counted per email
-typed and per address, and past the limit a 429 says when to try again.
+after the same argon2 work (gateway.access); attempts are counted per email
+typed and per address before the password is checked (a success is
+uncounted), and past the limit a 429 says when to try again.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ from aiohttp import web
 
 from .access import (
     HASHER,
+    Attempt,
     NotAllowed,
     Principal,
     TooManyAttempts,
+    attempt,
     clear_session_cookie,
     client_address,
     db,
-    failed,
     hash_password,
+    passed,
     set_session_cookie,
-    throttled,
     verify_password,
 )
 from .admin import (
@@ -154,27 +156,25 @@ def _signed_in(request: web.Request, started: tuple[str, dict[str, Any]], status
 
 async def _check_password(request: web.Request, email: str, password: str, now: float) -> int:
     """The user id for these credentials, or 401 / 429. Throttled per email
-    typed and per address; the same work whether or not the account exists."""
+    typed and per address, each attempt counted before the password is
+    checked (gateway.access.attempt); the same work whether or not the
+    account exists."""
 
-    def lookup(conn: sqlite3.Connection) -> tuple[int, str | None, bool] | None:
-        err = throttled(conn, request, email, now)
-        if err is not None:
-            raise err
-        return users.password_hash(conn, email)
+    def lookup(conn: sqlite3.Connection) -> tuple[Attempt, tuple[int, str | None, bool] | None]:
+        return attempt(conn, request, email, now), users.password_hash(conn, email)
 
-    row = await db(request, lookup)
+    tried, row = await db(request, lookup)
     hashed = row[1] if row is not None and not row[2] else None
     # Always verify (against a dummy hash when there is no usable one), so
     # the time taken does not tell whether the account exists.
     ok = await verify_password(request, hashed, password)
     if not ok or row is None:
-        await db(request, lambda c: failed(c, request, email, now))
         raise Unauthorized("Email or password is incorrect.", code="invalid_credentials")
     user_id = row[0]
     if hashed is not None and HASHER.check_needs_rehash(hashed):
         new_hash = await hash_password(request, password)
         await db(request, lambda c: users.set_password(c, user_id, new_hash))
-    await db(request, lambda c: users.clear_failures(c, "account", email))
+    await db(request, lambda c: passed(c, tried))
     return user_id
 
 
@@ -394,7 +394,8 @@ async def accept_invitation(request: web.Request) -> web.Response:
 async def sign_up(request: web.Request) -> web.Response:
     """Open sign-up (``[console] open_signup``): an account and a workspace
     of its own, where the new user is the owner. Sign-ups per address count
-    against ``login_failures_per_address`` like failed sign-ins."""
+    against ``login_failures_per_address`` like failed sign-ins, each
+    counted before its password is hashed (as sign-in attempts are)."""
     cfg = request.app[GATEWAY].config
     if not cfg.console.open_signup:
         raise NotAllowed("Sign-up is closed: ask an admin for an invitation.", code="signup_closed")
@@ -406,20 +407,25 @@ async def sign_up(request: web.Request) -> web.Response:
     if not ws_name:
         raise BadRequest("workspace is required", param="workspace")
     now, address = _now(request), client_address(request)
+
+    def count(conn: sqlite3.Connection) -> None:
+        window = cfg.console.login_window_minutes * 60
+        with changes(conn):
+            n, oldest = users.failures(conn, "signup", address, now - window)
+            if n >= cfg.console.login_failures_per_address and oldest is not None:
+                wait = int(oldest + window - now) + 1
+                raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
+                                      headers={"Retry-After": str(wait)})
+            users.add_failure(conn, "signup", address, now)
+
+    await db(request, count)
     new_hash = await hash_password(request, password)
 
     def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
-        window = cfg.console.login_window_minutes * 60
-        count, oldest = users.failures(conn, "signup", address, now - window)
-        if count >= cfg.console.login_failures_per_address and oldest is not None:
-            wait = int(oldest + window - now) + 1
-            raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
-                                  headers={"Retry-After": str(wait)})
         with changes(conn):
             u = users.create_user(conn, email, now=now, name=name, password_hash=new_hash)
             ws = queries.create_workspace(conn, ws_name)
             users.set_membership(conn, u["id"], ws["id"], "owner", now)
-            users.add_failure(conn, "signup", address, now)
             actor = Actor(email, u["id"], address)
             audit.record(conn, actor, "user.signup", now=now, target_type="user", target_id=u["id"],
                          workspace_id=ws["id"], after={"user": u, "workspace": ws})

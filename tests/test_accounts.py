@@ -790,3 +790,60 @@ async def test_sign_in_page_opens_on_the_token_until_there_are_accounts(
     assert (await c.call("GET", "/signin-options"))["token_first"] is True
     await admin_gateway.add_user("first@example.com", admin=True)
     assert (await c.call("GET", "/signin-options"))["token_first"] is False
+
+
+# ------------------------------------------------------------------ attacks (red team)
+
+
+async def test_concurrent_sign_ins_cannot_outrun_the_throttle(
+    make_gateway: GatewayFactory, upstream: Upstream, consoles: list[Console],
+) -> None:
+    """Guesses sent all at once count like guesses sent one by one: each is
+    counted before its password is checked, so only the allowed number are
+    ever checked and the rest get 429 without costing any argon2 work."""
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\nlogin_failures_per_account = 3\n"
+                                        "login_failures_per_address = 5\n"))
+    await gw.add_user("m@example.com", team="member")
+    c = await console(consoles, gw)
+
+    async def guess(email: str, i: int) -> int:
+        status, _ = await c.raw("POST", "/session", {"email": email, "password": f"wrong guess {i:04}"})
+        return status
+
+    got = await asyncio.gather(*(guess("m@example.com", i) for i in range(12)))
+    assert sorted(got) == [401] * 3 + [429] * 9
+    err = await c.sign_in("m@example.com", expect=429)  # locked, even with the right password
+    assert err["error"]["code"] == "too_many_sign_in_attempts"
+    # Per address too: 2 more from here (5 in all), then 429 whatever the account.
+    got = await asyncio.gather(*(guess(f"u{i}@example.com", i) for i in range(10)))
+    assert sorted(got) == [401] * 2 + [429] * 8
+
+
+async def test_a_successful_sign_in_is_not_counted_as_a_failure(
+    make_gateway: GatewayFactory, upstream: Upstream, consoles: list[Console],
+) -> None:
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\nlogin_failures_per_account = 2\n"
+                                        "login_failures_per_address = 2\n"))
+    await gw.add_user("m@example.com", team="member")
+    c = await console(consoles, gw)
+    for _ in range(5):
+        await c.sign_in("m@example.com")
+    await c.sign_in("m@example.com", "wrong password!", expect=401)
+    await c.sign_in("m@example.com")
+    assert gw.conn.execute("SELECT COUNT(*) FROM login_failures WHERE scope != 'signup'").fetchone()[0] == 1
+
+
+async def test_concurrent_sign_ups_cannot_outrun_the_address_limit(
+    make_gateway: GatewayFactory, upstream: Upstream, consoles: list[Console],
+) -> None:
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\nopen_signup = true\n"
+                                        "login_failures_per_address = 3\n"))
+    c = await console(consoles, gw)
+
+    async def sign_up(i: int) -> int:
+        status, _ = await c.raw("POST", "/signup", {"email": f"s{i}@example.com", "password": "long enough pw"})
+        return status
+
+    got = await asyncio.gather(*(sign_up(i) for i in range(10)))
+    assert sorted(got) == [201] * 3 + [429] * 7
+    assert gw.conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 3

@@ -315,8 +315,14 @@ def failures(conn: sqlite3.Connection, scope: str, subject: str, since: float) -
     return int(row[0]), row[1]
 
 
-def add_failure(conn: sqlite3.Connection, scope: str, subject: str, now: float) -> None:
-    conn.execute("INSERT INTO login_failures (scope, subject, ts) VALUES (?, ?, ?)", (scope, subject, now))
+def add_failure(conn: sqlite3.Connection, scope: str, subject: str, now: float) -> int:
+    """Count one failure; returns its row id (for ``drop_failure``)."""
+    cur = conn.execute("INSERT INTO login_failures (scope, subject, ts) VALUES (?, ?, ?)", (scope, subject, now))
+    return int(cur.lastrowid or 0)
+
+
+def drop_failure(conn: sqlite3.Connection, row_id: int) -> None:
+    conn.execute("DELETE FROM login_failures WHERE rowid = ?", (row_id,))
 
 
 def clear_failures(conn: sqlite3.Connection, scope: str, subject: str) -> None:
