@@ -847,3 +847,50 @@ async def test_concurrent_sign_ups_cannot_outrun_the_address_limit(
     got = await asyncio.gather(*(sign_up(i) for i in range(10)))
     assert sorted(got) == [201] * 3 + [429] * 7
     assert gw.conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 3
+
+
+async def test_an_invitation_dies_with_its_inviters_right_to_make_it(
+    admin_gateway: Gateway, http: aiohttp.ClientSession, consoles: list[Console],
+) -> None:
+    """An owner's invitation links stop working once the owner may no longer
+    invite to that workspace (removed, demoted or disabled), and an admin's
+    invitation to be an admin once they are no admin: otherwise an owner
+    about to be removed could keep an owner's link and come back with it."""
+    gw = admin_gateway
+    owner = await gw.add_user("o@example.com", team="owner")
+    root = await gw.add_user("root@example.com", admin=True)
+    ws = gw.conn.execute("SELECT id FROM workspaces WHERE name = 'team'").fetchone()[0]
+    o, r = await console(consoles, gw, "o@example.com"), await console(consoles, gw, "root@example.com")
+
+    async def link(c: Console, body: dict[str, Any]) -> str:
+        made = await c.call("POST", "/invitations", body, expect=201)
+        return str(made["link"].split("#invite=")[1])
+
+    removed = await link(o, {"email": "back-door@example.com", "workspace_id": ws, "role": "owner"})
+    demoted = await link(o, {"email": "side-door@example.com", "workspace_id": ws, "role": "owner"})
+    admin_link = await link(r, {"email": "new-admin@example.com", "role": "admin"})
+    await operator(http, gw, "PATCH", f"/workspaces/{ws}/members/{owner}", {"role": "member"})
+    await operator(http, gw, "PATCH", f"/users/{root}", {"is_admin": False})
+    invitee = await console(consoles, gw)
+    for token in (demoted, admin_link):
+        await invitee.call("POST", "/invitation/inspect", {"token": token}, expect=404)
+        await invitee.call("POST", "/invitation/accept", {"token": token, "password": "long enough pw"}, expect=404)
+    await operator(http, gw, "DELETE", f"/workspaces/{ws}/members/{owner}")
+    await invitee.call("POST", "/invitation/accept", {"token": removed, "password": "long enough pw"}, expect=404)
+    assert (await operator(http, gw, "GET", "/invitations"))["data"] == []
+    # A disabled inviter's links are dead too, and come back with them; the
+    # operator token's (no inviter) stand on their own.
+    await operator(http, gw, "PATCH", f"/users/{root}", {"is_admin": True})
+    kept = await link(r, {"email": "kept@example.com", "workspace_id": ws})
+    made = await operator(http, gw, "POST", "/invitations", {"email": "op@example.com", "workspace_id": ws},
+                          expect=201)
+    await operator(http, gw, "PATCH", f"/users/{root}", {"disabled": True})
+    await invitee.call("POST", "/invitation/inspect", {"token": kept}, expect=404)
+    listed = await operator(http, gw, "GET", "/invitations")
+    assert [i["email"] for i in listed["data"]] == ["op@example.com"]
+    await invitee.call("POST", "/invitation/inspect", {"token": made["link"].split("#invite=")[1]})
+    await operator(http, gw, "PATCH", f"/users/{root}", {"disabled": False})
+    me = await invitee.call("POST", "/invitation/accept", {"token": kept, "password": "long enough pw"})
+    assert [(w["name"], w["role"]) for w in me["workspaces"]] == [("team", "member")]
+    assert gw.conn.execute("SELECT COUNT(*) FROM users WHERE email LIKE '%door%' OR email LIKE 'new-admin%'"
+                           ).fetchone()[0] == 0

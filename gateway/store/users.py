@@ -201,6 +201,15 @@ _INVITE_COLUMNS = """i.id, i.email, i.workspace_id, w.name AS workspace, i.role,
     u.email AS invited_by_email, i.created_at, i.expires_at, i.accepted_at, i.revoked_at"""
 _INVITE_FROM = ("invitations i LEFT JOIN workspaces w ON w.id = i.workspace_id "
                 "LEFT JOIN users u ON u.id = i.invited_by")
+# An invitation can be accepted while it is open and its inviter could still
+# make it: the CLI or the operator token (no inviter), or an enabled user who
+# is an admin or (for a workspace role) an owner of that workspace. Checked at
+# acceptance, not only at creation, so an owner who is removed, demoted or
+# disabled cannot come back through a link made beforehand.
+_INVITE_OPEN = f"""i.accepted_at IS NULL AND i.revoked_at IS NULL AND i.expires_at > ?
+    AND (i.invited_by IS NULL OR (u.disabled_at IS NULL AND (u.is_admin = 1 OR (i.role IN ({marks(ROLES)})
+        AND EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = i.invited_by
+                    AND m.workspace_id = i.workspace_id AND m.role = 'owner')))))"""
 
 
 def create_invitation(conn: sqlite3.Connection, email: str, *, workspace_id: int | None, role: str,
@@ -223,11 +232,10 @@ def get_invitation(conn: sqlite3.Connection, inv_id: int) -> dict[str, Any]:
 
 
 def open_invitation(conn: sqlite3.Connection, token: str, now: float) -> dict[str, Any] | None:
-    """The invitation a token names, if it can still be accepted."""
+    """The invitation a token names, if it can still be accepted (``_INVITE_OPEN``)."""
     row = conn.execute(
-        f"SELECT {_INVITE_COLUMNS} FROM {_INVITE_FROM} WHERE i.token_hash = ? AND i.accepted_at IS NULL "
-        "AND i.revoked_at IS NULL AND i.expires_at > ?",
-        (token_hash(token), now),
+        f"SELECT {_INVITE_COLUMNS} FROM {_INVITE_FROM} WHERE i.token_hash = ? AND {_INVITE_OPEN}",
+        (token_hash(token), now, *ROLES),
     ).fetchone()
     return None if row is None else dict(row)
 
@@ -245,9 +253,8 @@ def close_invitation(conn: sqlite3.Connection, inv_id: int, now: float, *, accep
 def list_invitations(conn: sqlite3.Connection, now: float, workspaces: Iterable[int] | None = None,
                      workspace_id: int | None = None) -> list[dict[str, Any]]:
     """Open invitations, of ``workspaces`` only when given."""
-    sql = (f"SELECT {_INVITE_COLUMNS} FROM {_INVITE_FROM} WHERE i.accepted_at IS NULL AND i.revoked_at IS NULL "
-           "AND i.expires_at > ?")
-    args: list[Any] = [now]
+    sql = f"SELECT {_INVITE_COLUMNS} FROM {_INVITE_FROM} WHERE {_INVITE_OPEN}"
+    args: list[Any] = [now, *ROLES]
     if workspaces is not None:
         ws = sorted(workspaces)
         sql += f" AND i.workspace_id IN ({marks(ws)})"
