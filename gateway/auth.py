@@ -159,6 +159,19 @@ class KeyCache:
             raise _invalid()
         return None
 
+    def key_hash(self, request: web.Request) -> str:
+        """The hash of the key a request carries (for ``current``)."""
+        return _hash(self._token(request))
+
+    def current(self, key_hash: str) -> KeyInfo | None:
+        """The live key with this hash as the cache holds it now (None once
+        it is revoked, its user disabled, or it expired): for a connection
+        that outlives the request that authenticated it."""
+        info = self._by_hash.get(key_hash)
+        if info is None or (info.expires_at is not None and info.expires_at <= time.time()):
+            return None
+        return info
+
     async def authenticate_new(self, request: web.Request) -> KeyInfo:
         """A well-formed key missing from the cache, looked up once in the
         database (bounded: see the module docstring); 401 if unknown."""

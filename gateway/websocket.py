@@ -54,7 +54,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .auth import KeyInfo
 from .bounds import shown
 from .context import CTX, GATEWAY, Gateway, RequestContext
-from .errors import BadRequest, GatewayError
+from .errors import BadRequest, GatewayError, Unauthorized
 from .errors import Protocol as ErrorShape
 from .intake import admit, finish, resolve_model
 from .protocols.base import Endpoint, Prepared, SSEEvents, Usage, UsageReader, check_model, event_data, parse_object
@@ -83,8 +83,10 @@ class Connection:
     ws: web.WebSocketResponse
     headers: CIMultiDictProxy[str]  # what each upstream request carries from the handshake
     limit: int  # bytes of chain context kept at most
+    key_hash: str  # the handshake's key, looked up again for every frame
     busy: bool = False
     closing: bool = False
+    refused: bool = False  # the key stopped working: closed after its error frame
     last_id: str | None = None
     context: list[Any] | None = None  # input + output items of the last response
     frames: int = 0
@@ -161,7 +163,7 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     # response, not one for the connection.
     writer.end(ctx.seq)
     ctx.seq = None
-    conn = Connection(ws, _upstream_headers(request), gw.config.server.max_body_bytes)
+    conn = Connection(ws, _upstream_headers(request), gw.config.server.max_body_bytes, gw.keys.key_hash(request))
     open_conns = request.app[WEBSOCKETS]
     open_conns.add(conn)
     # Frames are read here and answered one at a time by ``serve``, so a
@@ -197,6 +199,9 @@ async def serve(request: web.Request, gw: Gateway, conn: Connection, key: KeyInf
         while True:
             text = await frames.get()
             await respond(request, gw, conn, key, conn_id, text)
+            if conn.refused:
+                await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"API key no longer valid")
+                return
             if conn.closing:
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
                 return
@@ -228,6 +233,13 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
                 counted = False  # acknowledgements and the like: nothing to answer
                 return
             raise BadRequest("A frame needs a string 'type' (response.create).", code="invalid_frame")
+        # The key as it is now: revoked, expired or its user disabled since
+        # the upgrade ends the connection; changed limits and models apply.
+        fresh = gw.keys.current(conn.key_hash)
+        if fresh is None:
+            conn.refused = True
+            raise Unauthorized("Invalid, revoked or expired API key.")
+        ctx.key = key = fresh
         model = check_model(frame.get("model"))
         ctx.model = model  # the row bounds it
         ctx.model_cfg = model_cfg = resolve_model(gw, key, model)

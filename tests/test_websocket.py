@@ -179,3 +179,38 @@ async def test_translated_route_over_the_websocket(pgateway: Gateway, upstream: 
     reported = [u for _, u in upstream.state.reported]
     assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == [
         (u["input_tokens"], u["output_tokens"]) for u in reported]
+
+
+async def test_a_key_revoked_or_narrowed_mid_connection_is_refused_on_its_next_frame(
+    gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession,
+) -> None:
+    """The key is checked on every frame, not once at the upgrade: a socket
+    opened before the key was revoked (or its user disabled, or it expired)
+    gets a 401 error frame and is closed, and a narrowed allow-list applies
+    at once; nothing more goes upstream."""
+    narrowed, revoked = await gateway.key(), await gateway.key()
+    async with http.ws_connect(gateway.url + RESP, headers=auth(narrowed)) as ws1, \
+            http.ws_connect(gateway.url + RESP, headers=auth(revoked)) as ws2:
+        assert (await create(ws1))[-1]["type"] == "response.completed"
+        assert (await create(ws2))[-1]["type"] == "response.completed"
+        await gateway.write(lambda c: c.execute("UPDATE api_keys SET allowed_models = '[\"renamed\"]' "
+                                                "WHERE id = (SELECT MIN(id) FROM api_keys)").connection.commit())
+        await gateway.write(lambda c: c.execute("UPDATE api_keys SET revoked_at = 1 "
+                                                "WHERE id = (SELECT MAX(id) FROM api_keys)").connection.commit())
+        for _ in range(100):  # the key cache reloads every key_refresh_ms (100 ms here)
+            async with http.get(gateway.url + "/v1/models", headers=auth(revoked, **{"x-request-id": "keycheck"})) as r:
+                if r.status == 401:
+                    break
+            await asyncio.sleep(0.05)
+        sent = len(upstream.state.requests)
+        err = (await create(ws1))[-1]
+        assert err["status"] == 403 and err["error"]["code"] == "model_not_allowed"
+        err = (await create(ws2))[-1]
+        assert err["status"] == 401 and err["error"]["type"] == "authentication_error"
+        closed = await asyncio.wait_for(ws2.receive(), 5)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws2.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert len(upstream.state.requests) == sent
+    await gateway.wait_usage(4)
+    rows = [r for r in gateway.usage_rows() if r["endpoint"] == RESP]
+    assert sorted(r["status"] for r in rows) == [200, 200, 401, 403]
