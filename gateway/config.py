@@ -55,6 +55,11 @@ class ServerConfig:
     # Responses over a WebSocket on GET /v1/responses (gateway.websocket);
     # off: the upgrade gets 426 at once, and clients fall back to HTTP.
     responses_websocket: bool = True
+    # Requests that bill nothing (token counts, WebSocket warm-ups) are
+    # exempt from a key's own limits but bounded per key on their own:
+    # at most free_rpm a minute and free_concurrency at once (per process).
+    free_rpm: int = 600
+    free_concurrency: int = 64
 
     @property
     def max_body_bytes(self) -> int:
@@ -495,6 +500,8 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         log_requests=s.flag("log_requests", False),
         log_format=s.text("log_format", "text"),
         responses_websocket=s.flag("responses_websocket", True),
+        free_rpm=int(s.num("free_rpm", 600, minimum=1, integer=True)),
+        free_concurrency=int(s.num("free_concurrency", 64, minimum=1, integer=True)),
     )
     if server.log_format not in ("text", "json"):
         raise ConfigError("server.log_format: must be \"text\" or \"json\"")

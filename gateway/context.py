@@ -91,6 +91,7 @@ class RequestContext:
     error_type: str | None = None
     cost_usd: float = 0.0
     admitted: bool = False  # passed the key's limits; released at the end
+    admitted_free: bool = False  # a request that bills nothing, admitted apart (Limiter.admit_free)
     rowless: bool = False  # the door recorded this request's rows itself (a WebSocket's responses)
     rate_headers: list[tuple[str, str]] | None = None  # x-ratelimit-* for the response
     seq: int | None = None  # the usage writer's number for it while in flight (UsageWriter.begin)

@@ -62,6 +62,15 @@ async def admit(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
     ctx.admitted = True
 
 
+def admit_free(gw: Gateway, ctx: RequestContext, key: KeyInfo) -> None:
+    """Admit a request that bills nothing (a token count, a warm-up):
+    exempt from the key's limits, bounded by ``server.free_rpm`` and
+    ``server.free_concurrency`` per key instead (429 past them)."""
+    server = gw.config.server
+    gw.limits.admit_free(key, server.free_rpm, server.free_concurrency)
+    ctx.admitted_free = True
+
+
 def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
     m = gw.config.model(model)
     if m is None:
@@ -87,6 +96,8 @@ def finish(gw: Gateway, ctx: RequestContext, method: str, path: str) -> None:
     if key is not None:
         if ctx.admitted:
             gw.limits.release(key)
+        elif ctx.admitted_free:
+            gw.limits.release_free(key)
         u = ctx.usage
         if u is not None:
             # Token and spend limits count what was actually recorded.

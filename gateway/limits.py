@@ -98,6 +98,17 @@ class Limiter(Protocol):
         """Count a finished request's tokens and cost."""
         ...
 
+    def admit_free(self, key: KeyInfo, rpm: int, concurrency: int) -> None:
+        """Admit one request that bills nothing (a token count, a warm-up)
+        or raise RateLimited: such requests are counted apart from the
+        key's own limits, at most ``rpm`` a minute and ``concurrency`` at
+        once per key; each admitted one is ended by ``release_free``."""
+        ...
+
+    def release_free(self, key: KeyInfo) -> None:
+        """End of a request admitted by ``admit_free``."""
+        ...
+
     async def load(self, store: Store) -> None:
         """This month's spend and tokens from the usage recorded, before serving."""
         ...
@@ -123,6 +134,7 @@ class LocalLimiter:
         self.clock = clock
         self._keys: dict[int, _KeyState] = {}
         self._workspaces: dict[int, _WorkspaceState] = {}
+        self._free: dict[int, _KeyState] = {}  # requests that bill nothing, per key
         self._on_reject = on_reject
         self._month_start, self._month_end = month_bounds(clock())
         self._seen_id = 0  # usage rows up to this id are counted (load, sync)
@@ -195,6 +207,30 @@ class LocalLimiter:
             st = self._keys.get(key.id)
             if st is not None and st.active > 0:
                 st.active -= 1
+
+    def admit_free(self, key: KeyInfo, rpm: int, concurrency: int) -> None:
+        """See ``Limiter.admit_free``. Per process: with several workers or
+        instances each bounds its own share."""
+        now = self.clock()
+        st = self._free.get(key.id)
+        if st is None:
+            st = self._free[key.id] = _KeyState()
+        reqs = st.requests
+        while reqs and reqs[0] <= now - WINDOW_S:
+            reqs.popleft()
+        if st.active >= concurrency:
+            self._reject("free_concurrency", f"Too many token counts in progress: this key may have {concurrency} "
+                         "at once.", 1.0, "concurrency_limit_exceeded")
+        if len(reqs) >= rpm:
+            self._reject("free_rpm", f"Too many token counts: this key may make {rpm} a minute.",
+                         reqs[0] + WINDOW_S - now)
+        reqs.append(now)
+        st.active += 1
+
+    def release_free(self, key: KeyInfo) -> None:
+        st = self._free.get(key.id)
+        if st is not None and st.active > 0:
+            st.active -= 1
 
     # ----------------------------------------------------------- settlement
 

@@ -42,7 +42,7 @@ from .errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from .intake import admit, read_body, resolve_model
+from .intake import admit, admit_free, read_body, resolve_model
 from .protocols.base import Decompressed, Endpoint, Prepared, UsageReader
 from .routing import DENIED, NORMAL, Target
 from .translate import PATHS, TranslatedStream, client_error, pair
@@ -164,7 +164,9 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     ctx.stream = obj.get("stream") is True
     ctx.model = model  # recorded (bounded) even when it turns out unknown
     ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
-    if not endpoint.free:
+    if endpoint.free:
+        admit_free(gw, ctx, key)
+    else:
         await admit(gw, ctx, key)
     if endpoint.name == "count_tokens" and not any("messages" in t.upstream.protocols
                                                    for t in gw.router.plan(model_cfg.name)):

@@ -316,6 +316,14 @@ class RedisLimiter:
         self._quota[f"w:{key.workspace_id}:t"] += tokens
         self._schedule()
 
+    def admit_free(self, key: KeyInfo, rpm: int, concurrency: int) -> None:
+        # Bounded per instance: counts bill nothing, and a Redis round trip
+        # for each would cost more than the bound is worth.
+        self.local.admit_free(key, rpm, concurrency)
+
+    def release_free(self, key: KeyInfo) -> None:
+        self.local.release_free(key)
+
     def _schedule(self) -> None:
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send)

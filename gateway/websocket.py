@@ -56,7 +56,7 @@ from .bounds import shown
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import BadRequest, GatewayError, Unauthorized
 from .errors import Protocol as ErrorShape
-from .intake import admit, finish, resolve_model
+from .intake import admit, admit_free, finish, resolve_model
 from .protocols.base import Endpoint, Prepared, SSEEvents, Usage, UsageReader, check_model, event_data, parse_object
 from .protocols.responses import HEAD_BYTES, Responses, response_id
 from .proxy import Bridge, forward, model_targets, read_chunk
@@ -247,6 +247,7 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         body["stream"] = True
         whole = conn.expand(body)
         if frame.get("generate") is False:
+            admit_free(gw, ctx, key)
             await warm_up(conn, ctx, body, model, whole)
             return
         await admit(gw, ctx, key)

@@ -4,6 +4,8 @@ the unknown model in the row, and anthropic-beta flags an upstream takes."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import anthropic
 import httpx2
@@ -148,3 +150,37 @@ async def test_anthropic_beta_allow_list(make_gateway: GatewayFactory, upstream:
     first, second = upstream.state.requests
     assert first.headers["anthropic-beta"] == "prompt-caching-2024-07-31,b-2"
     assert "anthropic-beta" not in second.headers  # nothing this upstream takes: no header at all
+
+
+async def test_counts_are_bounded_apart_from_the_key_limits(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession,
+) -> None:
+    """Counts (count_tokens, responses/input_tokens, WebSocket warm-ups) are
+    exempt from the key's own limits but not unbounded: a key (with limits
+    of its own or none, which any member can make) gets server.free_rpm of
+    them a minute and server.free_concurrency at once; past that a 429,
+    and nothing goes upstream."""
+    toml = config_toml(upstream.base_url, PROTOCOL_MODELS.format(url=upstream.base_url))
+    gw = await make_gateway(toml.replace("[server]\n", "[server]\nfree_rpm = 6\nfree_concurrency = 2\n", 1))
+    slow, unlimited = await gw.key(rpm=1000), await gw.key()
+    url = gw.url + "/v1/messages/count_tokens"
+
+    async def count(key: str, **extra: str) -> int:
+        async with http.post(url, json=BODY, headers=headers(key, **extra)) as r:
+            await r.read()
+            return r.status
+
+    got = await asyncio.gather(*(count(slow, **{"x-mock-head-delay-ms": "300"}) for _ in range(4)))
+    assert sorted(got) == [200, 200, 429, 429]  # two at once
+    async with http.post(gw.url + "/v1/responses/input_tokens", json={"model": "gpt-test", "input": "a b"},
+                         headers=headers(slow)) as r:
+        assert r.status == 200
+    assert [await count(slow) for _ in range(4)] == [200, 200, 200, 429]  # six a minute, all kinds
+    async with http.ws_connect(gw.url + "/v1/responses", headers={"Authorization": f"Bearer {slow}"}) as ws:
+        await ws.send_json({"type": "response.create", "model": "gpt-test", "generate": False})
+        err = await ws.receive_json()
+        assert err["type"] == "error" and err["status"] == 429
+    async with http.post(gw.url + "/v1/messages", json=BODY, headers=headers(slow)) as r:
+        assert r.status == 200  # generations are not held back by counts
+    assert [await count(unlimited) for _ in range(7)] == [200] * 6 + [429]
+    assert len(upstream.state.requests) == 2 + 1 + 3 + 1 + 6

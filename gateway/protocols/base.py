@@ -77,8 +77,9 @@ class Endpoint(Protocol):
 
     ``free``: a token-counting endpoint that bills nothing. It is exempt
     from the key's limits (RPM, TPM, concurrency, quotas: a client may send
-    dozens at start-up), and an upstream 429 on it is relayed as is: it
-    neither cools the route for generations nor fails over.
+    dozens at start-up) and bounded apart instead (gateway.intake.admit_free),
+    and an upstream 429 on it is relayed as is: it neither cools the route
+    for generations nor fails over.
     """
 
     name: str
