@@ -74,6 +74,12 @@ PENDING_FRAMES = 8
 _WS_HEADERS = frozenset({"upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
                          "sec-websocket-extensions", "sec-websocket-protocol"})
 _FINAL = (b'"response.completed"', b'"response.incomplete"')
+# The largest event relayed as one frame. Unlike the HTTP relay (which may
+# pass an event it cannot parse through as raw bytes), a frame needs the
+# whole event, and a final response.completed repeats every output item
+# (a long tool call, images), so this is far above the HTTP bound. Past it
+# the response ends with an error frame rather than a silently lost event.
+WS_EVENT_MAX = 32 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -338,12 +344,15 @@ class Relay:
             return self.conn.ws
         reader: UsageReader = endpoint.reader(prepared, True) if bridge is None else TranslatedStream(
             bridge.module.Stream(bridge.req, bridge.public_model))
-        events = SSEEvents()
+        events = SSEEvents(WS_EVENT_MAX)
         try:
             while chunk := await read_chunk(ctx, resp):
                 if inflate is not None:
                     chunk = inflate.decompress(chunk)
                 await self._events(ctx, events, reader.feed(chunk))
+                if events.overflowed:
+                    ctx.status, ctx.error_type = 502, "sse_event_too_large"
+                    break
             if ctx.error_type is None:
                 await self._events(ctx, events, reader.flush())
         finally:
@@ -359,8 +368,8 @@ class Relay:
 
     async def _events(self, ctx: RequestContext, events: SSEEvents, data: bytes) -> None:
         """Sends the complete events in ``data`` (the client protocol's SSE).
-        An event past SSEEvents' bound (1 MiB) is no message a client can
-        take whole: it is not sent."""
+        An event past WS_EVENT_MAX is not sent; the caller sees
+        ``events.overflowed`` and ends the response with an error frame."""
         for ev in events.split(data)[2] if data else ():
             await self._event(ctx, event_data(ev))
 

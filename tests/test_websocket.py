@@ -215,3 +215,33 @@ async def test_a_key_revoked_or_narrowed_mid_connection_is_refused_on_its_next_f
     await gateway.wait_usage(4)
     rows = [r for r in gateway.usage_rows() if r["endpoint"] == RESP]
     assert sorted(r["status"] for r in rows) == [200, 200, 401, 403]
+
+
+async def test_events_larger_than_the_http_bound_still_reach_the_client(gateway: Gateway, upstream: Upstream,
+                                                                       http: aiohttp.ClientSession) -> None:
+    """A tool call with 1.5 MB of arguments: its done events and the final
+    response.completed are each past the 1 MiB the HTTP relay holds to parse
+    an event. Over the WebSocket every event must still arrive whole (the
+    client waits for response.completed), and the row is a clean 200."""
+    key = await gateway.key()
+    args = orjson.dumps({"command": "x" * 1_500_000}).decode()
+    upstream.state.steer.update({"x-mock-tool": "Bash", "x-mock-tool-args": args})
+    async with http.ws_connect(gateway.url + RESP, headers=auth(key), max_msg_size=64 << 20) as ws:
+        events = await create(ws, tools=[TOOL], input="run it")
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["arguments"] == args
+    (row,) = await gateway.wait_usage(1)
+    assert (row["status"], row["error_type"]) == (200, None)
+
+
+async def test_an_event_past_the_frame_bound_ends_the_response_with_an_error(
+    gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    key = await gateway.key()
+    args = orjson.dumps({"command": "x" * (33 << 20)}).decode()
+    upstream.state.steer.update({"x-mock-tool": "Bash", "x-mock-tool-args": args})
+    async with http.ws_connect(gateway.url + RESP, headers=auth(key), max_msg_size=64 << 20) as ws:
+        events = await create(ws, tools=[TOOL], input="run it")
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "sse_event_too_large"
+    (row,) = await gateway.wait_usage(1)
+    assert (row["status"], row["error_type"]) == (502, "sse_event_too_large")
