@@ -50,14 +50,18 @@ from pathlib import Path
 from time import perf_counter
 from typing import Protocol
 
+from ..bounds import shown
 from ..config import UsageConfig
 from . import schema
 from .base import BatchSink
+from .columns import COLUMNS
 from .dbfile import DatabaseFile, DatabaseLost
-from .rows import Row, insert_rows
+from .rows import Row, clean_row, insert_rows
 from .spool import ROTATE_BYTES, SET_OFFSET, SpoolFile
 
 log = logging.getLogger("gateway.usage")
+_REQUEST_ID = COLUMNS.index("request_id")
+_ERROR_TYPE = COLUMNS.index("error_type")
 
 # How often a long request's spool line is brought up to date, at most.
 CHECKPOINT_S = 1.0
@@ -190,11 +194,18 @@ class UsageWriter:
     def record(self, row: Row, seq: int | None = None) -> None:
         """Queue a finished request's row (``seq`` from ``begin``)."""
         q = self._queue
-        q.append(row)
         spool = self._spool
         if seq is not None and self._in_flight.pop(seq, None) is not None:
             self._spooled.pop(seq, None)
-        self._ends.append(spool.append(row, seq) if spool is not None and not spool.failed else None)
+        end = None
+        if spool is not None and not spool.failed:
+            try:
+                end = spool.append(row, seq)
+            except (TypeError, ValueError):  # a value the spool cannot encode (orjson)
+                row = self._cleaned(row)
+                end = spool.append(row, seq)
+        q.append(row)
+        self._ends.append(end)
         n = len(q)
         if n >= self._cfg.batch_max:
             self._wake.set()
@@ -316,6 +327,8 @@ class UsageWriter:
             self._retired = retired + self._retired
             if isinstance(e, DatabaseLost):
                 return self._shed(n)
+            if self._clean_queued(n):
+                return True  # a row no database takes: cleared, the batch is tried again now
             log.error("usage batch of %d failed, will retry: %s", n, type(e).__name__)
             return False
         self.written += n
@@ -338,6 +351,27 @@ class UsageWriter:
         if len(q) < self._cfg.queue_max:
             self._room.set()
         return True
+
+    def _cleaned(self, row: Row) -> Row:
+        cleaned = clean_row(row)
+        if cleaned is None:
+            return row
+        log.error("usage row %s held values its columns cannot take; stored cleared, as %s",
+                  shown(cleaned[_REQUEST_ID]), cleaned[_ERROR_TYPE])
+        return cleaned
+
+    def _clean_queued(self, n: int) -> bool:
+        """After a failed batch: clear the values of any of the first ``n``
+        queued rows that no database can take. True if there were some
+        (the batch failed for them, not for the database)."""
+        q = self._queue
+        changed = False
+        for i in range(min(n, len(q))):
+            cleaned = self._cleaned(q[i])
+            if cleaned is not q[i]:
+                q[i] = cleaned
+                changed = True
+        return changed
 
     @property
     def _spool_name(self) -> str:
