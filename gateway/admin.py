@@ -19,7 +19,10 @@ name, kind, URL without user info and whether a credential is set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,7 +42,7 @@ from .config import Config, ConfigError
 from .context import GATEWAY
 from .errors import BadRequest, GatewayError, NotFound, Protocol, render
 from .intake import read_body
-from .reload import reload_config
+from .reload import FORCED, reload_config
 from .store import analytics, audit, queries
 from .store import tasks as task_store
 from .store.audit import changes
@@ -614,8 +617,11 @@ async def reload(request: web.Request) -> web.Response:
         cfg = await reload_config(request.app, actor=_principal(request).actor(request), force=force)
     except ConfigError as e:
         raise BadRequest(f"config not reloaded: {e}", code="invalid_config") from None
+    if gw.supervisor_pid is not None:  # this process's sibling workers, through their supervisor
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gw.supervisor_pid, signal.SIGUSR1 if force else signal.SIGHUP)
     if gw.store is not None:  # the other instances reload their own files too
-        await gw.store.announce_config(gw.id_prefix)
+        await gw.store.announce_config(gw.id_prefix + (FORCED if force else ""))
     return _json({"status": "reloaded", "upstreams": len(cfg.upstreams), "models": len(cfg.models),
                   "groups": len(cfg.groups)})
 

@@ -31,7 +31,7 @@ from .protocols.images import ImageEdits, ImageGenerations, ImageVariations
 from .protocols.openai import ChatCompletions, Completions, Embeddings, Moderations
 from .protocols.responses import Responses, ResponsesCompact, ResponsesInputTokens
 from .proxy import handle_json, public_path
-from .reload import reload_config
+from .reload import FORCED, reload_config
 from .routing import Health, Router
 from .store.base import open_store
 from .store.retention import run_retention
@@ -239,10 +239,11 @@ def spawn(app: web.Application, name: str, coro: Coroutine[Any, Any, None]) -> N
     task.add_done_callback(lambda _: tasks.pop(key, None))
 
 
-async def reload_quietly(app: web.Application) -> None:
-    """A reload asked for by another instance: a bad file is logged, not raised."""
+async def reload_quietly(app: web.Application, *, force: bool = False) -> None:
+    """A reload asked for by another instance (which audited it): a bad
+    file is logged, not raised."""
     try:
-        await reload_config(app)
+        await reload_config(app, force=force, audited=False)
     except ConfigError as e:
         log.error("config reload refused, keeping the running config: %s", e)
 
@@ -314,9 +315,10 @@ def create_app(
         tasks["usage-writer"] = asyncio.create_task(writer.run(), name="usage-writer")
         keys_changed = asyncio.Event()
 
-        def on_config(origin: str) -> None:
+        def on_config(notice: str) -> None:
+            origin, _, forced = notice.partition(FORCED)
             if origin != gw.id_prefix:  # another instance's reload, not this one's own notice
-                spawn(app, "config-reload", reload_quietly(app))
+                spawn(app, "config-reload", reload_quietly(app, force=bool(forced)))
 
         stop_listening = await store.listen(keys_changed.set, on_config)
         tasks["key-refresh"] = asyncio.create_task(

@@ -50,6 +50,10 @@ class Gateway:
     session: aiohttp.ClientSession | None = None  # tasks and assets
     upstream: UpstreamClient | None = None  # the pass-through path
     in_flight: int = 0
+    # The supervisor of this worker process (None: no supervisor). A config
+    # reload made here through the admin API is signalled to it, so every
+    # worker, and the workers it starts later, run the same config.
+    supervisor_pid: int | None = None
     # Wall-clock time for limit windows, breakers and cool-downs; tests pass
     # their own to move time without sleeping.
     clock: Callable[[], float] = time.time

@@ -17,8 +17,17 @@ and prices, groups by models and ratio; never a secret).
 
 A reload that would leave the gateway with no upstream or no model (an
 emptied or half-written file: every request would 404) is refused unless
-forced: ``POST /admin/api/reload?force=true``. SIGHUP never forces; the
-supervisor applies the same check before its workers do.
+forced: ``POST /admin/api/reload?force=true``, or SIGUSR1 instead of
+SIGHUP. SIGHUP never forces; the supervisor applies the same check before
+its workers do.
+
+With workers, a reload reaches them all through the supervisor: SIGHUP
+(or SIGUSR1) to the supervisor, which re-reads the file for the workers it
+starts later and forwards the signal; an admin API reload, answered by one
+worker, signals the supervisor the same way. One reload is one audit row:
+written by the process that took the request (the single process, the
+worker that answered the API call, or the supervisor for a signal from
+outside), never by each worker it was forwarded to.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ log = logging.getLogger("gateway.reload")
 
 RESTART_ONLY = ("server", "database", "usage", "admin")
 SIGHUP = Actor("SIGHUP")
+SIGUSR1 = Actor("SIGUSR1 (forced)")
+# Appended to the origin of a reload notice to other instances when forced.
+FORCED = "!force"
 
 
 def check_not_emptied(old: Config, new: Config) -> None:
@@ -81,7 +93,8 @@ def changed(old: Config, new: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     return before, after
 
 
-def _record(path: Path, actor: Actor, source: Path, old: Config, new: Config) -> None:
+def record_reload(path: Path, actor: Actor, source: Path, old: Config, new: Config) -> None:
+    """The audit row of one applied reload (SQLite; synchronous)."""
     before, after = changed(old, new)
     conn = connect(path)
     try:
@@ -92,12 +105,12 @@ def _record(path: Path, actor: Actor, source: Path, old: Config, new: Config) ->
 
 
 async def reload_config(app: web.Application, path: str | Path | None = None, *,
-                        actor: Actor = SIGHUP, force: bool = False) -> Config:
+                        actor: Actor = SIGHUP, force: bool = False, audited: bool = True) -> Config:
     """Reload the gateway's config from ``path`` (default: the file it was
-    started from) and audit it as ``actor``'s. Raises ConfigError, leaving
-    the old config in place, if the file is missing or invalid, or (unless
-    ``force``) would remove every upstream or every model. Returns the
-    config now in use."""
+    started from) and, if ``audited``, audit it as ``actor``'s. Raises
+    ConfigError, leaving the old config in place, if the file is missing or
+    invalid, or (unless ``force``) would remove every upstream or every
+    model. Returns the config now in use."""
     gw = app[GATEWAY]
     old = gw.config
     path = path or old.source
@@ -118,10 +131,10 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
         "config reloaded from %s: %d upstreams, %d models, %d groups",
         path, len(new.upstreams), len(new.models), len(new.groups),
     )
-    if old.database.url is not None:
+    if not audited or old.database.url is not None:
         return new  # the audit log is SQLite's only so far (docs/scaling.md)
     try:
-        await asyncio.to_thread(_record, old.database.path, actor, Path(path).resolve(), old, new)
+        await asyncio.to_thread(record_reload, old.database.path, actor, Path(path).resolve(), old, new)
     except sqlite3.Error as e:  # the reload stands; say loudly that its audit row is missing
         log.error("config reload applied but not audited: %s", e)
     return new

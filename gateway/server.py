@@ -30,7 +30,7 @@ from .context import GATEWAY
 from .listener import close_door
 from .logs import startup_fields
 from .mock.app import create_mock_app
-from .reload import reload_config
+from .reload import SIGHUP, SIGUSR1, reload_config
 
 log = logging.getLogger("gateway")
 
@@ -176,14 +176,19 @@ async def run_until_signal(
     if on_ready is not None:
         on_ready(cfg, gw)
     reloads: set[asyncio.Task[None]] = set()
+    if worker is not None:
+        gw.runner.app[GATEWAY].supervisor_pid = os.getppid()
 
-    def on_sighup() -> None:
-        task = asyncio.create_task(_reload(gw.runner.app), name="config-reload")
+    def on_reload_signal(force: bool) -> None:
+        # A worker's reload was asked of its supervisor, which audited it.
+        coro = _reload(gw.runner.app, force=force, audited=worker is None)
+        task = asyncio.create_task(coro, name="config-reload")
         reloads.add(task)  # keep a reference until it is done
         task.add_done_callback(reloads.discard)
 
     if cfg.source is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        loop.add_signal_handler(signal.SIGHUP, on_reload_signal, False)
+        loop.add_signal_handler(signal.SIGUSR1, on_reload_signal, True)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests, flushing usage",
              extra={"fields": {"event": "stopping", "in_flight": gw.runner.app[GATEWAY].in_flight}})
@@ -206,9 +211,9 @@ async def run_until_signal(
     log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
-async def _reload(app: web.Application) -> None:
+async def _reload(app: web.Application, *, force: bool, audited: bool) -> None:
     try:
-        await reload_config(app)
+        await reload_config(app, actor=SIGUSR1 if force else SIGHUP, force=force, audited=audited)
     except ConfigError as e:
         log.error("config reload refused, keeping the running config: %s", e)
 

@@ -50,6 +50,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -57,14 +58,14 @@ from dataclasses import dataclass, replace
 from .config import Config, ConfigError, load_config
 from .listener import close_door
 from .logs import set_worker, startup_fields
-from .reload import check_not_emptied
+from .reload import SIGHUP, SIGUSR1, check_not_emptied, record_reload
 from .server import ListenError, run, run_until_signal
 from .store.base import Store, run_on_store
 from .store.spool import spool_dir
 
 log = logging.getLogger("gateway.supervisor")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
 READY_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1
 MAX_QUICK_EXITS = 5  # consecutive workers dying within 1 s of start: stop, exit 1
@@ -136,8 +137,8 @@ class Supervisor:
                 log.info("supervisor: %s, stopping %d workers", signal.Signals(sig).name, len(self.workers),
                          extra={"fields": {"event": "stopping"}})
                 self.stopping = True
-            elif sig == signal.SIGHUP:
-                self._reload()
+            elif sig in (signal.SIGHUP, signal.SIGUSR1):
+                self._reload(force=sig == signal.SIGUSR1, sender=info.si_pid)
             elif sig == signal.SIGUSR2:
                 self._rolling_restart()
 
@@ -181,6 +182,7 @@ class Supervisor:
         # A SIGHUP/SIGUSR2 arriving before the event loop installs its handlers
         # must not kill the worker (their default action is to terminate).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         _die_with_parent()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -288,18 +290,32 @@ class Supervisor:
             self.failed = True
 
     # ---- signals -------------------------------------------------------
-    def _reload(self) -> None:
+    def _reload(self, *, force: bool, sender: int) -> None:
+        """SIGHUP (SIGUSR1: forced) from the operator, or from a worker that
+        took an admin API reload (and audited it): re-read the file for the
+        workers started from now on, audit a reload asked from outside, and
+        forward the signal so every worker reloads."""
         if self.cfg.source is not None:
             try:
                 new = load_config(self.cfg.source)
-                check_not_emptied(self.cfg, new)
+                if not force:
+                    check_not_emptied(self.cfg, new)
             except ConfigError as e:
                 log.error("config reload refused by the supervisor: %s", e)
             else:
                 old = self.cfg
                 self.cfg = replace(new, server=old.server, database=old.database, usage=old.usage, admin=old.admin)
+                if sender not in self.workers and old.database.url is None:
+                    self._audit_reload(old, force)
         for pid in list(self.workers):
-            self._signal(pid, signal.SIGHUP)
+            self._signal(pid, signal.SIGUSR1 if force else signal.SIGHUP)
+
+    def _audit_reload(self, old: Config, force: bool) -> None:
+        assert self.cfg.source is not None
+        try:
+            record_reload(old.database.path, SIGUSR1 if force else SIGHUP, self.cfg.source, old, self.cfg)
+        except sqlite3.Error as e:  # the reload stands; say loudly that its audit row is missing
+            log.error("config reload applied but not audited: %s", e)
 
     def _rolling_restart(self) -> None:
         """Replace every worker, one at a time, new before old: the port

@@ -581,3 +581,56 @@ async def _wait_live(http: aiohttp.ClientSession, url: str, key: str) -> None:
                                                          "x-request-id": "keycheck"}) as r:
             good = good + 1 if r.status == 200 else 0
     assert good >= 10
+
+
+async def test_admin_reload_reaches_every_worker_and_replacements(
+    serve: Any, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload through the admin API, answered by one worker, reaches every
+    worker and the supervisor (a worker started after it, replacing a dead
+    one, serves the new config too); a forced reload likewise; the audit log
+    has one row per reload, not one per worker."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+    admin = {"Authorization": "Bearer admin-token-0123456789abcdef"}
+    key = make_key(tmp_path / "gateway.db")
+    s = serve(prod_toml(upstream, "workers = 2\n"))
+    cfg = tmp_path / "gateway.toml"
+
+    async def models(http: aiohttp.ClientSession) -> list[set[str]]:
+        seen = []
+        for _ in range(20):  # fresh connections: both workers answer some
+            async with http.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                seen.append({m["id"] for m in (await r.json())["data"]} if r.status == 200 else set())
+        return seen
+
+    async def settled(http: aiohttp.ClientSession, pred: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not all(pred(m) for m in await models(http)):
+            assert time.monotonic() < deadline, "not every worker reloaded"
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        cfg.write_text(cfg.read_text().replace('name = "renamed"', 'name = "renamed-again"'))
+        async with http.post(s.url + "/admin/api/reload", headers=admin) as r:
+            assert r.status == 200, await r.text()
+        await settled(http, lambda m: "renamed-again" in m and "renamed" not in m)
+        os.kill(s.start["worker_pids"][0], signal.SIGKILL)
+        s.wait_line(lambda x: x.get("event") == "worker_replaced")
+        assert all("renamed-again" in m for m in await models(http))
+        # Forced: a config with no model at all, on every worker.
+        text = cfg.read_text()
+        start = text.index("[[models]]")
+        end = text.index("[[groups]]")
+        cfg.write_text(text[:start] + text[end:])
+        async with http.post(s.url + "/admin/api/reload", headers=admin) as r:
+            assert r.status == 400  # refused without force
+        async with http.post(s.url + "/admin/api/reload?force=true", headers=admin) as r:
+            assert r.status == 200, await r.text()
+        await settled(http, lambda m: m == set())
+    conn = connect(tmp_path / "gateway.db")
+    try:
+        reloads = conn.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'config.reload'").fetchone()[0]
+    finally:
+        conn.close()
+    assert reloads == 2
+    assert s.stop() == 0
