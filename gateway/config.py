@@ -60,6 +60,12 @@ class ServerConfig:
     # at most free_rpm a minute and free_concurrency at once (per process).
     free_rpm: int = 600
     free_concurrency: int = 64
+    # A Responses WebSocket is closed after websocket_idle_s without a frame
+    # and refuses frames after websocket_lifetime_s; a key may hold at most
+    # websockets_per_key of them open at once (per process).
+    websocket_idle_s: float = 600.0
+    websocket_lifetime_s: float = 3600.0
+    websockets_per_key: int = 32
 
     @property
     def max_body_bytes(self) -> int:
@@ -502,6 +508,9 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
         responses_websocket=s.flag("responses_websocket", True),
         free_rpm=int(s.num("free_rpm", 600, minimum=1, integer=True)),
         free_concurrency=int(s.num("free_concurrency", 64, minimum=1, integer=True)),
+        websocket_idle_s=float(s.num("websocket_idle_s", 600.0, minimum=0.1)),
+        websocket_lifetime_s=float(s.num("websocket_lifetime_s", 3600.0, minimum=0.1)),
+        websockets_per_key=int(s.num("websockets_per_key", 32, minimum=1, integer=True)),
     )
     if server.log_format not in ("text", "json"):
         raise ConfigError("server.log_format: must be \"text\" or \"json\"")

@@ -29,6 +29,11 @@ only speak HTTP:
   with no output, id ``resp_gw...``, zero usage, no upstream), its input
   kept as the chain's start.
 
+Bounds: the key is looked up again for every frame (revoked: 401 and
+closed); a connection is closed after ``server.websocket_idle_s`` without a
+frame, refuses frames after ``server.websocket_lifetime_s``, and a key holds
+at most ``server.websockets_per_key`` open (per process).
+
 Errors come as ``{"type": "error", "status": N, "error": {"type", "code",
 "message", "param"}}``: the gateway's own, an upstream's error answer with
 its status and error object, or a stream cut mid-way (502/504). On
@@ -54,7 +59,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .auth import KeyInfo
 from .bounds import shown
 from .context import CTX, GATEWAY, Gateway, RequestContext
-from .errors import BadRequest, GatewayError, Unauthorized
+from .errors import BadRequest, GatewayError, RateLimited, Unauthorized
 from .errors import Protocol as ErrorShape
 from .intake import admit, admit_free, finish, resolve_model
 from .protocols.base import Endpoint, Prepared, SSEEvents, Usage, UsageReader, check_model, event_data, parse_object
@@ -68,8 +73,10 @@ log = logging.getLogger("gateway.websocket")
 
 RESPONSES = Responses()
 ENDPOINT = "/v1/responses"
-# Frames a client may send ahead while one is answered; more wait unread.
-PENDING_FRAMES = 8
+# Frames a client may send ahead while one is answered; more wait unread
+# (in the socket's buffers, not here: each may be server.max_body_mb, and
+# clients send a turn only after the last one's answer).
+PENDING_FRAMES = 1
 # Handshake headers that describe the client's WebSocket, not its request.
 _WS_HEADERS = frozenset({"upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
                          "sec-websocket-extensions", "sec-websocket-protocol"})
@@ -90,9 +97,11 @@ class Connection:
     headers: CIMultiDictProxy[str]  # what each upstream request carries from the handshake
     limit: int  # bytes of chain context kept at most
     key_hash: str  # the handshake's key, looked up again for every frame
+    key_id: int
+    ends: float  # monotonic time after which no frame is answered (server.websocket_lifetime_s)
     busy: bool = False
     closing: bool = False
-    refused: bool = False  # the key stopped working: closed after its error frame
+    close_after: tuple[int, bytes] | None = None  # close code and reason, once the current frame is answered
     last_id: str | None = None
     context: list[Any] | None = None  # input + output items of the last response
     frames: int = 0
@@ -160,6 +169,11 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
         raise GatewayError("GET /v1/responses takes a WebSocket upgrade here only when enabled; "
                            "send POST /v1/responses.", code="upgrade_required", status=426,
                            headers={"Upgrade": "websocket"})
+    server = gw.config.server
+    open_conns = request.app[WEBSOCKETS]
+    if sum(1 for c in open_conns if c.key_id == key.id) >= server.websockets_per_key:
+        raise RateLimited(f"This key has {server.websockets_per_key} WebSockets open already: close one, or send "
+                          "POST /v1/responses.", code="too_many_websockets", headers={"Retry-After": "10"})
     await ws.prepare(request)
     ctx.status = 101
     writer = gw.writer
@@ -169,8 +183,8 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     # response, not one for the connection.
     writer.end(ctx.seq)
     ctx.seq = None
-    conn = Connection(ws, _upstream_headers(request), gw.config.server.max_body_bytes, gw.keys.key_hash(request))
-    open_conns = request.app[WEBSOCKETS]
+    conn = Connection(ws, _upstream_headers(request), server.max_body_bytes, gw.keys.key_hash(request), key.id,
+                      time.monotonic() + server.websocket_lifetime_s)
     open_conns.add(conn)
     # Frames are read here and answered one at a time by ``serve``, so a
     # client that closes mid-answer is seen at once and its upstream
@@ -200,13 +214,24 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
 
 async def serve(request: web.Request, gw: Gateway, conn: Connection, key: KeyInfo, conn_id: str,
                 frames: asyncio.Queue[str | None]) -> None:
-    """Answers the frames in order until cancelled or shut down."""
+    """Answers the frames in order until cancelled or shut down; closes the
+    connection once it has waited ``server.websocket_idle_s`` for a frame,
+    and at the latest that long after its lifetime (frames that ask for no
+    answer do not keep it open past that)."""
+    idle_s = gw.config.server.websocket_idle_s
     try:
         while True:
-            text = await frames.get()
+            left = conn.ends + idle_s - time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, min(idle_s, left))):
+                    text = await frames.get()
+            except TimeoutError:
+                await conn.ws.close(code=WSCloseCode.OK, message=b"idle" if left > idle_s else b"time limit")
+                return
             await respond(request, gw, conn, key, conn_id, text)
-            if conn.refused:
-                await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"API key no longer valid")
+            if conn.close_after is not None:
+                code, reason = conn.close_after
+                await conn.ws.close(code=code, message=reason)
                 return
             if conn.closing:
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
@@ -243,9 +268,14 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         # the upgrade ends the connection; changed limits and models apply.
         fresh = gw.keys.current(conn.key_hash)
         if fresh is None:
-            conn.refused = True
+            conn.close_after = (WSCloseCode.POLICY_VIOLATION, b"API key no longer valid")
             raise Unauthorized("Invalid, revoked or expired API key.")
         ctx.key = key = fresh
+        if time.monotonic() >= conn.ends:
+            conn.close_after = (WSCloseCode.OK, b"connection time limit reached")
+            lifetime = gw.config.server.websocket_lifetime_s
+            raise BadRequest(f"This WebSocket has been open {lifetime:g} s, the most one may: open a new "
+                             "connection and send the request there.", code="websocket_connection_limit_reached")
         model = check_model(frame.get("model"))
         ctx.model = model  # the row bounds it
         ctx.model_cfg = model_cfg = resolve_model(gw, key, model)

@@ -245,3 +245,54 @@ async def test_an_event_past_the_frame_bound_ends_the_response_with_an_error(
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "sse_event_too_large"
     (row,) = await gateway.wait_usage(1)
     assert (row["status"], row["error_type"]) == (502, "sse_event_too_large")
+
+
+def ws_toml(upstream: Upstream, settings: str) -> str:
+    return config_toml(upstream.base_url).replace("[server]\n", f"[server]\n{settings}\n", 1)
+
+
+async def test_idle_and_old_connections_are_closed(make_gateway: GatewayFactory, upstream: Upstream,
+                                                   http: aiohttp.ClientSession) -> None:
+    """A socket is not held forever: closed (1000) after
+    server.websocket_idle_s without a frame, and a frame after
+    server.websocket_lifetime_s gets websocket_connection_limit_reached (as
+    OpenAI's own limit does, on which clients open a new connection)."""
+    gw = await make_gateway(ws_toml(upstream, "websocket_idle_s = 0.5\nwebsocket_lifetime_s = 1"))
+    key = await gw.key()
+    async with http.ws_connect(gw.url + RESP, headers=auth(key)) as ws:
+        assert (await create(ws, input="x"))[-1]["type"] == "response.completed"
+        msg = await asyncio.wait_for(ws.receive(), 3)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.OK
+    async with http.ws_connect(gw.url + RESP, headers=auth(key, **{"x-mock-head-delay-ms": "1200"})) as ws:
+        # Busy past its lifetime: that answer completes, the next frame is refused.
+        assert (await create(ws, input="x"))[-1]["type"] == "response.completed"
+        err = (await create(ws, input="x"))[-1]
+        assert err["type"] == "error" and err["error"]["code"] == "websocket_connection_limit_reached"
+        msg = await asyncio.wait_for(ws.receive(), 3)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.OK
+    rows = await gw.wait_usage(3)
+    assert [r["status"] for r in rows] == [200, 200, 400]
+    assert len(upstream.state.requests) == 2
+
+
+async def test_open_sockets_per_key_are_bounded(make_gateway: GatewayFactory, upstream: Upstream,
+                                                http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(ws_toml(upstream, "websockets_per_key = 2"))
+    key, other = await gw.key(), await gw.key()
+    first = await http.ws_connect(gw.url + RESP, headers=auth(key))
+    second = await http.ws_connect(gw.url + RESP, headers=auth(key))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        await http.ws_connect(gw.url + RESP, headers=auth(key))
+    assert e.value.status == 429
+    async with http.ws_connect(gw.url + RESP, headers=auth(other)) as ws:  # another key is not held back
+        assert (await create(ws, input="x"))[-1]["type"] == "response.completed"
+    await first.close()
+    for _ in range(50):  # the server sees the close a moment later
+        try:
+            third = await http.ws_connect(gw.url + RESP, headers=auth(key))
+            break
+        except aiohttp.WSServerHandshakeError:
+            await asyncio.sleep(0.05)
+    assert (await create(third, input="x"))[-1]["type"] == "response.completed"
+    await second.close()
+    await third.close()
