@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import math
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -163,6 +164,23 @@ def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def address_subject(request: web.Request) -> str:
+    """The client address as per-address throttling counts it: an IPv6
+    address stands for its /64 (one host usually holds a whole /64, and
+    each of its addresses would otherwise count apart), an IPv4 address
+    written as IPv6 for itself."""
+    address = client_address(request)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def _digest(value: str) -> bytes:
     # surrogateescape: header bytes that are not UTF-8 are a mismatch, not an error.
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
@@ -285,7 +303,7 @@ def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: f
     window = _window_s(request)
     for scope, subject, limit, what in (
         ("account", email, console.login_failures_per_account, "for this account"),
-        ("address", client_address(request), console.login_failures_per_address, "from your address"),
+        ("address", address_subject(request), console.login_failures_per_address, "from your address"),
     ):
         count, oldest = users.failures(conn, scope, subject, now - window)
         if count >= limit and oldest is not None:
@@ -307,7 +325,7 @@ def attempt(conn: sqlite3.Connection, request: web.Request, email: str, now: flo
         if err is not None:
             raise err
         users.add_failure(conn, "account", email, now)
-        row = users.add_failure(conn, "address", client_address(request), now)
+        row = users.add_failure(conn, "address", address_subject(request), now)
         users.prune_failures(conn, now - _window_s(request))
     return Attempt(email, row)
 

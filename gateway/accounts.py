@@ -30,6 +30,7 @@ from .access import (
     NotAllowed,
     Principal,
     TooManyAttempts,
+    address_subject,
     attempt,
     clear_session_cookie,
     client_address,
@@ -406,17 +407,17 @@ async def sign_up(request: web.Request) -> web.Response:
     ws_name = text(body.get("workspace") or email.partition("@")[0], "workspace")
     if not ws_name:
         raise BadRequest("workspace is required", param="workspace")
-    now, address = _now(request), client_address(request)
+    now, address, subject = _now(request), client_address(request), address_subject(request)
 
     def count(conn: sqlite3.Connection) -> None:
         window = cfg.console.login_window_minutes * 60
         with changes(conn):
-            n, oldest = users.failures(conn, "signup", address, now - window)
+            n, oldest = users.failures(conn, "signup", subject, now - window)
             if n >= cfg.console.login_failures_per_address and oldest is not None:
                 wait = int(oldest + window - now) + 1
                 raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
                                       headers={"Retry-After": str(wait)})
-            users.add_failure(conn, "signup", address, now)
+            users.add_failure(conn, "signup", subject, now)
 
     await db(request, count)
     new_hash = await hash_password(request, password)

@@ -894,3 +894,27 @@ async def test_an_invitation_dies_with_its_inviters_right_to_make_it(
     assert [(w["name"], w["role"]) for w in me["workspaces"]] == [("team", "member")]
     assert gw.conn.execute("SELECT COUNT(*) FROM users WHERE email LIKE '%door%' OR email LIKE 'new-admin%'"
                            ).fetchone()[0] == 0
+
+
+async def test_an_ipv6_network_is_throttled_as_one_address(
+    make_gateway: GatewayFactory, upstream: Upstream, consoles: list[Console],
+) -> None:
+    """One host usually holds a whole IPv6 /64: per-address throttling
+    counts the /64, or it could guess from 2^64 addresses, each one fresh."""
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\ntrust_forwarded_for = true\n"
+                                        "login_failures_per_address = 3\n"))
+    c = await console(consoles, gw)
+    got = []
+    for i in range(1, 6):
+        status, _ = await c.raw("POST", "/session", {"email": f"u{i}@example.com", "password": "wrong password!"},
+                                headers={"X-Forwarded-For": f"2001:db8:0:7::{i:x}"})
+        got.append(status)
+    assert got == [401, 401, 401, 429, 429]
+    status, _ = await c.raw("POST", "/session", {"email": "v@example.com", "password": "wrong password!"},
+                            headers={"X-Forwarded-For": "2001:db8:0:8::1"})  # another /64
+    assert status == 401
+    for spelling in ("::ffff:198.51.100.7", "198.51.100.7", "198.51.100.7", "::FFFF:c633:6407"):
+        status, _ = await c.raw("POST", "/session", {"email": "w@example.com", "password": "wrong password!"},
+                                headers={"X-Forwarded-For": spelling})
+        got.append(status)
+    assert got[-4:] == [401, 401, 401, 429]  # one IPv4 address, however it is written
