@@ -16,7 +16,7 @@ import pytest
 
 from gateway.admin import PREFIX
 
-from .conftest import PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import ADMIN_TOKEN, PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
 from .test_admin import ADMIN, PUBLIC_ROUTES
 from .test_admin import api as operator  # calls with the operator token
 
@@ -918,3 +918,26 @@ async def test_an_ipv6_network_is_throttled_as_one_address(
                                 headers={"X-Forwarded-For": spelling})
         got.append(status)
     assert got[-4:] == [401, 401, 401, 429]  # one IPv4 address, however it is written
+
+
+async def test_guessing_the_operator_token_is_throttled_like_a_password(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong admin token counts as a failed sign-in from its address (the
+    token is typed into the sign-in page, and may be no stronger than a
+    password); past the limit the address gets 429 whatever it sends, so
+    the right token does not stand out from the wrong ones."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\ntrust_forwarded_for = true\n"
+                                        "login_failures_per_address = 3\n"))
+
+    async def workspaces(token: str, address: str = "203.0.113.9") -> int:
+        async with http.get(gw.url + PREFIX + "/workspaces",
+                            headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address}) as r:
+            return r.status
+
+    assert [await workspaces(f"guess-{i}") for i in range(4)] == [401, 401, 401, 429]
+    assert await workspaces(ADMIN_TOKEN) == 429
+    assert await workspaces(ADMIN_TOKEN, "203.0.113.10") == 200
+    got = await asyncio.gather(*(workspaces(f"guess-{i}", "203.0.113.11") for i in range(8)))
+    assert sorted(got) == [401] * 3 + [429] * 5  # all at once too
