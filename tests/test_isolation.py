@@ -10,8 +10,9 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 
-from .conftest import ADMIN_TOKEN, Gateway, GatewayFactory, Upstream
+from .conftest import ADMIN_TOKEN, Gateway, GatewayFactory, Upstream, config_toml
 from .test_assets import ASSETS, GROUPS, post
 from .test_task_options import spellings
 from .test_tasks import TASKS, ark, auth, create, keys, tasks_toml
@@ -106,10 +107,14 @@ async def test_foreign_workspace_reaches_nothing_by_any_spelling(
         assert status == 200, url
 
 
-async def test_api_keys_reach_no_admin_resource(admin_gateway: Gateway, http: aiohttp.ClientSession) -> None:
+async def test_api_keys_reach_no_admin_resource(make_gateway: GatewayFactory, upstream: Upstream,
+                                                 http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
     """The admin API takes the admin token only: no workspace's key, in any
     header, reaches any admin route, including its own workspace's."""
-    gw = admin_gateway
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    # Each wrong token counts as a failed sign-in from this address: allow
+    # more than this walk sends (throttling is tested in test_accounts).
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\nlogin_failures_per_address = 10000\n"))
     key = await gw.key("acme")
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with http.get(gw.url + "/admin/api/keys", headers=admin) as r:
