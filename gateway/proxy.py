@@ -31,7 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import __version__
 from .auth import KeyInfo
 from .bounds import shown
-from .config import ModelConfig, UpstreamConfig
+from .config import CHAT_PROTOCOLS, ModelConfig, UpstreamConfig
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import (
     BadGateway,
@@ -182,12 +182,10 @@ async def model_targets(
     routes, narrowed to upstreams that speak what the endpoint needs
     (count_tokens: Messages) and to the upstream holding the request's
     ``previous_response_id`` (gateway.affinity)."""
-    targets = gw.router.plan(model_cfg.name)
-    if endpoint.speaks is not None:
-        targets = [t for t in targets if endpoint.speaks in t.upstream.protocols]
-        if not targets:
-            raise NotFound(f"The model '{model_cfg.name}' has no upstream that answers {endpoint.path}.",
-                           code="unsupported_endpoint", param="model")
+    targets = [t for t in gw.router.plan(model_cfg.name) if answers(t.upstream, endpoint)]
+    if not targets:
+        raise NotFound(f"The model '{model_cfg.name}' has no upstream that answers {endpoint.path}.",
+                       code="unsupported_endpoint", param="model")
     prev = obj.get("previous_response_id")
     if prev is None:
         return targets
@@ -206,6 +204,16 @@ async def model_targets(
             code="previous_response_not_routable", param="previous_response_id",
         )
     return pinned
+
+
+def answers(up: UpstreamConfig, endpoint: Endpoint) -> bool:
+    """Whether ``up`` can answer ``endpoint``: one needing a chat protocol
+    (``speaks``) only if it speaks it; a chat endpoint always (spoken or
+    translated, ``Target.bridges``); OpenAI's other endpoints (embeddings,
+    images, audio, ...) on any kind but Anthropic's, whose API has none."""
+    if endpoint.speaks is not None:
+        return endpoint.speaks in up.protocols
+    return endpoint.name in CHAT_PROTOCOLS or up.kind != "anthropic"
 
 
 Relay = Callable[

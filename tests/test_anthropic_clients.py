@@ -184,3 +184,21 @@ async def test_counts_are_bounded_apart_from_the_key_limits(
         assert r.status == 200  # generations are not held back by counts
     assert [await count(unlimited) for _ in range(7)] == [200] * 6 + [429]
     assert len(upstream.state.requests) == 2 + 1 + 3 + 1 + 6
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/moderations", "/v1/images/generations",
+                                  "/v1/audio/speech", "/v1/responses/compact", "/v1/responses/input_tokens"])
+async def test_openai_only_endpoint_on_an_anthropic_model_is_refused(pgateway: Gateway, http: aiohttp.ClientSession,
+                                                                      upstream: Upstream, path: str) -> None:
+    """Anthropic's API has no embeddings, images, audio...: such a request for
+    a model routed to an Anthropic account is a 404 naming the endpoint, not
+    a request sent there (it answered 401 to the credential, a 502 here)."""
+    key = await pgateway.key()
+    body = {"model": "claude-test", "input": "x", "prompt": "p"}
+    async with http.post(pgateway.url + path, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status == 404, await r.text()
+        err = (await r.json())["error"]
+    assert err["code"] == "unsupported_endpoint" and path in err["message"]
+    assert upstream.state.requests == []
+    rows = await pgateway.wait_usage(1)
+    assert [(r["endpoint"], r["status"], r["error_type"]) for r in rows] == [(path, 404, "unsupported_endpoint")]
