@@ -487,10 +487,13 @@ async def test_sign_in_says_nothing_about_which_accounts_exist(
         return time.perf_counter() - t0
 
     # An unknown account costs the same argon2 work as a real one: without
-    # the dummy hash it would answer ~100 times faster.
-    known = statistics.median([await timed("m@example.com") for _ in range(5)])
-    unknown = statistics.median([await timed("nobody@example.com") for _ in range(5)])
-    assert unknown > 0.5 * known, (unknown, known)
+    # the dummy hash it would answer ~100 times faster. Interleaved, so that
+    # load from elsewhere on the machine falls on both alike.
+    known, unknown = [], []
+    for _ in range(7):
+        known.append(await timed("m@example.com"))
+        unknown.append(await timed("nobody@example.com"))
+    assert statistics.median(unknown) > 0.3 * statistics.median(known), (unknown, known)
 
 
 # ------------------------------------------------------------------ invitations, members, sign-up
