@@ -339,6 +339,20 @@ def last_object(buf: bytes, key: bytes) -> dict[str, Any] | None:
     return None
 
 
+def first_object(buf: bytes, key: bytes) -> dict[str, Any] | None:
+    """The value of the first ``"key":`` in ``buf`` if it is a JSON object
+    (within ``_OBJECT_WINDOW``), else None."""
+    m = re.search(b'"' + re.escape(key) + rb'"\s*:\s*', buf)
+    if m is None or buf[m.end() : m.end() + 1] != b"{":
+        return None
+    start = m.end()
+    try:
+        v, _ = _DECODER.raw_decode(buf[start : start + _OBJECT_WINDOW].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
 # The most of one SSE event a reader holds back to parse (gateway-hidden
 # usage chunks); a longer event is relayed as it arrives, unparsed.
 EVENT_MAX = 1024 * 1024
@@ -370,32 +384,52 @@ class SSEEvents:
     the rest of that event passes through untouched until its end, after
     which splitting resumes; ``overflowed`` records that an event went by
     unparsed. Only the new bytes (and three of the held ones) are searched
-    for a boundary, so a long unterminated event costs linear time."""
+    for a boundary, so a long unterminated event costs linear time.
 
-    __slots__ = ("_limit", "_parts", "_size", "_skipping", "_tail", "overflowed")
+    With ``keep``, the first and last ``TAIL_BYTES`` of each such event are
+    kept: ``big`` is (head, tail) of the one that ended in the last
+    ``split`` (it comes before that call's complete events), else None.
+    A translated stream reads the event's type and usage from them
+    (gateway.translate.common.reduced_event)."""
 
-    def __init__(self, limit: int = EVENT_MAX) -> None:
+    __slots__ = ("_big_head", "_big_tail", "_keep", "_limit", "_parts", "_size", "_skipping", "_tail", "big",
+                 "overflowed")
+
+    def __init__(self, limit: int = EVENT_MAX, *, keep: bool = False) -> None:
         self._parts: list[bytes] = []
         self._size = 0
         self._tail = b""  # the last bytes seen, where a boundary may begin
         self._limit = limit
         self._skipping = False
         self.overflowed = False
+        self._keep = keep
+        self._big_head = b""
+        self._big_tail: Tail | None = None
+        self.big: tuple[bytes, bytes] | None = None
 
     def split(self, chunk: bytes) -> tuple[bytes, bytes, list[bytes], bytes]:
         """Returns (bytes passed through before, complete bytes, the events
         in them, bytes passed through after); the client gets them in that
         order, the middle one after the reader's changes."""
         before = b""
+        if self._keep:
+            self.big = None
         if self._skipping:
             probe = self._tail + chunk
             cut = _first_boundary(probe)
             if cut < 0:
                 self._tail = probe[-3:]
+                if self._keep:
+                    self._keep_big(chunk)
                 return chunk, b"", [], b""
             cut -= len(self._tail)
             before, chunk = chunk[:cut], chunk[cut:]
             self._skipping, self._tail = False, b""
+            if self._keep:
+                self._keep_big(before)
+                assert self._big_tail is not None
+                self.big = (self._big_head, self._big_tail.bytes())
+                self._big_head, self._big_tail = b"", None
         if self._parts:
             if _last_boundary(self._tail + chunk, 0) < 0:  # nothing ends here: hold on, or give up
                 return before + self._hold(chunk), b"", [], b""
@@ -422,7 +456,21 @@ class SSEEvents:
         held = b"".join(self._parts) + data
         self._parts, self._size = [], 0
         self._skipping = self.overflowed = True
+        if self._keep:
+            self._keep_big(held)
         return held
+
+    def _keep_big(self, data: bytes) -> None:
+        if self._big_tail is None:
+            self._big_tail = Tail()
+        if len(self._big_head) < TAIL_BYTES:
+            self._big_head += data[: TAIL_BYTES - len(self._big_head)]
+        self._big_tail.add(data)
+
+    @property
+    def skipping(self) -> bool:
+        """Inside an event too long to hold, not yet ended."""
+        return self._skipping
 
     @property
     def pending(self) -> bytes:

@@ -27,7 +27,7 @@ import orjson
 
 from ..errors import BadRequest
 from ..protocols.anthropic import anthropic_usage
-from ..protocols.base import SSEEvents, Usage, event_data
+from ..protocols.base import SSEEvents, Usage, event_data, first_object, last_object
 from ..protocols.openai import chat_usage
 from ..protocols.responses import responses_usage
 
@@ -1087,23 +1087,89 @@ class Transducer:
         return None if self._w is not None and self._w.stopped else "upstream_incomplete_stream"
 
 
+_EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([\w.]{1,64})"')
+_CHAT_CHUNK = re.compile(rb'^\s*\{[^{]*"object"\s*:\s*"chat\.completion\.chunk"')
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"(\w{1,32})"')
+
+
+def _first_string(buf: bytes, key: str) -> str | None:
+    m = re.search(rb'"' + key.encode() + rb'"\s*:\s*"([^"\\]{1,256})"', buf)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def reduced_event(head: bytes, tail: bytes) -> Obj | None:
+    """What a transducer needs of an event too long to hold (SSEEvents'
+    bound), from its first and last bytes: a Responses event's type and its
+    response's id, model, status, incomplete_details, error and usage (the
+    final event repeats the whole output and echoes the request's
+    instructions and tools, so a client can make it any size); a chat
+    chunk's usage and finish reason. Without this the usage of such a
+    stream would be lost, and the row would bill nothing."""
+    start = head.find(b"data:")
+    if start < 0:
+        return None
+    head = head[start + 5:]
+    if _CHAT_CHUNK.match(head):
+        usage = last_object(tail, b"usage")
+        finish = _FINISH.findall(tail)
+        chunk: Obj = {"object": "chat.completion.chunk", "id": _first_string(head, "id"),
+                      "model": _first_string(head, "model"), "choices": []}
+        if finish:
+            chunk["choices"] = [{"index": 0, "delta": {}, "finish_reason": finish[-1].decode()}]
+        if usage is not None:
+            chunk["usage"] = usage
+        return chunk
+    m = _EVENT_TYPE.search(head)
+    if m is None:
+        return None
+    ev: Obj = {"type": m.group(1).decode()}
+    at = head.find(b'"response"')
+    if at >= 0:
+        r = head[at:]
+        ev["response"] = {
+            "id": _first_string(r, "id"), "model": _first_string(r, "model"), "status": _first_string(r, "status"),
+            "incomplete_details": first_object(r, b"incomplete_details"), "error": first_object(r, b"error"),
+            "usage": last_object(tail, b"usage"),
+        }
+    return ev
+
+
+# Responses events whose size is their echo of the request (instructions,
+# tools) or their repeat of the output already streamed: their reduced form
+# (reduced_event) loses nothing a transducer reads.
+_ECHOES = frozenset({"response.created", "response.in_progress", "response.completed", "response.incomplete",
+                     "response.failed"})
+
+
 class TranslatedStream:
     """A UsageReader that translates: splits the upstream's SSE bytes into
     events as they arrive, hands each to the pair's transducer and returns
-    what the client gets for them. Holds back at most one partial event."""
+    what the client gets for them. Holds back at most one partial event;
+    one longer than that is translated from its head and tail
+    (``reduced_event``): its type and usage are never lost."""
 
-    __slots__ = ("_events", "_t")
+    __slots__ = ("_events", "_lost", "_t")
 
     def __init__(self, t: Transducer) -> None:
-        self._events = SSEEvents()
+        self._events = SSEEvents(keep=True)
         self._t = t
+        self._lost = False  # an event too long to hold lost more than an echo
+
+    def _reduce(self, head: bytes, tail: bytes) -> bytes:
+        ev = reduced_event(head, tail)
+        if ev is None or ev.get("type") not in _ECHOES:
+            self._lost = True
+        return self._t.event(ev) if ev is not None else b""
 
     def feed(self, chunk: bytes) -> bytes:
-        # An event too long to hold (SSEEvents' bound) cannot be translated:
-        # its bytes are dropped, and the row says so (finish).
+        # An event too long to hold (SSEEvents' bound) passes unparsed; what
+        # matters of it (type, usage) is read from its head and tail.
         _, _, events, _ = self._events.split(chunk)
         out = []
         t = self._t
+        big = self._events.big
+        if big is not None:
+            out.append(self._reduce(*big))
         for ev in events:
             data = event_data(ev)
             if not data:
@@ -1127,5 +1193,5 @@ class TranslatedStream:
 
     def finish(self) -> Usage:
         u = self._t.usage()
-        u.error = self._t.error() or ("sse_event_too_large" if self._events.overflowed else None)
+        u.error = self._t.error() or ("sse_event_too_large" if self._lost or self._events.skipping else None)
         return u
