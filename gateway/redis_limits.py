@@ -60,6 +60,11 @@ from .store.base import Store
 
 log = logging.getLogger("gateway.redis")
 
+# What a call to Redis may raise when Redis is away or answers nonsense
+# (redis-py's parsers raise ValueError on a malformed number, and recurse
+# into nested replies): each is a Redis failure, never a crash.
+FAILURES = (RedisError, OSError, TimeoutError, ValueError, RecursionError)
+
 LEASE_MS = 60_000
 SETTLE_DELAY_S = 0.005
 MONTH_TTL_S = 40 * 86400
@@ -213,6 +218,7 @@ class RedisLimiter:
         self._sending: set[asyncio.Task[None]] = set()
         self._store: Store | None = None
         self._seeding: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ------------------------------------------------------------ admission
 
@@ -244,11 +250,16 @@ class RedisLimiter:
                     raise
                 await self._fast.call("SCRIPT", "LOAD", ADMIT)  # Redis restarted, or flushed its scripts
                 res = await self._fast.call("EVALSHA", ADMIT_SHA, 4, *args)
-        except (RespError, RedisError, OSError, TimeoutError) as e:
+        except (RespError, *FAILURES) as e:
             self._failed("admit", e)
             return self._degraded(key)
+        if not (isinstance(res, list) and len(res) == 7 and all(type(x) is int for x in res)):
+            # Not the script's answer: a Redis (or something on its port)
+            # that cannot be trusted to have counted anything.
+            self._failed("admit", RespError("unexpected reply to the admission script"))
+            return self._degraded(key)
         self._recovered()
-        code, wait_ms, seeded, used, treset, requests, rreset = (int(x) for x in res)
+        code, wait_ms, seeded, used, treset, requests, rreset = res
         if not seeded:
             self._reseed()
         if code:
@@ -341,7 +352,9 @@ class RedisLimiter:
                         released: list[tuple[int, str]]) -> None:
         p = self._prefix
         month = f"{p}:q:{_month(self.clock())}"
-        pipe = self.redis.pipeline(transaction=False)
+        # One MULTI/EXEC: a batch that fails is applied wholly or not at
+        # all, so sending it again (below) cannot count it twice.
+        pipe = self.redis.pipeline(transaction=True)
         for (kid, second), n in tokens.items():
             pipe.hincrby(f"{p}:t:{kid}", str(second), n)
             pipe.expire(f"{p}:t:{kid}", 120)
@@ -354,10 +367,29 @@ class RedisLimiter:
             pipe.zrem(f"{p}:c:{kid}", member)
         try:
             await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as e:
-            # The settles are lost to Redis (the database still has them and
-            # seeds a fresh month hash); a lease not released expires.
+        except FAILURES as e:
+            # Kept and sent again with the next batch, once Redis answers:
+            # dropped, they would be missing from a month hash that outlives
+            # the outage (only a fresh hash is seeded from the database),
+            # and every key and workspace they belong to would get past its
+            # quota by that much. Token buckets out of the TPM window are
+            # of no use any more.
             self._failed("settle", e)
+            self._requeue(tokens, quota, released)
+
+    def _requeue(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
+                 released: list[tuple[int, str]]) -> None:
+        if self._closing:
+            return
+        recent = int(self.clock()) - 60
+        for bucket, n in tokens.items():
+            if bucket[1] > recent:
+                self._tokens[bucket] += n
+        for field, amount in quota.items():
+            self._quota[field] += amount
+        self._released[:0] = released
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self.cfg.retry_s, self._send)
 
     # ------------------------------------------------------------ shared state
 
@@ -378,7 +410,7 @@ class RedisLimiter:
         try:
             if await self._seed(keys=[f"{self._prefix}:q:{_month(self.clock())}"], args=args):
                 log.info("seeded this month's quotas in Redis from the database")
-        except (RedisError, OSError, TimeoutError) as e:
+        except FAILURES as e:
             self._failed("seed", e)
 
     def _reseed(self) -> None:
@@ -412,10 +444,11 @@ class RedisLimiter:
                 pipe.pexpire(f"{self._prefix}:c:{kid}", LEASE_MS)
             try:
                 await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as e:
+            except FAILURES as e:
                 self._failed("lease", e)
 
     async def close(self) -> None:
+        self._closing = True
         if self._flush is not None:
             self._flush.cancel()
             self._send()
@@ -429,7 +462,7 @@ class RedisLimiter:
             pipe = self.redis.pipeline(transaction=False)
             for kid, members in self._held.items():
                 pipe.zrem(f"{self._prefix}:c:{kid}", *members)
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*FAILURES):
                 await pipe.execute()
         await self._fast.close()
         await self.redis.aclose()

@@ -28,6 +28,25 @@ class _Incomplete(Exception):
     pass
 
 
+class ProtocolError(ConnectionError):
+    """A reply that is not RESP2 as Redis writes it: the connection cannot
+    be trusted to stay in step, so it is dropped (and opened again on the
+    next call)."""
+
+
+# Bounds on a reply: Redis's own proto-max-bulk-len, and far deeper
+# nesting than any reply the gateway asks for.
+MAX_BULK = 512 * 1024 * 1024
+MAX_DEPTH = 8
+
+
+def _int(line: bytes) -> int:
+    try:
+        return int(line)
+    except ValueError:
+        raise ProtocolError("malformed integer in a Redis reply") from None
+
+
 def encode(args: tuple[Any, ...]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
@@ -36,37 +55,45 @@ def encode(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
-def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
+def parse(buf: bytearray | bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
     """One reply from ``buf`` at ``pos``: (value, position after it).
-    Raises _Incomplete when the buffer does not hold all of it yet."""
+    Raises _Incomplete when the buffer does not hold all of it yet, and
+    ProtocolError for anything Redis would not send (an unknown type, a
+    malformed number, a length or nesting past the bounds above)."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
+        if len(buf) - pos > 64 * 1024:  # no reply line is this long
+            raise ProtocolError("Redis reply line too long")
         raise _Incomplete
     kind, line = buf[pos:pos + 1], bytes(buf[pos + 1:end])
     pos = end + 2
     if kind == b"+":
-        return line.decode(), pos
+        return line.decode(errors="replace"), pos
     if kind == b"-":
         return RespError(line.decode(errors="replace")), pos
     if kind == b":":
-        return int(line), pos
+        return _int(line), pos
     if kind == b"$":
-        n = int(line)
+        n = _int(line)
         if n < 0:
             return None, pos
+        if n > MAX_BULK:
+            raise ProtocolError("Redis reply string too long")
         if len(buf) < pos + n + 2:
             raise _Incomplete
         return bytes(buf[pos:pos + n]), pos + n + 2
     if kind == b"*":
-        n = int(line)
+        n = _int(line)
         if n < 0:
             return None, pos
+        if depth >= MAX_DEPTH or n > MAX_BULK:
+            raise ProtocolError("Redis reply nested too deeply")
         items = []
         for _ in range(n):
-            item, pos = parse(buf, pos)
+            item, pos = parse(buf, pos, depth + 1)
             items.append(item)
         return items, pos
-    raise RespError(f"unexpected reply type {kind!r}")
+    raise ProtocolError(f"unexpected Redis reply type {kind!r}")
 
 
 class _Protocol(asyncio.Protocol):
@@ -89,6 +116,9 @@ class _Protocol(asyncio.Protocol):
                 value, pos = parse(buf, pos)
             except _Incomplete:
                 break
+            except ProtocolError as e:
+                self._broken(e)
+                return
             fut = self.waiting.popleft()
             if fut.done():  # its caller timed out: the reply is consumed, not used
                 continue
@@ -97,6 +127,18 @@ class _Protocol(asyncio.Protocol):
             else:
                 fut.set_result(value)
         del buf[:pos]
+
+    def _broken(self, exc: ProtocolError) -> None:
+        """Out of step with Redis: fail every waiting call and drop the
+        connection (no traceback: the caller counts it as a Redis failure)."""
+        self.buf.clear()
+        self.lost = exc
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(ProtocolError(str(exc)))
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionError("connection closed by Redis")
@@ -137,8 +179,15 @@ class RespClient:
             setup.append(("AUTH", self._user, self._password) if self._user else ("AUTH", self._password))
         if self._db:
             setup.append(("SELECT", self._db))
-        for args in setup:
-            await self._send(proto, args)
+        try:
+            for args in setup:
+                await self._send(proto, args)
+        except BaseException:
+            # Refused (a wrong password), or the caller's timeout: never
+            # leave the connection open behind us (one more on each try).
+            if proto.transport is not None:
+                proto.transport.close()
+            raise
         return proto
 
     async def _ready(self) -> _Protocol:
