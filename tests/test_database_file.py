@@ -21,6 +21,8 @@ from .conftest import Gateway, GatewayFactory, Upstream, config_toml
 from .test_task_records import creates
 from .test_tasks import TASKS, tasks_toml
 
+pytestmark = pytest.mark.sqlite_only("the SQLite file removed or replaced under a running gateway")
+
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.store.base import open_store
@@ -33,6 +34,7 @@ async def traffic(gw: Gateway, key: str, n: int) -> None:
                 assert r.status == 200
 
 
+@pytest.mark.sqlite_only("moves an SQLite installation (its first gateway runs on SQLite)")
 async def test_sqlite_installation_moves_to_postgres(
     pg_database: str, make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
