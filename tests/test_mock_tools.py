@@ -212,3 +212,20 @@ async def test_mock_count_tokens_matches_messages(upstream: Upstream, http: aioh
     async with http.post(upstream.base_url + "/messages", headers=auth, json=body) as r:
         billed = (await r.json())["usage"]["input_tokens"]
     assert counted == {"input_tokens": billed} and billed == 4
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/messages", {"model": "c", "max_tokens": 5, "messages": 3.5}),
+    ("/messages", {"model": "c", "max_tokens": 5}),
+    ("/responses", {"model": "m", "input": True}),
+    ("/images/generations", {"model": "i", "prompt": "p", "n": {}}),
+    ("/images/generations", {"model": "i", "prompt": "p", "n": 1e308}),
+    ("/images/generations", {"model": "i", "prompt": "p", "n": 11}),
+])
+async def test_mock_answers_a_malformed_body_400(upstream: Upstream, http: aiohttp.ClientSession, path: str,
+                                                 body: dict[str, Any]) -> None:
+    """As the providers do, never a 500 (a crash the gateway would relay as
+    the upstream's) nor an answer as large as a hostile ``n`` asks for."""
+    auth = {"x-api-key": UPSTREAM_KEY, "Authorization": f"Bearer {UPSTREAM_KEY}"}
+    async with http.post(upstream.base_url + path, headers=auth, json=body) as r:
+        assert r.status == 400, await r.text()

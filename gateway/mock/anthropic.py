@@ -93,6 +93,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return anthropic_error(400, "There was an error parsing the body of your request.")
     if not isinstance(obj, dict):
         return anthropic_error(400, "Request body must be an object.")
+    if not isinstance(obj.get("messages"), list):  # as Anthropic: a 400, whatever else is wrong
+        return anthropic_error(400, "messages: Input should be a valid list")
     model = obj.get("model", "mock")
     p = plan(request, *anthropic_tools(obj), call_prefix="toolu_")
     words, call = p.words, p.call

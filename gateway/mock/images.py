@@ -92,11 +92,26 @@ def image_usage(prompt: str, images_in: int, n: int) -> dict[str, Any]:
             "output_tokens_details": {"text_tokens": 0, "image_tokens": 272 * n}}
 
 
-async def _answer(request: web.Request, params: dict[str, Any], images_in: int, kind: str) -> web.StreamResponse:
+N_ERROR = "Invalid 'n': expected an integer from 1 to 10."
+
+
+def _count(value: Any) -> int | None:
+    """``n`` as OpenAI takes it (1 to 10, default 1); None if it is not."""
+    if value is None or value == "":
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
     try:
-        n = int(params.get("n") or 1)
+        n = int(value)
     except ValueError:
-        return openai_error(400, "Invalid 'n'.")
+        return None
+    return n if 1 <= n <= 10 else None
+
+
+async def _answer(request: web.Request, params: dict[str, Any], images_in: int, kind: str) -> web.StreamResponse:
+    n = _count(params.get("n"))
+    if n is None:
+        return openai_error(400, N_ERROR)
     prompt = str(params.get("prompt", ""))
     u = image_usage(prompt, images_in, n)
     size = _int(request, "x-mock-image-bytes")
@@ -191,10 +206,9 @@ async def variations(request: web.Request) -> web.StreamResponse:
     if form is None or not any(f["name"] == "image" for f in form.files):
         return openai_error(400, "Expected a multipart/form-data body with an 'image' file.")
     request.app[IMAGE_FORMS].append(form)
-    try:
-        n = int(form.fields.get("n") or 1)
-    except ValueError:
-        return openai_error(400, "Invalid 'n'.")
+    n = _count(form.fields.get("n"))
+    if n is None:
+        return openai_error(400, N_ERROR)
     data = [{"url": f"https://mock.invalid/variation-{i}.png"} for i in range(n)]
     return web.Response(body=orjson.dumps({"created": int(time.time()), "data": data}),
                         content_type="application/json")

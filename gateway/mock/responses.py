@@ -240,6 +240,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
         assert early is not None
         return early
     state = request.app[MOCK]
+    inp = obj.get("input")
+    if inp is not None and not isinstance(inp, str | list):
+        return openai_error(400, "Invalid type for 'input': expected a string or an array of items.")
     missing = _previous_known(state, obj)
     if missing is not None:
         return web.Response(status=400, body=orjson.dumps({"error": not_found_previous(missing)}),
