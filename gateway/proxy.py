@@ -731,6 +731,13 @@ async def _upstream_count(
             return None
         if resp.status in NO_COUNTER:
             return None
+        if resp.status in (401, 403):
+            # The gateway's credential, not the client's: never relayed as
+            # the client's authentication error (nor the upstream's message,
+            # which may quote the key it was given).
+            log.error("upstream %s rejected the gateway's credential (%d)", up.name, resp.status)
+            raise BadGateway(f"Upstream '{up.name}' rejected the gateway's credential (HTTP {resp.status}).",
+                             code="upstream_auth_failed")
         if resp.status >= 300:
             ctx.status = resp.status
             return web.Response(status=resp.status, body=client_error("messages", resp.status, data, up.name),

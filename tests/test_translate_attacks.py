@@ -103,3 +103,32 @@ async def test_echoed_tools_do_not_hide_a_translated_streams_usage(
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == (200, 2, 5)
     assert row["cost"] > 0
     assert row["error_type"] is None
+
+
+async def test_count_never_passes_on_the_upstreams_credential_error(
+        make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """count_tokens on a model without a Messages upstream is counted by its
+    Responses upstream. When that upstream refused the gateway's own
+    credential, its 401 went to the client as is: an authentication error
+    the client takes for its own key's, carrying the upstream's message
+    (OpenAI's quotes the end of the key it was given), and no log line for
+    the operator. It is the gateway's credential: 502 upstream_auth_failed
+    and an error line, as on every other path."""
+    monkeypatch.setenv("WRONG_UPSTREAM_KEY", "sk-not-the-right-one")
+    gw = await make_gateway(_toml(upstream).replace(
+        'name = "wire-responses"\nkind = "openai"\nprotocols = ["responses"]\nbase_url = "' + upstream.base_url
+        + '"\napi_key_env = "MOCK_UPSTREAM_KEY"',
+        'name = "wire-responses"\nkind = "openai"\nprotocols = ["responses"]\nbase_url = "' + upstream.base_url
+        + '"\napi_key_env = "WRONG_UPSTREAM_KEY"'))
+    key = await gw.key()
+    status, body = await _post(http, gw.url + "/v1/messages/count_tokens", key, {
+        "model": "via-responses", "messages": [{"role": "user", "content": "hi there"}]})
+    assert any(r.path.endswith("/responses/input_tokens") for r in upstream.state.requests)
+    assert status == 502, body
+    err = orjson.loads(body)
+    assert err["type"] == "error" and "Incorrect API key" not in err["error"]["message"]
+    assert "rejected the gateway's credential" in err["error"]["message"]
+    assert "rejected the gateway's credential" in caplog.text
+    rows = await gw.wait_usage(1)
+    assert (rows[-1]["status"], rows[-1]["error_type"]) == (502, "upstream_auth_failed")
