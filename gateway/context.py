@@ -7,7 +7,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -102,6 +102,11 @@ class RequestContext:
     # The relay's usage reader while a body is being relayed: a snapshot of
     # a request in flight (the usage spool's) asks it for the usage so far.
     reader: UsageReader | None = None
+    # A streamed chat request (Chat Completions, Messages, Responses) and the
+    # SSE events relayed for it: what a stream the client cut before the
+    # upstream's usage is billed by (gateway.intake.estimate_cut).
+    request_obj: dict[str, Any] | None = None
+    events_out: int = 0
 
     def cost(self, usage: Usage | None = None) -> float:
         u, m = usage or self.usage, self.model_cfg

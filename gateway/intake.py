@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from time import perf_counter
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -23,6 +24,8 @@ from .config import ModelConfig
 from .context import Gateway, RequestContext
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .logs import log_request
+from .protocols.base import Usage
+from .translate.common import estimate_tokens
 
 
 async def read_body(request: web.Request, gw: Gateway) -> bytes:
@@ -81,6 +84,24 @@ def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
     return m
 
 
+# The fields of a chat request (any of the three protocols) that are its input.
+_INPUT_FIELDS = ("system", "instructions", "messages", "input", "tools")
+
+
+def estimate_cut(ctx: RequestContext, obj: dict[str, Any]) -> None:
+    """A stream the client left before the upstream said its usage (OpenAI
+    protocols say it only at the end, Anthropic its output only at the end).
+    Billed as what was seen, it would be free: a client reads the answer and
+    closes just before the final event. What the upstream did not report is
+    estimated instead: the input from the request (translate.common's local
+    estimate), the output as at least one token per event relayed."""
+    u = ctx.usage if ctx.usage is not None else Usage()
+    if u.input_tokens == 0:
+        u.input_tokens = estimate_tokens([obj.get(k) for k in _INPUT_FIELDS])
+    u.output_tokens = max(u.output_tokens, ctx.events_out)
+    ctx.usage = u
+
+
 def finish(gw: Gateway, ctx: RequestContext, method: str, path: str) -> None:
     """The end of one /v1 request: its usage row (and log line), its
     concurrency slot released, its tokens and spend settled. The request
@@ -88,6 +109,8 @@ def finish(gw: Gateway, ctx: RequestContext, method: str, path: str) -> None:
     from one connection (the Responses WebSocket) calls it for each."""
     writer = gw.writer
     assert writer is not None
+    if ctx.status == 499 and ctx.events_out and ctx.request_obj is not None:
+        estimate_cut(ctx, ctx.request_obj)
     row = ctx.row(perf_counter())
     writer.record(row, ctx.seq)
     if gw.config.server.log_requests:

@@ -162,6 +162,8 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     ctx.bytes_in = len(raw)
     obj, model = endpoint.parse(request.headers.get("Content-Type", ""), raw)
     ctx.stream = obj.get("stream") is True
+    if ctx.stream and endpoint.name in CHAT_PROTOCOLS:
+        ctx.request_obj = obj  # for a stream the client cuts short (intake.estimate_cut)
     ctx.model = model  # recorded (bounded) even when it turns out unknown
     ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
     if endpoint.free:
@@ -547,6 +549,8 @@ async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes) -> N
     if ctx.ttfb_ms is None:
         ctx.ttfb_ms = (perf_counter() - ctx.t0) * 1000
     ctx.bytes_out += len(data)
+    if ctx.request_obj is not None:
+        ctx.events_out += data.count(b"\n\n")
     await out.write(data)
 
 

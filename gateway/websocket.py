@@ -282,6 +282,7 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         body = {k: v for k, v in frame.items() if k not in ("type", "generate")}
         body["stream"] = True
         whole = conn.expand(body)
+        ctx.request_obj = body  # for a response the client cuts short (intake.estimate_cut)
         if frame.get("generate") is False:
             admit_free(gw, ctx, key)
             await warm_up(conn, ctx, body, model, whole)
@@ -420,6 +421,7 @@ class Relay:
             ctx.ttfb_ms = (perf_counter() - ctx.t0) * 1000
             self.rid = response_id(data[:HEAD_BYTES], True)  # response.created comes first
         ctx.bytes_out += len(data)
+        ctx.events_out += 1
         await self.conn.ws.send_str(data.decode("utf-8", "replace"))
 
     async def _whole(self, ctx: RequestContext, resp: UpstreamResponse, name: str, inflate: Any,

@@ -1,0 +1,47 @@
+"""A client that reads a streamed answer and closes the connection just
+before the upstream's final event (where OpenAI's protocols put the usage,
+and Anthropic's the output tokens) must not get the answer for free."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from .conftest import GatewayFactory, Upstream, config_toml
+from .test_translate_attacks import WIRES
+
+
+@pytest.mark.parametrize("path,model", [("/v1/chat/completions", "gpt-test"), ("/v1/messages", "via-chat"),
+                                        ("/v1/chat/completions", "via-responses")])
+async def test_a_stream_cut_before_its_usage_is_still_billed(
+        make_gateway: GatewayFactory, upstream: Upstream, path: str, model: str) -> None:
+    """Read 30 of 40 content events, then close: the row billed nothing
+    (0 input, 0 output tokens) although the client had most of the answer.
+    What the upstream did not get to report is estimated now: the input
+    from the request, the output as one token per event relayed."""
+    gw = await make_gateway(config_toml(upstream.base_url, WIRES.format(url=upstream.base_url)))
+    key = await gw.key()
+    body = {"model": model, "stream": True, "max_tokens": 500,
+            "messages": [{"role": "user", "content": "hello " * 200}]}
+    got = 0
+    async with aiohttp.ClientSession() as s, s.post(gw.url + path, json=body, headers={
+            "Authorization": f"Bearer {key}", "x-mock-chunks": "40", "x-mock-delay-ms": "20"}) as r:
+        assert r.status == 200
+        async for line in r.content:
+            if line.startswith(b"data:") and (b'"text_delta"' in line or b'"content":"' in line):
+                got += 1
+            if got >= 30:
+                break
+        r.close()
+    for _ in range(100):
+        rows = gw.usage_rows()
+        if rows and rows[-1]["status"]:
+            break
+        await asyncio.sleep(0.05)
+    row = rows[-1]
+    assert (row["status"], row["error_type"]) == (499, "client_disconnected")
+    assert row["input_tokens"] >= 200  # "hello " * 200 is 1,200 characters: about 300 tokens
+    assert row["output_tokens"] >= 30
+    assert row["cost"] > 0
