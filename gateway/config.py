@@ -32,6 +32,27 @@ KIND_PROTOCOLS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Request body fields that change what the provider charges for the same
+# tokens, by the client's protocol, with the values that keep its standard
+# price (docs/security.md, "Price flags"). Any other value is refused unless
+# the model's ``allow_fields`` names it: the row is billed at the model's
+# configured price whatever the tier.
+PRICE_FIELDS: dict[str, dict[str, frozenset[str]]] = {
+    # OpenAI (Chat Completions and Responses): "priority"/"fast" cost more,
+    # "flex" less, "scale" draws on reserved units; "auto" is the project's
+    # own setting (standard unless the operator changed it).
+    "openai": {"service_tier": frozenset({"auto", "default"})},
+    # Anthropic Messages: service_tier "auto" uses Priority Tier only where
+    # the operator bought it; "fast" speed and "us" inference are premium.
+    "anthropic": {
+        "service_tier": frozenset({"auto", "standard_only"}),
+        "speed": frozenset({"standard"}),
+        "inference_geo": frozenset({"global"}),
+    },
+}
+PRICE_FIELD_NAMES = frozenset(k for fields in PRICE_FIELDS.values() for k in fields)
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message names the offending field."""
 
@@ -248,6 +269,8 @@ class ModelConfig:
     # The output limit sent when a client names none and the upstream's
     # protocol needs one (Anthropic's max_tokens, on a translated request).
     max_output_tokens: int | None = None
+    # Non-standard values of PRICE_FIELDS a client may send for this model.
+    allow_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +500,17 @@ def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
     limit = t.data.get("max_output_tokens")
     max_output = None if limit is None else int(t.num("max_output_tokens", 0, minimum=1, integer=True))
     t.seen.add("max_output_tokens")
-    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"), max_output)
+    allow = t.sub("allow_fields")
+    allowed: dict[str, frozenset[str]] = {}
+    for key in allow.data:
+        if key not in PRICE_FIELD_NAMES:
+            raise ConfigError(f"{allow.where}.{key}: not a price field (one of {', '.join(sorted(PRICE_FIELD_NAMES))})")
+        values = allow.array(key)
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{allow.where}.{key}: expected an array of values (strings)")
+        allowed[key] = frozenset(values)
+    allow.done()
+    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"), max_output, allowed)
     t.done()
     return m
 

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import KeyInfo
 from .bounds import shown
-from .config import ModelConfig
+from .config import PRICE_FIELDS, ModelConfig
 from .context import Gateway, RequestContext
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .logs import log_request
@@ -82,6 +82,29 @@ def resolve_model(gw: Gateway, key: KeyInfo, model: str) -> ModelConfig:
         raise Forbidden(f"This key may not use the model '{shown(model)}'.", code="model_not_allowed",
                         param="model")
     return m
+
+
+def check_price_fields(fields: dict[str, frozenset[str]], obj: dict[str, Any], model_cfg: ModelConfig) -> None:
+    """400 ``field_not_allowed`` for a body field that changes what the
+    provider charges (``fields``: config.PRICE_FIELDS of the client's
+    protocol) at a value other than its standard ones or those the model's
+    ``allow_fields`` names: the row is billed at the model's configured
+    price, so a client must not pick a dearer tier. A few dict lookups on
+    the parsed body; the body itself is not touched."""
+    for name, standard in fields.items():
+        value = obj.get(name)
+        if value is None or (isinstance(value, str) and (value in standard
+                                                          or value in model_cfg.allow_fields.get(name, ()))):
+            continue
+        what = f"'{shown(value)}'" if isinstance(value, str) else "a non-string value"
+        ok = ", ".join(sorted(standard | model_cfg.allow_fields.get(name, frozenset())))
+        raise BadRequest(f"'{name}' = {what} is not allowed on the model '{model_cfg.name}': it changes the "
+                         f"provider's price. Send one of {ok}, or leave it out.",
+                         code="field_not_allowed", param=name)
+
+
+OPENAI_PRICE_FIELDS = PRICE_FIELDS["openai"]
+ANTHROPIC_PRICE_FIELDS = PRICE_FIELDS["anthropic"]
 
 
 # The fields of a chat request (any of the three protocols) that are its input.

@@ -107,11 +107,12 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 
 
 # Top-level keys the gateway reads to decide (what to route and bill, how to
-# read usage), and the nested one inside stream_options.
-DECIDING_KEYS = ("model", "stream", "stream_options")
+# read usage, which price tier it lets through: config.PRICE_FIELDS), and the
+# nested one inside stream_options.
+DECIDING_KEYS = ("model", "stream", "stream_options", "service_tier", "speed", "inference_geo")
 
 
-_DECIDING_NAMES = re.compile(rb'"(model|stream|stream_options|include_usage)"')
+_DECIDING_NAMES = re.compile(rb'"(model|stream|stream_options|include_usage|service_tier|speed|inference_geo)"')
 
 
 def _maybe_ambiguous(raw: bytes) -> bool:
