@@ -22,8 +22,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
-import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,9 +33,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from .context import GATEWAY
 from .errors import GatewayError, NotFound, Unauthorized
 from .store import users
-from .store.audit import Actor, changes
-from .store.schema import connect
+from .store.audit import Actor
 from .store.scope import Scope
+from .store.tx import Body, Tx
 
 T = TypeVar("T")
 
@@ -106,12 +105,12 @@ class Principal:
         assert isinstance(ws, int)
         return self.owns(ws) or (self.sees(ws) and self.user_id is not None and key["user_id"] == self.user_id)
 
-    def scope(self, conn: sqlite3.Connection) -> Scope | None:
+    async def scope(self, tx: Tx) -> Scope | None:
         """What a non-admin may read (gateway.store.scope); None for admins."""
         if self.is_admin:
             return None
         assert self.user_id is not None
-        return users.scope_of(conn, self.user_id, dict(self.roles))
+        return await users.scope_of(tx, self.user_id, dict(self.roles))
 
     def actor(self, request: web.Request) -> Actor:
         return Actor(self.label, self.user_id, client_address(request))
@@ -124,34 +123,21 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 # ------------------------------------------------------------------ plumbing
 
 
-class NotImplementedOnPostgres(GatewayError):
-    status = 501
-    type = "not_implemented"
-    code = "not_on_postgres"
-
-    def __init__(self) -> None:
-        super().__init__("The admin API and the console are not available on PostgreSQL yet (docs/scaling.md); "
-                         "use the CLI (workspaces, keys, usage) and /metrics.")
+class DatabaseUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "database_unavailable"
 
 
-async def db(request: web.Request, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """``fn(conn)`` in a worker thread on a short-lived connection, so the
-    event loop never waits on SQLite."""
-    database = request.app[GATEWAY].config.database
-    if database.url is not None:
-        # The admin API and the console (accounts, audit, scoped views) run
-        # on SQLite only so far: refuse rather than write to a local file.
-        raise NotImplementedOnPostgres()
-    path = database.path
-
-    def run() -> T:
-        conn = connect(path)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(run)
+async def db(request: web.Request, body: Body[T], *, write: bool = False) -> T:
+    """``body(tx)`` on the gateway's store (gateway.store.tx): with
+    ``write``, one transaction, serialized with every other write. On
+    SQLite it runs in a worker thread, on PostgreSQL on a pooled
+    connection: the event loop never waits on the database either way."""
+    store = request.app[GATEWAY].store
+    if store is None:
+        raise DatabaseUnavailable("The database is not open yet: try again shortly.", headers={"Retry-After": "1"})
+    return await store.run(body, write=write)
 
 
 def client_address(request: web.Request) -> str:
@@ -209,27 +195,21 @@ async def _check_operator(request: web.Request, right: bool) -> None:
     same address (it is typed into the sign-in page and may be no stronger
     than a password): a wrong token counts, in one transaction with the
     check, and past the limit the address gets 429 whatever it sends, so
-    the right token does not stand out. Not on PostgreSQL yet, where the
-    admin API keeps no such table (docs/scaling.md)."""
+    the right token does not stand out."""
     gw = request.app[GATEWAY]
-    if gw.config.admin.token is None or gw.config.database.url is not None:
+    if gw.config.admin.token is None:
         return
     now = gw.clock()
 
-    def check(conn: sqlite3.Connection) -> None:
-        if right:
-            err = _over_address(conn, request, now)
-            if err is not None:
-                raise err
-            return
-        with changes(conn):
-            err = _over_address(conn, request, now)
-            if err is not None:
-                raise err
-            users.add_failure(conn, "address", address_subject(request), now)
-            users.prune_failures(conn, now - _window_s(request))
+    async def check(tx: Tx) -> None:
+        err = await _over_address(tx, request, now)
+        if err is not None:
+            raise err
+        if not right:
+            await users.add_failure(tx, "address", address_subject(request), now)
+            await users.prune_failures(tx, now - _window_s(request))
 
-    await db(request, check)
+    await db(request, check, write=not right)
 
 
 async def authenticate(request: web.Request) -> Principal:
@@ -248,14 +228,14 @@ async def authenticate(request: web.Request) -> Principal:
     now, idle_s = gw.clock(), gw.config.console.session_idle_minutes * 60
     sid_hash = users.token_hash(sid)
 
-    def load(conn: sqlite3.Connection) -> Principal | None:
-        s = users.session(conn, sid_hash, now=now, idle_s=idle_s)
+    async def load(tx: Tx) -> Principal | None:
+        s = await users.session(tx, sid_hash, now=now, idle_s=idle_s)
         if s is None:
             return None
         if now - s["seen_at"] > TOUCH_EVERY_S:
-            users.touch_session(conn, sid_hash, now)
-        return Principal(s["email"], bool(s["is_admin"]), s["user_id"], s["name"], users.roles(conn, s["user_id"]),
-                         sid_hash, s["csrf_token"])
+            await users.touch_session(tx, sid_hash, now)
+        return Principal(s["email"], bool(s["is_admin"]), s["user_id"], s["name"],
+                         await users.roles(tx, s["user_id"]), sid_hash, s["csrf_token"])
 
     principal = await db(request, load)
     if principal is None:
@@ -324,10 +304,10 @@ def _window_s(request: web.Request) -> float:
     return request.app[GATEWAY].config.console.login_window_minutes * 60
 
 
-def _over(conn: sqlite3.Connection, request: web.Request, scope: str, subject: str, limit: int, what: str,
-          now: float) -> TooManyAttempts | None:
+async def _over(tx: Tx, request: web.Request, scope: str, subject: str, limit: int, what: str,
+                now: float) -> TooManyAttempts | None:
     window = _window_s(request)
-    count, oldest = users.failures(conn, scope, subject, now - window)
+    count, oldest = await users.failures(tx, scope, subject, now - window)
     if count < limit or oldest is None:
         return None
     wait = max(1, math.ceil(oldest + window - now))
@@ -336,38 +316,37 @@ def _over(conn: sqlite3.Connection, request: web.Request, scope: str, subject: s
                            headers={"Retry-After": str(wait)})
 
 
-def _over_address(conn: sqlite3.Connection, request: web.Request, now: float) -> TooManyAttempts | None:
+async def _over_address(tx: Tx, request: web.Request, now: float) -> TooManyAttempts | None:
     limit = request.app[GATEWAY].config.console.login_failures_per_address
-    return _over(conn, request, "address", address_subject(request), limit, "from your address", now)
+    return await _over(tx, request, "address", address_subject(request), limit, "from your address", now)
 
 
-def throttled(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> TooManyAttempts | None:
+async def throttled(tx: Tx, request: web.Request, email: str, now: float) -> TooManyAttempts | None:
     """The error to answer if this account or this address has failed too
     often within the window, else None. Keyed by the email as typed, so an
     unknown account is throttled exactly like a real one."""
     limit = request.app[GATEWAY].config.console.login_failures_per_account
-    return (_over(conn, request, "account", email, limit, "for this account", now)
-            or _over_address(conn, request, now))
+    return (await _over(tx, request, "account", email, limit, "for this account", now)
+            or await _over_address(tx, request, now))
 
 
-def attempt(conn: sqlite3.Connection, request: web.Request, email: str, now: float) -> Attempt:
+async def attempt(tx: Tx, request: web.Request, email: str, now: float) -> Attempt:
     """Count a sign-in attempt for ``email`` from this address before its
     password is checked, or raise TooManyAttempts. The check and the count
     are one write transaction: attempts sent all at once cannot all pass the
-    check before any of them is counted (and make argon2 work for each)."""
-    with changes(conn):
-        err = throttled(conn, request, email, now)
-        if err is not None:
-            raise err
-        users.add_failure(conn, "account", email, now)
-        row = users.add_failure(conn, "address", address_subject(request), now)
-        users.prune_failures(conn, now - _window_s(request))
+    check before any of them is counted (and make argon2 work for each).
+    Run it in a write body (``db(..., write=True)``)."""
+    err = await throttled(tx, request, email, now)
+    if err is not None:
+        raise err
+    await users.add_failure(tx, "account", email, now)
+    row = await users.add_failure(tx, "address", address_subject(request), now)
+    await users.prune_failures(tx, now - _window_s(request))
     return Attempt(email, row)
 
 
-def passed(conn: sqlite3.Connection, attempt: Attempt) -> None:
+async def passed(tx: Tx, attempt: Attempt) -> None:
     """The attempt succeeded: it is no failure, and the account's count
-    starts again."""
-    with changes(conn):
-        users.clear_failures(conn, "account", attempt.email)
-        users.drop_failure(conn, attempt.address_row)
+    starts again. Run it in a write body."""
+    await users.clear_failures(tx, "account", attempt.email)
+    await users.drop_failure(tx, attempt.address_row)

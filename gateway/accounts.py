@@ -18,8 +18,8 @@ uncounted), and past the limit a 429 says when to try again.
 
 from __future__ import annotations
 
-import sqlite3
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -60,9 +60,10 @@ from .admin import (
 )
 from .context import GATEWAY
 from .errors import BadRequest, NotFound, Unauthorized
-from .store import audit, queries, users
-from .store.audit import Actor, changes
+from .store import audit, catalog, queries, users
+from .store.audit import Actor
 from .store.scope import Scope
+from .store.tx import Tx
 
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
@@ -102,7 +103,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 # ------------------------------------------------------------------ who am I
 
 
-def _me(conn: sqlite3.Connection, request: web.Request, p: Principal) -> dict[str, Any]:
+async def _me(tx: Tx, request: web.Request, p: Principal) -> dict[str, Any]:
     cfg = request.app[GATEWAY].config
     ids = None if p.is_admin else set(p.roles)
     return {
@@ -110,14 +111,14 @@ def _me(conn: sqlite3.Connection, request: web.Request, p: Principal) -> dict[st
                                                 "is_admin": p.is_admin},
         "operator": p.user_id is None,
         "csrf_token": p.csrf,
-        "workspaces": [workspace_view(cfg, w, p) for w in queries.list_workspaces(conn, ids)],
+        "workspaces": [workspace_view(cfg, w, p) for w in await catalog.list_workspaces(tx, ids)],
         "base_url": base_url(request) + "/v1",
     }
 
 
 async def whoami(request: web.Request) -> web.Response:
     p = _principal(request)
-    return _json(await db(request, lambda c: _me(c, request, p)))
+    return _json(await db(request, lambda tx: _me(tx, request, p)))
 
 
 async def signin_options(request: web.Request) -> web.Response:
@@ -130,21 +131,20 @@ async def signin_options(request: web.Request) -> web.Response:
     return _json({"open_signup": cfg.console.open_signup, "admin_token": token, "token_first": not accounts})
 
 
-def _start_session(conn: sqlite3.Connection, request: web.Request, user_id: int,
-                   now: float) -> tuple[Principal, str]:
+async def _start_session(tx: Tx, request: web.Request, user_id: int, now: float) -> tuple[Principal, str]:
     """A new session for a user (inside the caller's transaction): the
     Principal its later requests will be, and the session id for the cookie."""
     cfg = request.app[GATEWAY].config
     # Ended sessions go when new ones come: the table stays the size of the
     # sessions that could still be used.
-    users.prune_sessions(conn, now, cfg.console.session_idle_minutes * 60)
-    sid, csrf = users.create_session(conn, user_id, now=now, ttl_s=cfg.console.session_hours * 3600,
-                                     address=client_address(request))
-    users.signed_in(conn, user_id, now)
-    u = users.get_user(conn, user_id)
-    p = Principal(u["email"], u["is_admin"], user_id, u["name"], users.roles(conn, user_id),
+    await users.prune_sessions(tx, now, cfg.console.session_idle_minutes * 60)
+    sid, csrf = await users.create_session(tx, user_id, now=now, ttl_s=cfg.console.session_hours * 3600,
+                                           address=client_address(request))
+    await users.signed_in(tx, user_id, now)
+    u = await users.get_user(tx, user_id)
+    p = Principal(u["email"], u["is_admin"], user_id, u["name"], await users.roles(tx, user_id),
                   users.token_hash(sid), csrf)
-    audit.record(conn, p.actor(request), "session.create", now=now, target_type="user", target_id=user_id)
+    await audit.record(tx, p.actor(request), "session.create", now=now, target_type="user", target_id=user_id)
     return p, sid
 
 
@@ -161,10 +161,10 @@ async def _check_password(request: web.Request, email: str, password: str, now: 
     checked (gateway.access.attempt); the same work whether or not the
     account exists."""
 
-    def lookup(conn: sqlite3.Connection) -> tuple[Attempt, tuple[int, str | None, bool] | None]:
-        return attempt(conn, request, email, now), users.password_hash(conn, email)
+    async def lookup(tx: Tx) -> tuple[Attempt, tuple[int, str | None, bool] | None]:
+        return await attempt(tx, request, email, now), await users.password_hash(tx, email)
 
-    tried, row = await db(request, lookup)
+    tried, row = await db(request, lookup, write=True)
     hashed = row[1] if row is not None and not row[2] else None
     # Always verify (against a dummy hash when there is no usable one), so
     # the time taken does not tell whether the account exists.
@@ -174,8 +174,8 @@ async def _check_password(request: web.Request, email: str, password: str, now: 
     user_id = row[0]
     if hashed is not None and HASHER.check_needs_rehash(hashed):
         new_hash = await hash_password(request, password)
-        await db(request, lambda c: users.set_password(c, user_id, new_hash))
-    await db(request, lambda c: passed(c, tried))
+        await db(request, lambda tx: users.set_password(tx, user_id, new_hash), write=True)
+    await db(request, lambda tx: passed(tx, tried), write=True)
     return user_id
 
 
@@ -186,12 +186,11 @@ async def sign_in(request: web.Request) -> web.Response:
     now = _now(request)
     user_id = await _check_password(request, email, password, now)
 
-    def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
-        with changes(conn):
-            p, sid = _start_session(conn, request, user_id, now)
-        return sid, _me(conn, request, p)
+    async def run(tx: Tx) -> tuple[str, dict[str, Any]]:
+        p, sid = await _start_session(tx, request, user_id, now)
+        return sid, await _me(tx, request, p)
 
-    return _signed_in(request, await db(request, run))
+    return _signed_in(request, await db(request, run, write=True))
 
 
 async def sign_out(request: web.Request) -> web.Response:
@@ -199,12 +198,11 @@ async def sign_out(request: web.Request) -> web.Response:
     if p.session is not None:
         session, actor, now = p.session, p.actor(request), _now(request)
 
-        def run(conn: sqlite3.Connection) -> None:
-            with changes(conn):
-                users.end_session(conn, session)
-                audit.record(conn, actor, "session.end", now=now, target_type="user", target_id=p.user_id)
+        async def run(tx: Tx) -> None:
+            await users.end_session(tx, session)
+            await audit.record(tx, actor, "session.end", now=now, target_type="user", target_id=p.user_id)
 
-        await db(request, run)
+        await db(request, run, write=True)
     resp = _json({"status": "signed out"})
     clear_session_cookie(resp)
     return resp
@@ -229,21 +227,20 @@ async def update_self(request: web.Request) -> web.Response:
         new_hash = await hash_password(request, password)
     actor = p.actor(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = users.get_user(conn, user_id)
-            if name is not None:
-                after = users.update_user(conn, user_id, now=now, name=name)
-                audit.record(conn, actor, "user.update", now=now, target_type="user", target_id=user_id,
-                             before=before, after=after)
-            if new_hash is not None:
-                users.set_password(conn, user_id, new_hash)
-                ended = users.end_sessions(conn, user_id, keep=p.session)
-                audit.record(conn, actor, "user.password", now=now, target_type="user", target_id=user_id,
-                             after={"other_sessions_ended": ended})
-        return _me(conn, request, p)
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await users.get_user(tx, user_id)
+        if name is not None:
+            after = await users.update_user(tx, user_id, now=now, name=name)
+            await audit.record(tx, actor, "user.update", now=now, target_type="user", target_id=user_id,
+                               before=before, after=after)
+        if new_hash is not None:
+            await users.set_password(tx, user_id, new_hash)
+            ended = await users.end_sessions(tx, user_id, keep=p.session)
+            await audit.record(tx, actor, "user.password", now=now, target_type="user", target_id=user_id,
+                               after={"other_sessions_ended": ended})
+        return await _me(tx, request, p)
 
-    return _json(await db(request, run))
+    return _json(await db(request, run, write=True))
 
 
 # ------------------------------------------------------------------ invitations
@@ -271,25 +268,24 @@ async def create_invitation(request: web.Request) -> web.Response:
         raise BadRequest("role must be member, owner or admin", param="role")
     now, actor = _now(request), p.actor(request)
 
-    def run(conn: sqlite3.Connection) -> tuple[dict[str, Any], str]:
-        with changes(conn):
-            if ws_id is not None:
-                queries.get_workspace(conn, ws_id)
-            existing = users.find_user(conn, email)
-            if existing is not None:
-                if existing["status"] == "disabled":
-                    raise queries.ConflictError(f"{email} is disabled: enable the account first")
-                if ws_id is not None and users.membership(conn, existing["id"], ws_id) is not None:
-                    raise queries.ConflictError(f"{email} is already a member of this workspace")
-                if ws_id is None and existing["is_admin"]:
-                    raise queries.ConflictError(f"{email} is already an admin")
-            inv, token = users.create_invitation(conn, email, workspace_id=ws_id, role=role, invited_by=p.user_id,
-                                                 now=now, ttl_s=cfg.console.invitation_hours * 3600)
-            audit.record(conn, actor, "invitation.create", now=now, target_type="invitation", target_id=inv["id"],
-                         workspace_id=ws_id, after=inv)
-            return inv, token
+    async def run(tx: Tx) -> tuple[dict[str, Any], str]:
+        if ws_id is not None:
+            await catalog.get_workspace(tx, ws_id)
+        existing = await users.find_user(tx, email)
+        if existing is not None:
+            if existing["status"] == "disabled":
+                raise queries.ConflictError(f"{email} is disabled: enable the account first")
+            if ws_id is not None and await users.membership(tx, existing["id"], ws_id) is not None:
+                raise queries.ConflictError(f"{email} is already a member of this workspace")
+            if ws_id is None and existing["is_admin"]:
+                raise queries.ConflictError(f"{email} is already an admin")
+        inv, token = await users.create_invitation(tx, email, workspace_id=ws_id, role=role, invited_by=p.user_id,
+                                                   now=now, ttl_s=cfg.console.invitation_hours * 3600)
+        await audit.record(tx, actor, "invitation.create", now=now, target_type="invitation", target_id=inv["id"],
+                           workspace_id=ws_id, after=inv)
+        return inv, token
 
-    inv, token = await db(request, run)
+    inv, token = await db(request, run, write=True)
     # The token is in the fragment: browsers never send it to a server or
     # put it in a Referer header.
     return _json({"invitation": inv, "link": f"{base_url(request)}/console/#invite={token}"}, 201)
@@ -302,27 +298,26 @@ async def list_invitations(request: web.Request) -> web.Response:
         p.owner_of(ws_id)
     owned = None if p.is_admin else {w for w, r in p.roles.items() if r == "owner"}
     now = _now(request)
-    return _json({"data": await db(request, lambda c: users.list_invitations(c, now, owned, ws_id))})
+    return _json({"data": await db(request, lambda tx: users.list_invitations(tx, now, owned, ws_id))})
 
 
 async def revoke_invitation(request: web.Request) -> web.Response:
     inv_id, p = _int_id(request), _principal(request)
     now, actor = _now(request), p.actor(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            inv = users.get_invitation(conn, inv_id)
-            ws = inv["workspace_id"]
-            if not (p.is_admin or (ws is not None and p.owns(ws))):
-                raise queries.NotFoundError(f"invitation {inv_id} not found")
-            if not users.close_invitation(conn, inv_id, now, accepted=False):
-                raise queries.ConflictError(f"invitation {inv_id} was already accepted or revoked")
-            after = users.get_invitation(conn, inv_id)
-            audit.record(conn, actor, "invitation.revoke", now=now, target_type="invitation", target_id=inv_id,
-                         workspace_id=ws, before=inv, after=after)
-            return after
+    async def run(tx: Tx) -> dict[str, Any]:
+        inv = await users.get_invitation(tx, inv_id)
+        ws = inv["workspace_id"]
+        if not (p.is_admin or (ws is not None and p.owns(ws))):
+            raise queries.NotFoundError(f"invitation {inv_id} not found")
+        if not await users.close_invitation(tx, inv_id, now, accepted=False):
+            raise queries.ConflictError(f"invitation {inv_id} was already accepted or revoked")
+        after = await users.get_invitation(tx, inv_id)
+        await audit.record(tx, actor, "invitation.revoke", now=now, target_type="invitation", target_id=inv_id,
+                           workspace_id=ws, before=inv, after=after)
+        return after
 
-    return _json(await db(request, run))
+    return _json(await db(request, run, write=True))
 
 
 async def inspect_invitation(request: web.Request) -> web.Response:
@@ -331,11 +326,11 @@ async def inspect_invitation(request: web.Request) -> web.Response:
     token = _typed((await _json_body(request)).get("token"), "token", 100)
     now = _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        inv = users.open_invitation(conn, token, now)
+    async def run(tx: Tx) -> dict[str, Any]:
+        inv = await users.open_invitation(tx, token, now)
         if inv is None:
             raise NotFound(INVALID_LINK, code="invalid_invitation")
-        user = users.find_user(conn, inv["email"])
+        user = await users.find_user(tx, inv["email"])
         return {"email": inv["email"], "workspace": inv["workspace"], "role": inv["role"],
                 "account": "existing" if user is not None and user["status"] == "active" else "new",
                 "expires_at": inv["expires_at"]}
@@ -352,11 +347,11 @@ async def accept_invitation(request: web.Request) -> web.Response:
     name = text(body.get("name") or "", "name")
     now = _now(request)
 
-    def look(conn: sqlite3.Connection) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        inv = users.open_invitation(conn, token, now)
+    async def look(tx: Tx) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        inv = await users.open_invitation(tx, token, now)
         if inv is None:
             raise NotFound(INVALID_LINK, code="invalid_invitation")
-        return inv, users.find_user(conn, inv["email"])
+        return inv, await users.find_user(tx, inv["email"])
 
     inv, user = await db(request, look)
     if user is not None and user["status"] == "disabled":
@@ -367,29 +362,28 @@ async def accept_invitation(request: web.Request) -> web.Response:
     else:
         new_hash = await hash_password(request, _password(password))
 
-    def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
-        with changes(conn):
-            if not users.close_invitation(conn, inv["id"], now, accepted=True):
-                raise NotFound(INVALID_LINK, code="invalid_invitation")
-            u = users.find_user(conn, inv["email"])
-            if u is None:
-                u = users.create_user(conn, inv["email"], now=now, name=name, password_hash=new_hash)
-            elif new_hash is not None:
-                users.set_password(conn, u["id"], new_hash)
-                if name:
-                    users.update_user(conn, u["id"], now=now, name=name)
-            actor = Actor(inv["email"], u["id"], client_address(request))
-            if inv["role"] == "admin":
-                users.update_user(conn, u["id"], now=now, is_admin=True)
-            else:
-                users.set_membership(conn, u["id"], inv["workspace_id"], inv["role"], now)
-            audit.record(conn, actor, "invitation.accept", now=now, target_type="invitation", target_id=inv["id"],
-                         workspace_id=inv["workspace_id"],
-                         after={"user_id": u["id"], "email": inv["email"], "role": inv["role"]})
-            p, sid = _start_session(conn, request, u["id"], now)
-        return sid, _me(conn, request, p)
+    async def run(tx: Tx) -> tuple[str, dict[str, Any]]:
+        if not await users.close_invitation(tx, inv["id"], now, accepted=True):
+            raise NotFound(INVALID_LINK, code="invalid_invitation")
+        u = await users.find_user(tx, inv["email"])
+        if u is None:
+            u = await users.create_user(tx, inv["email"], now=now, name=name, password_hash=new_hash)
+        elif new_hash is not None:
+            await users.set_password(tx, u["id"], new_hash)
+            if name:
+                await users.update_user(tx, u["id"], now=now, name=name)
+        actor = Actor(inv["email"], u["id"], client_address(request))
+        if inv["role"] == "admin":
+            await users.update_user(tx, u["id"], now=now, is_admin=True)
+        else:
+            await users.set_membership(tx, u["id"], inv["workspace_id"], inv["role"], now)
+        await audit.record(tx, actor, "invitation.accept", now=now, target_type="invitation", target_id=inv["id"],
+                           workspace_id=inv["workspace_id"],
+                           after={"user_id": u["id"], "email": inv["email"], "role": inv["role"]})
+        p, sid = await _start_session(tx, request, u["id"], now)
+        return sid, await _me(tx, request, p)
 
-    return _signed_in(request, await db(request, run))
+    return _signed_in(request, await db(request, run, write=True))
 
 
 async def sign_up(request: web.Request) -> web.Response:
@@ -409,31 +403,29 @@ async def sign_up(request: web.Request) -> web.Response:
         raise BadRequest("workspace is required", param="workspace")
     now, address, subject = _now(request), client_address(request), address_subject(request)
 
-    def count(conn: sqlite3.Connection) -> None:
+    async def count(tx: Tx) -> None:
         window = cfg.console.login_window_minutes * 60
-        with changes(conn):
-            n, oldest = users.failures(conn, "signup", subject, now - window)
-            if n >= cfg.console.login_failures_per_address and oldest is not None:
-                wait = int(oldest + window - now) + 1
-                raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
-                                      headers={"Retry-After": str(wait)})
-            users.add_failure(conn, "signup", subject, now)
+        n, oldest = await users.failures(tx, "signup", subject, now - window)
+        if n >= cfg.console.login_failures_per_address and oldest is not None:
+            wait = int(oldest + window - now) + 1
+            raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
+                                  headers={"Retry-After": str(wait)})
+        await users.add_failure(tx, "signup", subject, now)
 
-    await db(request, count)
+    await db(request, count, write=True)
     new_hash = await hash_password(request, password)
 
-    def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
-        with changes(conn):
-            u = users.create_user(conn, email, now=now, name=name, password_hash=new_hash)
-            ws = queries.create_workspace(conn, ws_name)
-            users.set_membership(conn, u["id"], ws["id"], "owner", now)
-            actor = Actor(email, u["id"], address)
-            audit.record(conn, actor, "user.signup", now=now, target_type="user", target_id=u["id"],
-                         workspace_id=ws["id"], after={"user": u, "workspace": ws})
-            p, sid = _start_session(conn, request, u["id"], now)
-        return sid, _me(conn, request, p)
+    async def run(tx: Tx) -> tuple[str, dict[str, Any]]:
+        u = await users.create_user(tx, email, now=now, name=name, password_hash=new_hash)
+        ws = await catalog.create_workspace(tx, ws_name)
+        await users.set_membership(tx, u["id"], ws["id"], "owner", now)
+        actor = Actor(email, u["id"], address)
+        await audit.record(tx, actor, "user.signup", now=now, target_type="user", target_id=u["id"],
+                           workspace_id=ws["id"], after={"user": u, "workspace": ws})
+        p, sid = await _start_session(tx, request, u["id"], now)
+        return sid, await _me(tx, request, p)
 
-    return _signed_in(request, await db(request, run), 201)
+    return _signed_in(request, await db(request, run, write=True), 201)
 
 
 # ------------------------------------------------------------------ users and members
@@ -443,22 +435,22 @@ def _owned(p: Principal) -> set[int]:
     return {w for w, r in p.roles.items() if r == "owner"}
 
 
-def _visible_users(conn: sqlite3.Connection, p: Principal) -> list[dict[str, Any]]:
+async def _visible_users(tx: Tx, p: Principal) -> list[dict[str, Any]]:
     """Admins: everyone. Others: themselves and the members of the
     workspaces they own."""
-    return users.list_users(conn) if p.is_admin else users.list_users(conn, _owned(p), also=p.user_id)
+    return await (users.list_users(tx) if p.is_admin else users.list_users(tx, _owned(p), also=p.user_id))
 
 
 async def list_users(request: web.Request) -> web.Response:
     p = _principal(request)
-    return _json({"data": await db(request, lambda c: _visible_users(c, p))})
+    return _json({"data": await db(request, lambda tx: _visible_users(tx, p))})
 
 
 async def get_user(request: web.Request) -> web.Response:
     user_id, p = _int_id(request), _principal(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        for u in _visible_users(conn, p):
+    async def run(tx: Tx) -> dict[str, Any]:
+        for u in await _visible_users(tx, p):
             if u["id"] == user_id:
                 return u
         raise queries.NotFoundError(f"user {user_id} not found")
@@ -484,26 +476,25 @@ async def update_user(request: web.Request) -> web.Response:
     action = ("user.disable" if body.get("disabled") else "user.enable" if body.get("disabled") is False
               else "user.update")
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = users.get_user(conn, user_id)
-            after = users.update_user(conn, user_id, now=now, name=name, is_admin=body.get("is_admin"),
-                                      disabled=body.get("disabled"))
-            audit.record(conn, actor, action, now=now, target_type="user", target_id=user_id,
-                         before=before, after=after)
-            return after
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await users.get_user(tx, user_id)
+        after = await users.update_user(tx, user_id, now=now, name=name, is_admin=body.get("is_admin"),
+                                        disabled=body.get("disabled"))
+        await audit.record(tx, actor, action, now=now, target_type="user", target_id=user_id,
+                           before=before, after=after)
+        return after
 
-    return _json(await db(request, run))
+    return _json(await db(request, run, write=True))
 
 
 async def list_members(request: web.Request) -> web.Response:
     ws_id, p = _int_id(request), _principal(request)
     p.owner_of(ws_id)
-    return _json({"data": await db(request, lambda c: users.members(c, ws_id))})
+    return _json({"data": await db(request, lambda tx: users.members(tx, ws_id))})
 
 
-def _member(conn: sqlite3.Connection, user_id: int, ws_id: int) -> str:
-    role = users.membership(conn, user_id, ws_id)
+async def _member(tx: Tx, user_id: int, ws_id: int) -> str:
+    role = await users.membership(tx, user_id, ws_id)
     if role is None:
         raise queries.NotFoundError(f"user {user_id} is not a member of workspace {ws_id}")
     return role
@@ -518,15 +509,14 @@ async def update_member(request: web.Request) -> web.Response:
         raise BadRequest("send {\"role\": \"owner\"} or {\"role\": \"member\"}", param="role")
     now, actor = _now(request), p.actor(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = _member(conn, user_id, ws_id)
-            users.set_membership(conn, user_id, ws_id, role, now)
-            audit.record(conn, actor, "member.role", now=now, target_type="user", target_id=user_id,
-                         workspace_id=ws_id, before={"role": before}, after={"role": role})
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await _member(tx, user_id, ws_id)
+        await users.set_membership(tx, user_id, ws_id, role, now)
+        await audit.record(tx, actor, "member.role", now=now, target_type="user", target_id=user_id,
+                           workspace_id=ws_id, before={"role": before}, after={"role": role})
         return {"user_id": user_id, "workspace_id": ws_id, "role": role}
 
-    return _json(await db(request, run))
+    return _json(await db(request, run, write=True))
 
 
 async def remove_member(request: web.Request) -> web.Response:
@@ -535,15 +525,14 @@ async def remove_member(request: web.Request) -> web.Response:
     p.owner_of(ws_id)
     now, actor = _now(request), p.actor(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            role = _member(conn, user_id, ws_id)
-            revoked = users.remove_membership(conn, user_id, ws_id, now)
-            audit.record(conn, actor, "member.remove", now=now, target_type="user", target_id=user_id,
-                         workspace_id=ws_id, before={"role": role}, after={"revoked_keys": revoked})
+    async def run(tx: Tx) -> dict[str, Any]:
+        role = await _member(tx, user_id, ws_id)
+        revoked = await users.remove_membership(tx, user_id, ws_id, now)
+        await audit.record(tx, actor, "member.remove", now=now, target_type="user", target_id=user_id,
+                           workspace_id=ws_id, before={"role": role}, after={"revoked_keys": revoked})
         return {"user_id": user_id, "workspace_id": ws_id, "revoked_keys": revoked}
 
-    return _json(await db(request, run))
+    return _json(await db(request, run, write=True))
 
 
 # ------------------------------------------------------------------ audit log
@@ -568,8 +557,8 @@ async def audit_log(request: web.Request) -> web.Response:
     until = _time(q.get("until"), time.time() + 60, "until")
     scope = None if p.is_admin else Scope(frozenset(_owned(p)), frozenset())
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        return audit.query(conn, since=since, until=until, scope=scope, limit=_limit(q), before_id=cursor,
+    def run(tx: Tx) -> Awaitable[dict[str, Any]]:
+        return audit.query(tx, since=since, until=until, scope=scope, limit=_limit(q), before_id=cursor,
                            workspace_id=ws_id, actor_user_id=_opt_int(q, "actor_user_id"), **filters)
 
     return _json(await db(request, run))

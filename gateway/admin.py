@@ -9,8 +9,9 @@ does not exist; a visible object the caller's role may not change is a 403.
 Every change writes its audit row in the same transaction (gateway.store.audit).
 Admin requests are not /v1 requests, so they produce no usage rows.
 
-Database work runs in a worker thread on its own short-lived sqlite3
-connection (``access.db``), so the event loop never waits on SQLite.
+Database work is a body on the gateway's store (``access.db``,
+gateway.store.tx): the same SQL on SQLite (in a worker thread) and on
+PostgreSQL (on a pooled asyncpg connection); the event loop never waits.
 Nothing here returns a key hash or an upstream credential: key rows come from
 ``queries`` (whose columns exclude the hash) and upstreams are described by
 name, kind, URL without user info and whether a credential is set.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -31,10 +33,20 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
-from .access import HASHING, HASHING_SLOTS, PRINCIPAL, NotAllowed, Principal, authenticate, check_csrf
+from .access import (
+    HASHING,
+    HASHING_SLOTS,
+    PRINCIPAL,
+    DatabaseUnavailable,
+    NotAllowed,
+    Principal,
+    authenticate,
+    check_csrf,
+)
 from .access import db as _db
 from .auth import enabled_models
 from .bounds import shown
@@ -43,10 +55,11 @@ from .context import GATEWAY
 from .errors import BadRequest, GatewayError, NotFound, Protocol, render
 from .intake import read_body
 from .reload import FORCED, reload_config
-from .store import analytics, audit, queries
+from .store import analytics, audit, catalog, queries
 from .store import tasks as task_store
-from .store.audit import changes
+from .store.base import Store
 from .store.scope import Scope
+from .store.tx import Tx
 
 PREFIX = "/admin/api"
 CONSOLE_DIR = Path(__file__).parent / "console"
@@ -56,6 +69,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC, USER, ADMIN = "public", "user", "admin"
 
 CIRCUIT_STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.OperationalError)
+log = logging.getLogger("gateway.admin")
 
 
 class Conflict(GatewayError):
@@ -86,6 +101,13 @@ def _guarded(handler: Handler, level: str) -> Handler:
             resp = render(e, Protocol.OPENAI)
         except (queries.NotFoundError, queries.ConflictError, analytics.QueryError, ValueError) as e:
             resp = render(_map_error(e), Protocol.OPENAI)
+        except DATABASE_DOWN as e:
+            # PostgreSQL away or restarting (or SQLite locked past its
+            # timeout): a 503 to retry, not a 500; the cause in one line.
+            log.warning("admin %s %s: database unavailable (%s)", request.method, shown(request.path),
+                        type(e).__name__)
+            resp = render(DatabaseUnavailable("The database is unavailable: try again shortly.",
+                                              headers={"Retry-After": "1"}), Protocol.OPENAI)
         # Answers carry user-controlled strings (names, emails): never let a
         # browser sniff them into HTML.
         resp.headers["X-Content-Type-Options"] = "nosniff"
@@ -250,6 +272,13 @@ def _principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
+def _store(request: web.Request) -> Store:
+    store = request.app[GATEWAY].store
+    if store is None:
+        raise DatabaseUnavailable("The database is not open yet: try again shortly.", headers={"Retry-After": "1"})
+    return store
+
+
 def _now(request: web.Request) -> float:
     return request.app[GATEWAY].clock()
 
@@ -272,7 +301,7 @@ def workspace_view(cfg: Config, ws: dict[str, Any], p: Principal) -> dict[str, A
 async def list_workspaces(request: web.Request) -> web.Response:
     p, cfg = _principal(request), request.app[GATEWAY].config
     ids = None if p.is_admin else set(p.roles)
-    rows = await _db(request, lambda c: queries.list_workspaces(c, ids))
+    rows = await _db(request, lambda tx: catalog.list_workspaces(tx, ids))
     return _json({"data": [workspace_view(cfg, w, p) for w in rows]})
 
 
@@ -285,22 +314,22 @@ async def create_workspace(request: web.Request) -> web.Response:
     group = fields.pop("default_group", None) or "default"
     actor, now = _principal(request).actor(request), _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            ws = queries.create_workspace(conn, text(name, "name"), group)
-            if fields:
-                ws = queries.update_workspace(conn, ws["id"], fields)
-            audit.record(conn, actor, "workspace.create", now=now, target_type="workspace", target_id=ws["id"],
-                         workspace_id=ws["id"], after=ws)
-            return ws
+    async def run(tx: Tx) -> dict[str, Any]:
+        ws = await catalog.create_workspace(tx, text(name, "name"), group)
+        if fields:
+            ws = await catalog.update_workspace(tx, ws["id"], fields)
+        await audit.record(tx, actor, "workspace.create", now=now, target_type="workspace", target_id=ws["id"],
+                           workspace_id=ws["id"], after=ws)
+        return ws
 
-    return _json(workspace_view(request.app[GATEWAY].config, await _db(request, run), _principal(request)), 201)
+    ws = await _db(request, run, write=True)
+    return _json(workspace_view(request.app[GATEWAY].config, ws, _principal(request)), 201)
 
 
 async def get_workspace(request: web.Request) -> web.Response:
     ws_id, p = _int_id(request), _principal(request)
     p.workspace(ws_id)
-    ws = await _db(request, lambda c: queries.get_workspace(c, ws_id))
+    ws = await _db(request, lambda tx: catalog.get_workspace(tx, ws_id))
     return _json(workspace_view(request.app[GATEWAY].config, ws, p))
 
 
@@ -314,15 +343,14 @@ async def update_workspace(request: web.Request) -> web.Response:
     fields = _check_fields(await _body(request), WORKSPACE_FIELDS, request.app[GATEWAY].config)
     actor, now = p.actor(request), _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = queries.get_workspace(conn, ws_id)
-            after = queries.update_workspace(conn, ws_id, fields)
-            audit.record(conn, actor, "workspace.update", now=now, target_type="workspace", target_id=ws_id,
-                         workspace_id=ws_id, before=before, after=after)
-            return after
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await catalog.get_workspace(tx, ws_id)
+        after = await catalog.update_workspace(tx, ws_id, fields)
+        await audit.record(tx, actor, "workspace.update", now=now, target_type="workspace", target_id=ws_id,
+                           workspace_id=ws_id, before=before, after=after)
+        return after
 
-    return _json(workspace_view(request.app[GATEWAY].config, await _db(request, run), p))
+    return _json(workspace_view(request.app[GATEWAY].config, await _db(request, run, write=True), p))
 
 
 # ------------------------------------------------------------------ keys
@@ -339,10 +367,10 @@ def _key_view(key: dict[str, Any], totals: Mapping[int, Mapping[str, Any]], now:
     return key
 
 
-def _visible_key(conn: sqlite3.Connection, p: Principal, key_id: int) -> dict[str, Any]:
+async def _visible_key(tx: Tx, p: Principal, key_id: int) -> dict[str, Any]:
     """The key, if the caller may see it; otherwise the same 404 as for a
     key that does not exist."""
-    key = queries.get_key(conn, key_id)
+    key = await catalog.get_key(tx, key_id)
     if not p.sees_key(key):
         raise queries.NotFoundError(f"key {key_id} not found")
     return key
@@ -372,9 +400,9 @@ async def list_keys(request: web.Request) -> web.Response:
     if ws_id is not None:
         p.workspace(ws_id)
 
-    def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        totals, now = queries.key_usage_totals(conn), time.time()
-        return [_key_view(k, totals, now) for k in queries.list_keys(conn, ws_id, scope=p.scope(conn))]
+    async def run(tx: Tx) -> list[dict[str, Any]]:
+        totals, now = await catalog.key_usage_totals(tx), time.time()
+        return [_key_view(k, totals, now) for k in await catalog.list_keys(tx, ws_id, scope=await p.scope(tx))]
 
     return _json({"data": await _db(request, run)})
 
@@ -382,8 +410,8 @@ async def list_keys(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     key_id, p = _int_id(request), _principal(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        return _key_view(_visible_key(conn, p, key_id), queries.key_usage_totals(conn), time.time())
+    async def run(tx: Tx) -> dict[str, Any]:
+        return _key_view(await _visible_key(tx, p, key_id), await catalog.key_usage_totals(tx), time.time())
 
     return _json(await _db(request, run))
 
@@ -402,22 +430,21 @@ async def create_key(request: web.Request) -> web.Response:
                                spend_limit=f.get("spend_limit"), expires_at=f.get("expires_at"))
     actor, now = p.actor(request), _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        ws = (queries.get_workspace(conn, ws_ref) if isinstance(ws_ref, int)
-              else queries.find_workspace(conn, ws_ref))
+    async def run(tx: Tx) -> dict[str, Any]:
+        ws = (await catalog.get_workspace(tx, ws_ref) if isinstance(ws_ref, int)
+              else await catalog.find_workspace(tx, ws_ref))
         if not p.sees(ws["id"]):
             raise queries.NotFoundError(f"workspace {ws_ref!r} not found")
         _key_bounds(cfg, p, ws, f)
-        with changes(conn):
-            key, plaintext = queries.create_key(
-                conn, ws["id"], name=name, group=f.get("group_name"), models=f.get("allowed_models"),
-                limits=limits, user_id=p.user_id,
-            )
-            audit.record(conn, actor, "key.create", now=now, target_type="key", target_id=key["id"],
-                         workspace_id=ws["id"], after=key)
+        key, plaintext = await catalog.create_key(
+            tx, ws["id"], name=name, group=f.get("group_name"), models=f.get("allowed_models"),
+            limits=limits, user_id=p.user_id,
+        )
+        await audit.record(tx, actor, "key.create", now=now, target_type="key", target_id=key["id"],
+                           workspace_id=ws["id"], after=key)
         return {"key": _key_view(key, {}, time.time()), "plaintext": plaintext}
 
-    return _json(await _db(request, run), status=201)
+    return _json(await _db(request, run, write=True), status=201)
 
 
 async def update_key(request: web.Request) -> web.Response:
@@ -428,46 +455,43 @@ async def update_key(request: web.Request) -> web.Response:
         fields["name"] = text(fields["name"], "name")
     actor, now = p.actor(request), _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = _visible_key(conn, p, key_id)
-            _key_bounds(cfg, p, queries.get_workspace(conn, before["workspace_id"]), fields)
-            after = queries.update_key(conn, key_id, fields)
-            audit.record(conn, actor, "key.update", now=now, target_type="key", target_id=key_id,
-                         workspace_id=after["workspace_id"], before=before, after=after)
-        return _key_view(after, queries.key_usage_totals(conn), time.time())
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await _visible_key(tx, p, key_id)
+        _key_bounds(cfg, p, await catalog.get_workspace(tx, before["workspace_id"]), fields)
+        after = await catalog.update_key(tx, key_id, fields)
+        await audit.record(tx, actor, "key.update", now=now, target_type="key", target_id=key_id,
+                           workspace_id=after["workspace_id"], before=before, after=after)
+        return _key_view(after, await catalog.key_usage_totals(tx), time.time())
 
-    return _json(await _db(request, run))
+    return _json(await _db(request, run, write=True))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
     key_id, p = _int_id(request), _principal(request)
     actor, now = p.actor(request), _now(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        with changes(conn):
-            before = _visible_key(conn, p, key_id)
-            after = queries.revoke_key(conn, key_id)
-            if before["revoked_at"] is None:
-                audit.record(conn, actor, "key.revoke", now=now, target_type="key", target_id=key_id,
-                             workspace_id=after["workspace_id"], before=before, after=after)
-        return _key_view(after, queries.key_usage_totals(conn), time.time())
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await _visible_key(tx, p, key_id)
+        after = await catalog.revoke_key(tx, key_id)
+        if before["revoked_at"] is None:
+            await audit.record(tx, actor, "key.revoke", now=now, target_type="key", target_id=key_id,
+                               workspace_id=after["workspace_id"], before=before, after=after)
+        return _key_view(after, await catalog.key_usage_totals(tx), time.time())
 
-    return _json(await _db(request, run))
+    return _json(await _db(request, run, write=True))
 
 
 # ------------------------------------------------------------------ usage, requests, tasks
 
 
-def _scoped_filters(conn: sqlite3.Connection, p: Principal, ws_id: int | None,
-                    key_id: int | None) -> Scope | None:
+async def _scoped_filters(tx: Tx, p: Principal, ws_id: int | None, key_id: int | None) -> Scope | None:
     """The caller's scope, after checking the workspace and key they filter
     on are within it (404 otherwise)."""
     if ws_id is not None and not p.sees(ws_id):
         raise queries.NotFoundError(f"workspace {ws_id} not found")
     if key_id is not None:
-        _visible_key(conn, p, key_id)
-    return p.scope(conn)
+        await _visible_key(tx, p, key_id)
+    return await p.scope(tx)
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -481,12 +505,10 @@ async def usage(request: web.Request) -> web.Response:
     model = q.get("model") or None
     p = _principal(request)
 
-    def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        scope = _scoped_filters(conn, p, ws_id, key_id)
-        return analytics.usage_series(conn, since=since, until=until, bucket=bucket, by=by,
-                                      workspace_id=ws_id, key_id=key_id, model=model, scope=scope)
-
-    data = await _db(request, run)
+    store = _store(request)
+    scope = await _db(request, lambda tx: _scoped_filters(tx, p, ws_id, key_id))
+    data = await store.usage_series(since=since, until=until, bucket=bucket, by=by, workspace_id=ws_id,
+                                    key_id=key_id, model=model, scope=scope)
     return _json({"since": since, "until": until, "bucket": bucket, "by": by, "data": data})
 
 
@@ -500,12 +522,10 @@ async def request_log(request: web.Request) -> web.Response:
     model, status, cursor = q.get("model") or None, q.get("status") or None, q.get("cursor") or None
     p = _principal(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        scope = _scoped_filters(conn, p, ws_id, key_id)
-        return analytics.request_log(conn, since=since, until=until, workspace_id=ws_id, key_id=key_id,
-                                     model=model, status=status, limit=limit, cursor=cursor, scope=scope)
-
-    return _json(await _db(request, run))
+    store = _store(request)
+    scope = await _db(request, lambda tx: _scoped_filters(tx, p, ws_id, key_id))
+    return _json(await store.request_log(since=since, until=until, workspace_id=ws_id, key_id=key_id, model=model,
+                                         status=status, limit=limit, cursor=cursor, scope=scope))
 
 
 def _limit(q: Mapping[str, str]) -> int:
@@ -523,10 +543,10 @@ async def list_tasks(request: web.Request) -> web.Response:
     if status is not None and status not in statuses:
         raise BadRequest("status must be one of " + ", ".join(statuses), param="status")
 
-    def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        scope = _scoped_filters(conn, p, ws_id, key_id)
-        rows = task_store.list_tasks(conn, scope=scope, workspace_id=ws_id, key_id=key_id, status=status,
-                                     limit=limit)
+    async def run(tx: Tx) -> list[dict[str, Any]]:
+        scope = await _scoped_filters(tx, p, ws_id, key_id)
+        rows = await task_store.list_tasks(tx, scope=scope, workspace_id=ws_id, key_id=key_id, status=status,
+                                           limit=limit)
         return [_task_view(t, p) for t in rows]
 
     return _json({"data": await _db(request, run)})
@@ -535,9 +555,9 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     task_id, p = request.match_info["id"], _principal(request)
 
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        t = task_store.get_task(conn, task_id)
-        scope = p.scope(conn)
+    async def run(tx: Tx) -> dict[str, Any]:
+        t = await task_store.get_task(tx, task_id)
+        scope = await p.scope(tx)
         if t is None or (scope is not None and not scope.has_key(t["key_id"], t["workspace_id"])):
             raise queries.NotFoundError(f"task {task_id!r} not found")
         return _task_view(t, p)
@@ -564,7 +584,7 @@ async def upstreams(request: web.Request) -> web.Response:
     cfg = request.app[GATEWAY].config
     window = _opt_int(request.query, "window_s") or 900
     since = time.time() - window
-    stats = await _db(request, lambda c: analytics.upstream_stats(c, since=since))
+    stats = await _store(request).upstream_stats(since=since)
     data = []
     for u in cfg.upstreams:
         s = stats.get(u.name, {})
@@ -597,7 +617,8 @@ async def config_summary(request: web.Request) -> web.Response:
             "upstreams": [u.name for u in cfg.upstreams],
             "reload_available": cfg.source is not None,
         })
-    views = [workspace_view(cfg, w, p) for w in await _db(request, lambda c: queries.list_workspaces(c, set(p.roles)))]
+    rows = await _db(request, lambda tx: catalog.list_workspaces(tx, set(p.roles)))
+    views = [workspace_view(cfg, w, p) for w in rows]
     names = {w["default_group"] for w in views}
     return _json({
         "models": sorted({m for w in views for m in w["models"]}),

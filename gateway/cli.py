@@ -23,7 +23,6 @@ import asyncio
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,10 +34,10 @@ from typing import Any, TypeVar
 
 from . import __version__, cli_users, logs
 from .config import MOCK_UPSTREAM, Config, ConfigError, embedded_config, load_config
-from .store import audit, queries
-from .store.audit import changes
+from .store import audit, catalog, queries
 from .store.base import KeyLimits, Store, migrate_schema, run_on_store
 from .store.schema import connect
+from .store.tx import Body, Tx
 
 T = TypeVar("T")
 
@@ -85,15 +84,14 @@ def resolve_config(path: str | None, *, secrets: bool = True) -> Config:
 
 
 def _on_store(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
-    """``fn`` on the config's database through the Store (PostgreSQL here:
-    the console's audit log and accounts are SQLite's only, so far)."""
+    """``fn`` on the config's database through the Store."""
     return run_on_store(cfg.database, fn)
 
 
-def _db(cfg: Config) -> sqlite3.Connection:
-    if cfg.database.url is not None:
-        raise CliError("this command runs on SQLite only so far (docs/scaling.md, Not yet on PostgreSQL)")
-    return connect(cfg.database.path)
+def _in_tx(cfg: Config, body: Body[T]) -> T:
+    """``body`` as one write transaction on the config's database, SQLite or
+    PostgreSQL: a change and its audit row together (gateway.store.tx)."""
+    return run_on_store(cfg.database, lambda store: store.run(body, write=True))
 
 
 # ------------------------------------------------------------------ output
@@ -241,22 +239,20 @@ def _check_group(cfg: Config, group: str | None) -> None:
 
 def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
     _check_group(cfg, args.group)
-    if cfg.database.url is not None:
-        ws = _on_store(cfg, lambda s: s.create_workspace(args.name, args.group))
-        print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
-        return 0
-    conn = _db(cfg)
-    with changes(conn):
-        ws = queries.create_workspace(conn, args.name, args.group)
-        audit.record(conn, cli_users.cli_actor(), "workspace.create", now=time.time(), target_type="workspace",
-                     target_id=ws["id"], workspace_id=ws["id"], after=ws)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        ws = await catalog.create_workspace(tx, args.name, args.group)
+        await audit.record(tx, cli_users.cli_actor(), "workspace.create", now=time.time(), target_type="workspace",
+                           target_id=ws["id"], workspace_id=ws["id"], after=ws)
+        return ws
+
+    ws = _in_tx(cfg, run)
     print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
     return 0
 
 
 def cmd_workspaces_list(args: argparse.Namespace, cfg: Config) -> int:
-    rows = (_on_store(cfg, lambda s: s.list_workspaces()) if cfg.database.url is not None
-            else queries.list_workspaces(_db(cfg)))
+    rows = _on_store(cfg, lambda s: s.list_workspaces())
     _table(rows, ["id", "name", "default_group"])
     return 0
 
@@ -271,26 +267,16 @@ def cmd_keys_create(args: argparse.Namespace, cfg: Config) -> int:
         rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency, spend_limit=args.spend_limit,
         expires_at=expires_at,
     )
-    if cfg.database.url is not None:
 
-        async def create(s: Store) -> tuple[dict[str, Any], tuple[dict[str, Any], str]]:
-            ws = await s.find_workspace(args.workspace)
-            return ws, await s.create_key(ws["id"], name=args.name or "", group=args.group, models=models,
-                                          limits=limits)
+    async def run(tx: Tx) -> tuple[dict[str, Any], tuple[dict[str, Any], str]]:
+        ws = await catalog.find_workspace(tx, args.workspace)
+        row, plaintext = await catalog.create_key(tx, ws["id"], name=args.name or "", group=args.group,
+                                                  models=models, limits=limits)
+        await audit.record(tx, cli_users.cli_actor(), "key.create", now=time.time(), target_type="key",
+                           target_id=row["id"], workspace_id=ws["id"], after=row)
+        return ws, (row, plaintext)
 
-        ws, (row, plaintext) = _on_store(cfg, create)
-        print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
-        print("the key is shown once; store it now:")
-        print(plaintext)
-        return 0
-    conn = _db(cfg)
-    ws = queries.find_workspace(conn, args.workspace)
-    with changes(conn):
-        row, plaintext = queries.create_key(
-            conn, ws["id"], name=args.name or "", group=args.group, models=models, limits=limits
-        )
-        audit.record(conn, cli_users.cli_actor(), "key.create", now=time.time(), target_type="key",
-                     target_id=row["id"], workspace_id=ws["id"], after=row)
+    ws, (row, plaintext) = _in_tx(cfg, run)
     print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
     print("the key is shown once; store it now:")
     print(plaintext)
@@ -306,17 +292,11 @@ def key_status(key: dict[str, Any], now: float) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
-    if cfg.database.url is not None:
+    async def listing(s: Store) -> list[dict[str, Any]]:
+        ws_id = (await s.find_workspace(args.workspace))["id"] if args.workspace else None
+        return await s.list_keys(ws_id)
 
-        async def listing(s: Store) -> list[dict[str, Any]]:
-            ws_id = (await s.find_workspace(args.workspace))["id"] if args.workspace else None
-            return await s.list_keys(ws_id)
-
-        rows = _on_store(cfg, listing)
-    else:
-        conn = _db(cfg)
-        ws_id = queries.find_workspace(conn, args.workspace)["id"] if args.workspace else None
-        rows = queries.list_keys(conn, ws_id)
+    rows = _on_store(cfg, listing)
     now = time.time()
     for r in rows:
         expires = r["expires_at"]
@@ -327,16 +307,15 @@ def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
-    if cfg.database.url is not None:
-        row = _on_store(cfg, lambda s: s.revoke_key(args.id))
-        print(f"revoked key {row['id']} ({row['prefix']}...)")
-        return 0
-    conn = _db(cfg)
-    with changes(conn):
-        before = queries.get_key(conn, args.id)
-        row = queries.revoke_key(conn, args.id)
-        audit.record(conn, cli_users.cli_actor(), "key.revoke", now=time.time(), target_type="key",
-                     target_id=row["id"], workspace_id=row["workspace_id"], before=before, after=row)
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await catalog.get_key(tx, args.id)
+        row = await catalog.revoke_key(tx, args.id)
+        if before["revoked_at"] is None:
+            await audit.record(tx, cli_users.cli_actor(), "key.revoke", now=time.time(), target_type="key",
+                               target_id=row["id"], workspace_id=row["workspace_id"], before=before, after=row)
+        return row
+
+    row = _in_tx(cfg, run)
     print(f"revoked key {row['id']} ({row['prefix']}...)")
     return 0
 

@@ -12,23 +12,24 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .access import HASHER
 from .config import Config
-from .store import audit, queries, users
-from .store.audit import Actor, changes
-from .store.schema import connect
+from .store import audit, catalog, queries, users
+from .store.audit import Actor
+from .store.base import run_on_store
+from .store.tx import Body, Tx
 
 if TYPE_CHECKING:
     from .cli import Commands
 
 MIN_PASSWORD = 10
-Action = Callable[[sqlite3.Connection, argparse.Namespace, Config], None]
+Action = Callable[[argparse.Namespace, Config], None]
+T = TypeVar("T")
 
 
 def cli_actor() -> Actor:
@@ -70,49 +71,64 @@ def _base_url(args: argparse.Namespace, cfg: Config) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{cfg.server.port}"
 
 
-def _workspace_role(conn: sqlite3.Connection, args: argparse.Namespace) -> tuple[int | None, str]:
+def _workspace_role(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The workspace named (None: none) and the role to give there."""
     if args.admin:
         if args.workspace:
             raise SystemExit("error: --admin takes no --workspace (an admin sees every workspace)")
         return None, "admin"
     if not args.workspace:
         raise SystemExit("error: --workspace is required (or --admin)")
-    return int(queries.find_workspace(conn, args.workspace)["id"]), args.role
+    return args.workspace, args.role
 
 
-def create(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) -> None:
+async def _workspace_id(tx: Tx, name: str | None) -> int | None:
+    return None if name is None else int((await catalog.find_workspace(tx, name))["id"])
+
+
+def create(args: argparse.Namespace, cfg: Config) -> None:
     email = _email(args.email)
-    ws_id, role = _workspace_role(conn, args) if (args.admin or args.workspace) else (None, "")
+    ws_name, role = _workspace_role(args) if (args.admin or args.workspace) else (None, "")
     hashed = HASHER.hash(_password(args))
     now = time.time()
-    with changes(conn):
-        u = users.create_user(conn, email, now=now, name=args.name or "", password_hash=hashed,
-                              is_admin=role == "admin")
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        ws_id = await _workspace_id(tx, ws_name)
+        u = await users.create_user(tx, email, now=now, name=args.name or "", password_hash=hashed,
+                                    is_admin=role == "admin")
         if ws_id is not None:
-            users.set_membership(conn, u["id"], ws_id, role, now)
-        audit.record(conn, cli_actor(), "user.create", now=now, target_type="user", target_id=u["id"],
-                     workspace_id=ws_id, after={**u, "role": role or None})
-    where = "admin" if role == "admin" else f"{role} of {args.workspace}" if ws_id else "no workspace yet"
+            await users.set_membership(tx, u["id"], ws_id, role, now)
+        await audit.record(tx, cli_actor(), "user.create", now=now, target_type="user", target_id=u["id"],
+                           workspace_id=ws_id, after={**u, "role": role or None})
+        return u
+
+    u = _on_db(cfg, run, write=True)
+    where = "admin" if role == "admin" else f"{role} of {args.workspace}" if ws_name else "no workspace yet"
     print(f"created user {u['id']} {email} ({where})")
 
 
-def invite(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) -> None:
+def invite(args: argparse.Namespace, cfg: Config) -> None:
     email = _email(args.email)
-    ws_id, role = _workspace_role(conn, args)
+    ws_name, role = _workspace_role(args)
     hours = cfg.console.invitation_hours
     now = time.time()
-    with changes(conn):
-        inv, token = users.create_invitation(conn, email, workspace_id=ws_id, role=role, invited_by=None, now=now,
-                                             ttl_s=hours * 3600)
-        audit.record(conn, cli_actor(), "invitation.create", now=now, target_type="invitation", target_id=inv["id"],
-                     workspace_id=ws_id, after=inv)
-    print(f"invitation {inv['id']} for {email} ({role}{' of ' + args.workspace if ws_id else ''}), "
+
+    async def run(tx: Tx) -> tuple[dict[str, Any], str]:
+        ws_id = await _workspace_id(tx, ws_name)
+        inv, token = await users.create_invitation(tx, email, workspace_id=ws_id, role=role, invited_by=None,
+                                                   now=now, ttl_s=hours * 3600)
+        await audit.record(tx, cli_actor(), "invitation.create", now=now, target_type="invitation",
+                           target_id=inv["id"], workspace_id=ws_id, after=inv)
+        return inv, token
+
+    inv, token = _on_db(cfg, run, write=True)
+    print(f"invitation {inv['id']} for {email} ({role}{' of ' + args.workspace if ws_name else ''}), "
           f"valid {hours:g} hours; the link works once:")
     print(f"{_base_url(args, cfg)}/console/#invite={token}")
 
 
-def list_users(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) -> None:
-    rows = users.list_users(conn)
+def list_users(args: argparse.Namespace, cfg: Config) -> None:
+    rows = _on_db(cfg, users.list_users)
     if not rows:
         print("(none)")
         return
@@ -126,33 +142,35 @@ def list_users(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) 
 
 
 def _set_disabled(disabled: bool) -> Action:
-    def run(conn: sqlite3.Connection, args: argparse.Namespace, cfg: Config) -> None:
+    def action(args: argparse.Namespace, cfg: Config) -> None:
         email = _email(args.email)
-        u = users.find_user(conn, email)
-        if u is None:
-            raise queries.NotFoundError(f"user {email!r} not found")
         now = time.time()
-        with changes(conn):
-            after = users.update_user(conn, u["id"], now=now, disabled=disabled)
-            audit.record(conn, cli_actor(), "user.disable" if disabled else "user.enable", now=now,
-                         target_type="user", target_id=u["id"], before=u, after=after)
+
+        async def run(tx: Tx) -> None:
+            u = await users.find_user(tx, email)
+            if u is None:
+                raise queries.NotFoundError(f"user {email!r} not found")
+            after = await users.update_user(tx, u["id"], now=now, disabled=disabled)
+            await audit.record(tx, cli_actor(), "user.disable" if disabled else "user.enable", now=now,
+                               target_type="user", target_id=u["id"], before=u, after=after)
+
+        _on_db(cfg, run, write=True)
         if disabled:
             print(f"disabled {email}: signed out everywhere; their keys stop working until enabled again")
         else:
             print(f"enabled {email}")
 
-    return run
+    return action
+
+
+def _on_db(cfg: Config, body: Body[T], *, write: bool = False) -> T:
+    """``body`` on the configured store, SQLite or PostgreSQL (gateway.store.tx)."""
+    return run_on_store(cfg.database, lambda store: store.run(body, write=write))
 
 
 def _command(action: Action) -> Callable[[argparse.Namespace, Config], int]:
     def run(args: argparse.Namespace, cfg: Config) -> int:
-        if cfg.database.url is not None:
-            raise SystemExit("error: users run on SQLite only so far (docs/scaling.md, Not yet on PostgreSQL)")
-        conn = connect(cfg.database.path)
-        try:
-            action(conn, args, cfg)
-        finally:
-            conn.close()
+        action(args, cfg)
         return 0
 
     return run

@@ -36,10 +36,12 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from .config import Config, ConfigError, load_config
@@ -48,6 +50,7 @@ from .routing import Router
 from .store import audit
 from .store.audit import Actor
 from .store.schema import connect
+from .store.tx import Body, Tx, run_sqlite
 
 log = logging.getLogger("gateway.reload")
 
@@ -93,13 +96,22 @@ def changed(old: Config, new: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     return before, after
 
 
-def record_reload(path: Path, actor: Actor, source: Path, old: Config, new: Config) -> None:
-    """The audit row of one applied reload (SQLite; synchronous)."""
+def _audit_body(actor: Actor, source: Path, old: Config, new: Config) -> Body[None]:
     before, after = changed(old, new)
+
+    def body(tx: Tx) -> Awaitable[None]:
+        return audit.record(tx, actor, "config.reload", now=time.time(), target_type="config",
+                            target_id=str(source), before=before, after=after)
+
+    return body
+
+
+def record_reload(path: Path, actor: Actor, source: Path, old: Config, new: Config) -> None:
+    """The audit row of one applied reload, synchronously on the SQLite file
+    (the supervisor, which holds no store)."""
     conn = connect(path)
     try:
-        audit.record(conn, actor, "config.reload", now=time.time(), target_type="config", target_id=str(source),
-                     before=before, after=after)
+        run_sqlite(conn, _audit_body(actor, source, old, new), write=True)
     finally:
         conn.close()
 
@@ -131,10 +143,15 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
         "config reloaded from %s: %d upstreams, %d models, %d groups",
         path, len(new.upstreams), len(new.models), len(new.groups),
     )
-    if not audited or old.database.url is not None:
-        return new  # the audit log is SQLite's only so far (docs/scaling.md)
+    if not audited:
+        return new
     try:
-        await asyncio.to_thread(record_reload, old.database.path, actor, Path(path).resolve(), old, new)
-    except sqlite3.Error as e:  # the reload stands; say loudly that its audit row is missing
-        log.error("config reload applied but not audited: %s", e)
+        body = _audit_body(actor, Path(path).resolve(), old, new)
+        if gw.store is not None:
+            await gw.store.run(body, write=True)
+        elif old.database.url is None:  # no store open (not serving): straight to the SQLite file
+            await asyncio.to_thread(record_reload, old.database.path, actor, Path(path).resolve(), old, new)
+    except (sqlite3.Error, asyncpg.PostgresError, OSError) as e:
+        # The reload stands; say loudly that its audit row is missing.
+        log.error("config reload applied but not audited: %s", type(e).__name__)
     return new

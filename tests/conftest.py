@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import queue
 import re
-import sqlite3
 import threading
 import time
 import uuid
@@ -44,9 +43,10 @@ from gateway.mock.app import create_mock_app
 from gateway.mock.common import MOCK, MockState
 from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.server import Running, start_app, start_gateway
-from gateway.store import queries, users
+from gateway.store import catalog, queries, users
 from gateway.store.schema import connect
 from gateway.store.sql import numbered
+from gateway.store.tx import Tx, run_sqlite
 
 from . import services
 
@@ -345,19 +345,21 @@ class Gateway:
         """A console user (``password`` None: invited, not yet active), with
         ``workspace=role`` memberships (workspaces created if missing);
         returns the user id. Off the event loop: argon2 takes ~0.1 s."""
-        if self.postgres:
-            raise NotImplementedError("console users are not on PostgreSQL yet (mark the test admin_pg_pending)")
-
-        def run(conn: sqlite3.Connection) -> int:
-            hashed = None if password is None else HASHER.hash(password)
-            u = users.create_user(conn, email, now=time.time(), name=name, password_hash=hashed, is_admin=admin)
+        async def body(tx: Tx, hashed: str | None) -> int:
+            u = await users.create_user(tx, email, now=time.time(), name=name, password_hash=hashed, is_admin=admin)
             for ws, role in roles.items():
                 try:
-                    ws_id = queries.find_workspace(conn, ws)["id"]
+                    ws_id = (await catalog.find_workspace(tx, ws))["id"]
                 except queries.NotFoundError:
-                    ws_id = queries.create_workspace(conn, ws)["id"]
-                users.set_membership(conn, u["id"], ws_id, role, time.time())
+                    ws_id = (await catalog.create_workspace(tx, ws))["id"]
+                await users.set_membership(tx, u["id"], ws_id, role, time.time())
             return int(u["id"])
+
+        def run(conn: Any) -> int:
+            hashed = None if password is None else HASHER.hash(password)
+            if isinstance(conn, PgConn):
+                return int(conn.bridge.run(conn.store.run(lambda tx: body(tx, hashed), write=True)))
+            return run_sqlite(conn, lambda tx: body(tx, hashed), write=True)
 
         return int(await self.write(run))
 

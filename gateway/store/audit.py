@@ -1,6 +1,6 @@
 """The audit log: one row per state change, written in the same transaction
-as the change (``with changes(conn): ...; record(...)``), so a change is
-never without its row nor a row without its change.
+as the change (a write body of ``Store.run``: gateway.store.tx), so a change
+is never without its row nor a row without its change.
 
 A row says who (``Actor``), what (action, target, workspace), when, from
 which address, and the object before and after. ``before``/``after`` are
@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from .scope import Scope
+from .tx import Tx
 
 SECRET_FIELDS = frozenset({"key_hash", "password_hash", "password", "token_hash", "token", "plaintext",
                            "csrf_token", "id_hash", "link"})
@@ -54,14 +55,14 @@ def _clean(obj: Mapping[str, Any] | None) -> str | None:
     return orjson.dumps({k: v for k, v in obj.items() if k not in SECRET_FIELDS}).decode()
 
 
-def record(conn: sqlite3.Connection, actor: Actor, action: str, *, now: float, target_type: str | None = None,
+async def record(tx: Tx, actor: Actor, action: str, *, now: float, target_type: str | None = None,
            target_id: object = None, workspace_id: int | None = None, before: Mapping[str, Any] | None = None,
            after: Mapping[str, Any] | None = None) -> None:
-    conn.execute(
+    await tx.execute(
         "INSERT INTO audit_log (ts, actor_user_id, actor, address, action, target_type, target_id, workspace_id, "
         "before, after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (now, actor.user_id, actor.label, actor.address, action, target_type,
-         None if target_id is None else str(target_id), workspace_id, _clean(before), _clean(after)),
+        now, actor.user_id, actor.label, actor.address, action, target_type,
+        None if target_id is None else str(target_id), workspace_id, _clean(before), _clean(after),
     )
 
 
@@ -69,7 +70,7 @@ _FILTERS = {"actor_user_id": "actor_user_id = ?", "workspace_id": "workspace_id 
             "target_type": "target_type = ?", "target_id": "target_id = ?"}
 
 
-def query(conn: sqlite3.Connection, *, since: float, until: float, scope: Scope | None = None,
+async def query(tx: Tx, *, since: float, until: float, scope: Scope | None = None,
           action: str | None = None, actor: str | None = None, limit: int = 50, before_id: int | None = None,
           **filters: Any) -> dict[str, Any]:
     """A page of audit rows, newest first. ``action`` is an exact action or a
@@ -99,11 +100,11 @@ def query(conn: sqlite3.Connection, *, since: float, until: float, scope: Scope 
     if before_id is not None:
         where.append("id < ?")
         args.append(before_id)
-    rows = [dict(r) for r in conn.execute(
+    rows = await tx.fetch(
         f"SELECT a.*, w.name AS workspace FROM (SELECT * FROM audit_log WHERE {' AND '.join(where)} "
         "ORDER BY id DESC LIMIT ?) a LEFT JOIN workspaces w ON w.id = a.workspace_id ORDER BY a.id DESC",
-        (*args, limit + 1),
-    )]
+        *args, limit + 1,
+    )
     for r in rows:
         for col in ("before", "after"):
             r[col] = None if r[col] is None else orjson.loads(r[col])

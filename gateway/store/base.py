@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .dbfile import DatabaseFile
     from .rows import Row
     from .tasks import Owners, TaskRow
+    from .tx import Tx
 
 
 T = TypeVar("T")
@@ -110,6 +111,15 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    # ---- one unit of work on the shared SQL (gateway.store.tx)
+    async def run(self, body: Callable[[Tx], Awaitable[T]], *, write: bool = False) -> T:
+        """``body(tx)``: with ``write``, in one transaction that commits when
+        the body returns and rolls back when it raises, serialized with
+        every other write body (SQLite: BEGIN IMMEDIATE; PostgreSQL: an
+        advisory lock); without, each statement on its own. The admin API,
+        the console and the CLI make every change and its audit row here."""
+        ...
+
     # ---- workspaces and keys
     async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]: ...
     async def get_workspace(self, ws_id: int) -> dict[str, Any]: ...
@@ -118,7 +128,7 @@ class Store(Protocol):
     async def update_workspace(self, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]: ...
     async def create_key(
         self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
-        limits: KeyLimits = NO_LIMITS,
+        limits: KeyLimits = NO_LIMITS, user_id: int | None = None,
     ) -> tuple[dict[str, Any], str]: ...
     async def get_key(self, key_id: int) -> dict[str, Any]: ...
     async def list_keys(self, workspace_id: int | None = None) -> list[dict[str, Any]]: ...

@@ -1,84 +1,41 @@
-"""Workspace, key and usage queries on a synchronous sqlite3 connection.
-
-Used by the CLI directly and by the admin API through a worker thread; never
-on the request path (the key cache and the usage writer cover that).
+"""Workspace, key and usage queries on a synchronous sqlite3 connection:
+the SQLite spellings of gateway.store.catalog's (the one SQL for both
+stores), for the CLI and the tests. Never on the request path (the key cache
+and the usage writer cover that).
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import sqlite3
-import time
 from collections.abc import Collection
 from typing import Any
 
-import orjson
-
+from . import catalog
 from .base import NO_LIMITS, ConflictError, KeyLimits, NotFoundError
-from .scope import Scope, marks
+from .catalog import KEY_FIELDS, KEY_PREFIX, PREFIX_SHOWN, WORKSPACE_FIELDS, hash_key, json_list, new_key, shape_row
+from .scope import Scope
+from .tx import on_conn
 
-__all__ = ["ConflictError", "KeyLimits", "NotFoundError"]  # defined with the Store protocol, used with these
-
-KEY_PREFIX = "gw-"
-PREFIX_SHOWN = 10
-
-
-def hash_key(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode()).hexdigest()
-
-
-def new_key() -> str:
-    # 32 random bytes: 256 bits of entropy, 43 url-safe characters.
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def json_list(v: list[str] | None) -> str | None:
-    return None if v is None else orjson.dumps(v).decode()
+# Defined with the Store protocol and gateway.store.catalog, used with these.
+__all__ = ["KEY_FIELDS", "KEY_PREFIX", "PREFIX_SHOWN", "WORKSPACE_FIELDS", "ConflictError", "KeyLimits",
+           "NotFoundError", "hash_key", "json_list", "new_key", "shape_row"]
 
 
 def create_workspace(conn: sqlite3.Connection, name: str, group: str = "default") -> dict[str, Any]:
-    try:
-        cur = conn.execute(
-            "INSERT INTO workspaces (name, default_group, created_at) VALUES (?, ?, ?)",
-            (name, group, time.time()),
-        )
-    except sqlite3.IntegrityError:
-        raise ConflictError(f"workspace {name!r} already exists") from None
-    return get_workspace(conn, int(cur.lastrowid or 0))
+    return on_conn(conn, catalog.create_workspace, name, group)
 
 
 def get_workspace(conn: sqlite3.Connection, ws_id: int) -> dict[str, Any]:
-    row = conn.execute("SELECT * FROM workspaces WHERE id = ?", (ws_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"workspace {ws_id} not found")
-    return _workspace(row)
+    return on_conn(conn, catalog.get_workspace, ws_id)
 
 
 def find_workspace(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
-    row = conn.execute("SELECT * FROM workspaces WHERE name = ?", (name,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"workspace {name!r} not found")
-    return _workspace(row)
+    return on_conn(conn, catalog.find_workspace, name)
 
 
 def list_workspaces(conn: sqlite3.Connection, ids: Collection[int] | None = None) -> list[dict[str, Any]]:
     """Every workspace, or those of ``ids``."""
-    if ids is None:
-        return [_workspace(r) for r in conn.execute("SELECT * FROM workspaces ORDER BY id")]
-    ordered = sorted(ids)
-    sql = f"SELECT * FROM workspaces WHERE id IN ({marks(ordered)}) ORDER BY id"
-    return [_workspace(r) for r in conn.execute(sql, ordered)]
-
-
-def shape_row(row: Any) -> dict[str, Any]:
-    """A workspace or key row as a dict, its model allow-list parsed."""
-    d = dict(row)
-    d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
-    return d
-
-
-_workspace = shape_row
+    return on_conn(conn, catalog.list_workspaces, ids)
 
 
 def create_key(
@@ -93,79 +50,22 @@ def create_key(
 ) -> tuple[dict[str, Any], str]:
     """Create a key (``user_id``: the console user it belongs to); returns its
     row and the plaintext, which is not stored."""
-    get_workspace(conn, workspace_id)
-    plaintext = new_key()
-    cur = conn.execute(
-        """INSERT INTO api_keys (workspace_id, name, prefix, key_hash, group_name, allowed_models,
-               rpm, tpm, max_concurrency, spend_limit, expires_at, created_at, user_id)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-        (
-            workspace_id,
-            name,
-            plaintext[:PREFIX_SHOWN],
-            hash_key(plaintext),
-            group,
-            json_list(models),
-            limits.rpm,
-            limits.tpm,
-            limits.max_concurrency,
-            limits.spend_limit,
-            limits.expires_at,
-            time.time(),
-            user_id,
-        ),
-    )
-    return get_key(conn, int(cur.lastrowid or 0)), plaintext
-
-
-# user_suspended: the key's user is disabled, so the key cache leaves it out.
-_KEY_SELECT = """SELECT k.id, k.workspace_id, w.name AS workspace, k.name, k.prefix, k.group_name,
-    k.allowed_models, k.rpm, k.tpm, k.max_concurrency, k.spend_limit, k.expires_at,
-    k.revoked_at, k.created_at, k.user_id, u.email AS user_email, u.disabled_at IS NOT NULL AS user_suspended
-    FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id LEFT JOIN users u ON u.id = k.user_id"""
+    return on_conn(conn, catalog.create_key, workspace_id, name=name, group=group, models=models, limits=limits,
+                   user_id=user_id)
 
 
 def get_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
-    row = conn.execute(f"{_KEY_SELECT} WHERE k.id = ?", (key_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"key {key_id} not found")
-    return _key(row)
+    return on_conn(conn, catalog.get_key, key_id)
 
 
 def list_keys(conn: sqlite3.Connection, workspace_id: int | None = None, *, scope: Scope | None = None,
               user_id: int | None = None) -> list[dict[str, Any]]:
     """Keys, of one workspace, within a console user's scope, of one user."""
-    where: list[str] = []
-    args: list[Any] = []
-    if workspace_id is not None:
-        where.append("k.workspace_id = ?")
-        args.append(workspace_id)
-    if scope is not None:
-        sql, scope_args = scope.where("k.workspace_id", "k.id")
-        where.append(sql)
-        args.extend(scope_args)
-    if user_id is not None:
-        where.append("k.user_id = ?")
-        args.append(user_id)
-    cond = f" WHERE {' AND '.join(where)}" if where else ""
-    return [_key(r) for r in conn.execute(f"{_KEY_SELECT}{cond} ORDER BY k.id", args)]
-
-
-def _key(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
-    d["user_suspended"] = bool(d["user_suspended"])
-    return d
+    return on_conn(conn, catalog.list_keys, workspace_id, scope=scope, user_id=user_id)
 
 
 def revoke_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
-    cur = conn.execute(
-        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
-    )
-    key = get_key(conn, key_id)
-    if cur.rowcount == 0 and key["revoked_at"] is None:
-        raise NotFoundError(f"key {key_id} not found")
-    return key
+    return on_conn(conn, catalog.revoke_key, key_id)
 
 
 # Live keys with what the key cache needs (gateway.auth builds KeyInfo from
@@ -196,39 +96,17 @@ def usage_summary(conn: sqlite3.Connection, *, since: float = 0.0, by: str = "mo
     return [dict(r) for r in rows]
 
 
-WORKSPACE_FIELDS = ("default_group", "allowed_models", "monthly_spend_limit", "monthly_token_limit")
-KEY_FIELDS = (
-    "name", "group_name", "allowed_models", "rpm", "tpm", "max_concurrency", "spend_limit", "expires_at",
-)
-
-
-def _update(conn: sqlite3.Connection, table: str, row_id: int, fields: dict[str, Any], allowed: tuple[str, ...]) -> int:
-    unknown = sorted(set(fields) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}")
-    if not fields:
-        return 0
-    values = [json_list(v) if k == "allowed_models" else v for k, v in fields.items()]
-    sets = ", ".join(f"{k} = ?" for k in fields)
-    return conn.execute(f"UPDATE {table} SET {sets} WHERE id = ?", (*values, row_id)).rowcount
-
-
 def update_workspace(conn: sqlite3.Connection, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
     """Change a workspace's default group, model allow-list or monthly quotas
     (``None`` clears a quota or the allow-list)."""
-    get_workspace(conn, ws_id)
-    _update(conn, "workspaces", ws_id, fields, WORKSPACE_FIELDS)
-    return get_workspace(conn, ws_id)
+    return on_conn(conn, catalog.update_workspace, ws_id, fields)
 
 
 def update_key(conn: sqlite3.Connection, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
     """Change a key's name, group, allowed models or limits (``None`` clears)."""
-    get_key(conn, key_id)
-    _update(conn, "api_keys", key_id, fields, KEY_FIELDS)
-    return get_key(conn, key_id)
+    return on_conn(conn, catalog.update_key, key_id, fields)
 
 
 def key_usage_totals(conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:
     """Lifetime usage totals and last use per key, from the rollup."""
-    rows = conn.execute("SELECT key_id, requests, input_tokens, output_tokens, cost, last_used FROM usage_key_totals")
-    return {r["key_id"]: dict(r) for r in rows}
+    return on_conn(conn, catalog.key_usage_totals)

@@ -30,7 +30,7 @@ class Scope:
             parts.append(f"{key_col} IN ({marks(self.keys)})")
             args.extend(sorted(self.keys))
         if not parts:
-            return "0", []
+            return "1 = 0", []  # false in both dialects (PostgreSQL has no integer truth)
         return "(" + " OR ".join(parts) + ")", args
 
     def has_workspace(self, ws_id: int) -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
 from .schema import connect_async
 from .scope import Scope, conditions
+from .tx import Tx
 
 CREATING = "creating"  # recorded, upstream asked, upstream id not known yet
 ACTIVE = ("queued", "running")
@@ -389,23 +389,24 @@ _ADMIN_COLUMNS = ("id, workspace_id, key_id, model, upstream, status, video, usa
                   "updated_at")
 
 
-def _admin_task(r: sqlite3.Row) -> dict[str, Any]:
+def _admin_task(r: dict[str, Any]) -> dict[str, Any]:
     d = dict(r)
     for col in ("video", "usage", "error"):
         d[col] = _loads(d[col])
     return d
 
 
-def list_tasks(conn: sqlite3.Connection, *, scope: Scope | None, workspace_id: int | None = None,
-               key_id: int | None = None, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Video tasks, newest first, within a console user's scope."""
+async def list_tasks(tx: Tx, *, scope: Scope | None, workspace_id: int | None = None, key_id: int | None = None,
+                     status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Video tasks, newest first, within a console user's scope (the admin
+    API; the same SQL on both stores)."""
     where, args = conditions(scope, workspace_id=workspace_id, key_id=key_id, status=status)
     cond = f" WHERE {' AND '.join(where)}" if where else ""
-    rows = conn.execute(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks{cond} ORDER BY created_at DESC, id LIMIT ?",
-                        (*args, limit))
+    rows = await tx.fetch(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks{cond} ORDER BY created_at DESC, id LIMIT ?",
+                          *args, limit)
     return [_admin_task(r) for r in rows]
 
 
-def get_task(conn: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
-    row = conn.execute(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks WHERE id = ?", (task_id,)).fetchone()
+async def get_task(tx: Tx, task_id: str) -> dict[str, Any] | None:
+    row = await tx.fetchrow(f"SELECT {_ADMIN_COLUMNS} FROM video_tasks WHERE id = ?", task_id)
     return None if row is None else _admin_task(row)

@@ -1,7 +1,8 @@
 """PgStore: the Store protocol on PostgreSQL (asyncpg, one pool per
-process). The SQL of the read side (series, request log) is shared with
-SQLite (gateway.store.analytics builds it with ``?`` placeholders, numbered
-here); the rest is PostgreSQL's own spelling of gateway.store.queries."""
+process). Workspaces, keys, console accounts and the audit log run the SQL
+shared with SQLite (gateway.store.catalog, users, audit through ``run``),
+as do the read side's series and request log (gateway.store.analytics);
+usage writing, retention and the task store are PostgreSQL's own."""
 
 from __future__ import annotations
 
@@ -9,46 +10,26 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
-from .. import analytics, origins
-from ..base import NO_LIMITS, BatchSink, ConflictError, KeyLimits, MonthTotals, NotFoundError, QuotaDelta
+from .. import analytics, catalog, origins
+from ..base import NO_LIMITS, BatchSink, KeyLimits, MonthTotals, QuotaDelta
 from ..dbfile import DatabaseFile
-from ..queries import (
-        KEY_FIELDS,
-        PREFIX_SHOWN,
-    USAGE_GROUPS,
-    WORKSPACE_FIELDS,
-    hash_key,
-    json_list,
-    new_key,
-    shape_row,
-)
+from ..queries import LIVE_KEYS, USAGE_GROUPS
 from ..sql import numbered
+from ..tx import Body, run_pg
 from . import usage
 from .schema import CONFIG_CHANNEL, KEYS_CHANNEL, migrate
 from .tasks import PgTaskStore
 
 log = logging.getLogger("gateway.store")
 
-# Console accounts (users, sessions, audit) are SQLite-only so far: keys
-# here have no owning user (docs/scaling.md, "Not yet on PostgreSQL").
-KEY_COLUMNS = """k.id, k.workspace_id, w.name AS workspace, k.name, k.prefix, k.group_name,
-    k.allowed_models, k.rpm, k.tpm, k.max_concurrency, k.spend_limit, k.expires_at,
-    k.revoked_at, k.created_at"""
-LIVE_KEYS = """
-SELECT k.id, k.key_hash, k.name, k.prefix, k.group_name, k.allowed_models, k.rpm, k.tpm,
-       k.max_concurrency, k.spend_limit, k.expires_at,
-       w.id, w.name, w.default_group, w.allowed_models, w.monthly_spend_limit, w.monthly_token_limit
-FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id
-WHERE k.revoked_at IS NULL
-"""
+T = TypeVar("T")
 
 
 class PgStore:
@@ -76,101 +57,48 @@ class PgStore:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(sql, *args)
+    async def run(self, body: Body[T], *, write: bool = False) -> T:
+        async with self.pool.acquire() as conn:
+            return await run_pg(conn, body, write=write)
 
-    # ------------------------------------------------------------ workspaces
+    # ------------------------------------------------------------ workspaces and keys (gateway.store.catalog)
 
     async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]:
-        try:
-            ws_id = await self.pool.fetchval(
-                "INSERT INTO workspaces (name, default_group, created_at) VALUES ($1, $2, $3) RETURNING id",
-                name, group, time.time(),
-            )
-        except asyncpg.UniqueViolationError:
-            raise ConflictError(f"workspace {name!r} already exists") from None
-        return await self.get_workspace(ws_id)
+        return await self.run(lambda tx: catalog.create_workspace(tx, name, group), write=True)
 
     async def get_workspace(self, ws_id: int) -> dict[str, Any]:
-        row = await self._one("SELECT * FROM workspaces WHERE id = $1", ws_id)
-        if row is None:
-            raise NotFoundError(f"workspace {ws_id} not found")
-        return shape_row(row)
+        return await self.run(lambda tx: catalog.get_workspace(tx, ws_id))
 
     async def find_workspace(self, name: str) -> dict[str, Any]:
-        row = await self._one("SELECT * FROM workspaces WHERE name = $1", name)
-        if row is None:
-            raise NotFoundError(f"workspace {name!r} not found")
-        return shape_row(row)
+        return await self.run(lambda tx: catalog.find_workspace(tx, name))
 
     async def list_workspaces(self) -> list[dict[str, Any]]:
-        return [shape_row(r) for r in await self.pool.fetch("SELECT * FROM workspaces ORDER BY id")]
-
-    async def _update(self, table: str, row_id: int, fields: dict[str, Any], allowed: tuple[str, ...]) -> None:
-        unknown = sorted(set(fields) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]!r}")
-        if not fields:
-            return
-        values = [json_list(v) if k == "allowed_models" else v for k, v in fields.items()]
-        sets = ", ".join(f"{k} = ${i + 1}" for i, k in enumerate(fields))
-        await self.pool.execute(f"UPDATE {table} SET {sets} WHERE id = ${len(fields) + 1}", *values, row_id)
+        return await self.run(catalog.list_workspaces)
 
     async def update_workspace(self, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        await self.get_workspace(ws_id)
-        await self._update("workspaces", ws_id, fields, WORKSPACE_FIELDS)
-        return await self.get_workspace(ws_id)
-
-    # ------------------------------------------------------------ keys
+        return await self.run(lambda tx: catalog.update_workspace(tx, ws_id, fields), write=True)
 
     async def create_key(
         self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
-        limits: KeyLimits = NO_LIMITS,
+        limits: KeyLimits = NO_LIMITS, user_id: int | None = None,
     ) -> tuple[dict[str, Any], str]:
-        await self.get_workspace(workspace_id)
-        plaintext = new_key()
-        key_id = await self.pool.fetchval(
-            """INSERT INTO api_keys (workspace_id, name, prefix, key_hash, group_name, allowed_models,
-                   rpm, tpm, max_concurrency, spend_limit, expires_at, created_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id""",
-            workspace_id, name, plaintext[:PREFIX_SHOWN], hash_key(plaintext), group, json_list(models),
-            limits.rpm, limits.tpm, limits.max_concurrency, limits.spend_limit, limits.expires_at, time.time(),
-        )
-        return await self.get_key(key_id), plaintext
+        return await self.run(lambda tx: catalog.create_key(tx, workspace_id, name=name, group=group, models=models,
+                                                            limits=limits, user_id=user_id), write=True)
 
     async def get_key(self, key_id: int) -> dict[str, Any]:
-        row = await self._one(
-            f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id WHERE k.id = $1",
-            key_id,
-        )
-        if row is None:
-            raise NotFoundError(f"key {key_id} not found")
-        return shape_row(row)
+        return await self.run(lambda tx: catalog.get_key(tx, key_id))
 
     async def list_keys(self, workspace_id: int | None = None) -> list[dict[str, Any]]:
-        sql = f"SELECT {KEY_COLUMNS} FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id"
-        if workspace_id is None:
-            rows = await self.pool.fetch(sql + " ORDER BY k.id")
-        else:
-            rows = await self.pool.fetch(sql + " WHERE k.workspace_id = $1 ORDER BY k.id", workspace_id)
-        return [shape_row(r) for r in rows]
+        return await self.run(lambda tx: catalog.list_keys(tx, workspace_id))
 
     async def update_key(self, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        await self.get_key(key_id)
-        await self._update("api_keys", key_id, fields, KEY_FIELDS)
-        return await self.get_key(key_id)
+        return await self.run(lambda tx: catalog.update_key(tx, key_id, fields), write=True)
 
     async def revoke_key(self, key_id: int) -> dict[str, Any]:
-        await self.pool.execute(
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", time.time(), key_id
-        )
-        return await self.get_key(key_id)
+        return await self.run(lambda tx: catalog.revoke_key(tx, key_id), write=True)
 
     async def key_usage_totals(self) -> dict[int, dict[str, Any]]:
-        rows = await self.pool.fetch(
-            "SELECT key_id, requests, input_tokens, output_tokens, cost, last_used FROM usage_key_totals"
-        )
-        return {r["key_id"]: dict(r) for r in rows}
+        return await self.run(catalog.key_usage_totals)
 
     async def keys_generation(self) -> int:
         return int(await self.pool.fetchval("SELECT value FROM meta WHERE name = 'keys_generation'") or 0)

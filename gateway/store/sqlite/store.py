@@ -26,6 +26,7 @@ from ..retention import delete_older_than
 from ..schema import connect, connect_async
 from ..spool import recover
 from ..tasks import TaskStore
+from ..tx import Body, run_sqlite
 from ..usage import SqliteSink
 
 T = TypeVar("T")
@@ -61,6 +62,10 @@ class SqliteStore:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.run_sync, fn)
 
+    async def run(self, body: Body[T], *, write: bool = False) -> T:
+        # The whole body in one worker thread (gateway.store.tx).
+        return await self._run(lambda c: run_sqlite(c, body, write=write))
+
     # ------------------------------------------------------------ workspaces and keys
 
     async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]:
@@ -80,10 +85,11 @@ class SqliteStore:
 
     async def create_key(
         self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
-        limits: KeyLimits = NO_LIMITS,
+        limits: KeyLimits = NO_LIMITS, user_id: int | None = None,
     ) -> tuple[dict[str, Any], str]:
         return await self._run(
-            lambda c: queries.create_key(c, workspace_id, name=name, group=group, models=models, limits=limits)
+            lambda c: queries.create_key(c, workspace_id, name=name, group=group, models=models, limits=limits,
+                                         user_id=user_id)
         )
 
     async def get_key(self, key_id: int) -> dict[str, Any]:
