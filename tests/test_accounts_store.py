@@ -220,3 +220,16 @@ async def test_an_invitation_is_accepted_once(store: Store, tmp_path: Path) -> N
         await second.close()
     assert sorted(won) == [False, False, False, True]
     assert await store.run(lambda tx: users.open_invitation(tx, token, NOW + 1)) is None
+
+
+@pytest.mark.parametrize("text", ["ann\x00@example.com", "ann\ud800@example.com"])
+async def test_text_postgresql_cannot_hold_is_refused_by_either_store(store: Store, text: str) -> None:
+    """A NUL or a lone surrogate (``%00`` in a path, a query string decoded
+    with surrogate escapes) is a ValueError, which the admin API answers
+    with a 400, on SQLite as on PostgreSQL (where the driver would fail the
+    request with a 500)."""
+    with pytest.raises(ValueError, match=r"NUL|Unicode"):
+        await store.run(lambda tx: users.find_user(tx, text))
+    with pytest.raises(ValueError, match=r"NUL|Unicode"):
+        await store.run(lambda tx: catalog.create_workspace(tx, text), write=True)
+    assert await store.list_workspaces() == []

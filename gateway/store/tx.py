@@ -68,11 +68,17 @@ class Tx(Protocol):
 
 
 def _no_nul(args: tuple[Any, ...]) -> None:
-    # PostgreSQL text cannot hold NUL; SQLite's can. Refused the same way
-    # from either store (gateway.admin answers a ValueError with a 400).
+    # PostgreSQL text cannot hold NUL or a lone surrogate (the driver or the
+    # server refuses them); SQLite's can. Refused the same way from either
+    # store (gateway.admin answers a ValueError with a 400).
     for a in args:
-        if isinstance(a, str) and "\x00" in a:
-            raise ValueError("text must not contain a NUL character")
+        if isinstance(a, str):
+            if "\x00" in a:
+                raise ValueError("text must not contain a NUL character")
+            try:
+                a.encode()
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode") from None
 
 
 class SqliteTx:

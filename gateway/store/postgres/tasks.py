@@ -100,8 +100,6 @@ class PgTaskStore:
         return found[0] if found else None
 
     async def find_owned(self, upstream_task_id: str, owners: Owners) -> list[TaskRow]:
-        if "\x00" in upstream_task_id:
-            return []  # no id holds a NUL (PostgreSQL text cannot): nothing found, as on SQLite
         cond, args = owners.where()
         rows = await self._pool.fetch(numbered(
             f"SELECT {_COLUMNS} FROM video_tasks WHERE upstream_task_id = ? AND {cond} ORDER BY created_at"
@@ -117,8 +115,6 @@ class PgTaskStore:
             )
 
     async def get(self, task_id: str) -> TaskRow | None:
-        if "\x00" in task_id:
-            return None  # see find_owned
         return await self._task(f"SELECT {_COLUMNS} FROM video_tasks WHERE id = $1", task_id)
 
     async def claim_due(self, now: float, limit: int, lease_until: float) -> list[TaskRow]:
@@ -176,8 +172,6 @@ class PgTaskStore:
         )
 
     async def group_owner(self, upstream: str, group_id: str) -> int | None:
-        if "\x00" in group_id:
-            return None  # see find_owned
         v = await self._pool.fetchval(
             "SELECT workspace_id FROM asset_groups WHERE upstream = $1 AND id = $2", upstream, group_id
         )
@@ -191,15 +185,11 @@ class PgTaskStore:
         )
 
     async def asset_owner(self, upstream: str, asset_id: str) -> int | None:
-        if "\x00" in asset_id:
-            return None  # see find_owned
         v = await self._pool.fetchval("SELECT workspace_id FROM assets WHERE upstream = $1 AND id = $2",
                                       upstream, asset_id)
         return None if v is None else int(v)
 
     async def asset_upstreams(self, asset_id: str, workspace_id: int) -> list[str]:
-        if "\x00" in asset_id:
-            return []  # see find_owned
         rows = await self._pool.fetch(
             "SELECT upstream FROM assets WHERE id = $1 AND workspace_id = $2 ORDER BY upstream", asset_id, workspace_id
         )
