@@ -20,8 +20,6 @@ from .conftest import ADMIN_TOKEN, PASSWORD, FakeClock, Gateway, GatewayFactory,
 from .test_admin import ADMIN, PUBLIC_ROUTES
 from .test_admin import api as operator  # calls with the operator token
 
-pytestmark = pytest.mark.admin_pg_pending
-
 
 class Console:
     """What a browser holds for one signed-in user: the cookie jar and the

@@ -16,8 +16,6 @@ from gateway.store import queries
 
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
 
-pytestmark = pytest.mark.admin_pg_pending
-
 CHAT = "/v1/chat/completions"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

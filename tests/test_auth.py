@@ -64,7 +64,6 @@ async def test_a_new_key_works_on_its_first_request(
     assert found == 1.0 or (gw.postgres and found is None), "looked up once, then served from memory"
 
 
-@pytest.mark.admin_pg_pending
 async def test_a_key_from_the_admin_api_works_at_once(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,7 +112,6 @@ async def test_unknown_keys_cannot_flood_the_database(
     assert again["unknown"] == seen["unknown"] + 1 and again["throttled"] == seen["throttled"]
 
 
-@pytest.mark.admin_pg_pending
 async def test_revoked_and_expired_keys_are_not_brought_back(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
@@ -121,7 +119,7 @@ async def test_revoked_and_expired_keys_are_not_brought_back(
 
     def revoked(conn: object) -> str:
         key = gw.create_key("acme", conn=conn)  # type: ignore[arg-type]
-        queries.revoke_key(conn, 1)  # type: ignore[arg-type]
+        conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = 1", (time.time(),))  # type: ignore[attr-defined]
         return key
 
     key = await gw.write(revoked)
@@ -132,7 +130,9 @@ async def test_revoked_and_expired_keys_are_not_brought_back(
     await asyncio.sleep(0.6)
     for _ in range(5):
         assert await status(http, gw.url, expired) == 401
-    assert (await lookups(http, gw.url)).get("found") == 1.0
+    # On PostgreSQL the key's NOTIFY may bring it into the cache first.
+    found = (await lookups(http, gw.url)).get("found")
+    assert found == 1.0 or (gw.postgres and found is None), "looked up once at most, then refused from memory"
 
 
 async def test_a_new_key_works_at_once_in_every_worker(tmp_path: Path, upstream: Upstream) -> None:

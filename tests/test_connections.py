@@ -255,7 +255,6 @@ async def test_http_layer_errors_never_quote_the_request(
 # ------------------------------------------------------------ item 7
 
 
-@pytest.mark.admin_pg_pending
 async def test_bad_input_is_a_4xx_never_a_500(
     admin_gateway: Gateway, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -9,12 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from .browser import post_chat, require_browser, start_chrome
 from .conftest import ADMIN_TOKEN, PASSWORD, Gateway
-
-pytestmark = pytest.mark.admin_pg_pending
 
 
 def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.1, what: str = "condition") -> Any:

@@ -108,7 +108,6 @@ async def test_foreign_workspace_reaches_nothing_by_any_spelling(
         assert status == 200, url
 
 
-@pytest.mark.admin_pg_pending
 async def test_api_keys_reach_no_admin_resource(make_gateway: GatewayFactory, upstream: Upstream,
                                                  http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
     """The admin API takes the admin token only: no workspace's key, in any
