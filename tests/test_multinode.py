@@ -305,6 +305,13 @@ async def test_config_reload_reaches_every_instance_within_100ms(cluster: Cluste
         took = await asyncio.wait_for(asyncio.gather(*(seen(u) for u in cluster.urls[1:])), 5)
     assert max(took) < 0.1, took
     assert not (cluster.root / "n0" / "gateway.db").exists()  # no SQLite file made on the side
+    # Audited once, in PostgreSQL, by the instance that took the request.
+    conn = await asyncpg.connect(cluster.db_url)
+    try:
+        audited = await conn.fetch("SELECT actor, after FROM audit_log WHERE action = 'config.reload'")
+    finally:
+        await conn.close()
+    assert [r["actor"] for r in audited] == ["operator token"] and "added-later" in audited[0]["after"]
 
 
 async def test_video_task_polled_by_one_instance_and_billed_once(cluster: Cluster) -> None:

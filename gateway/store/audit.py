@@ -10,9 +10,7 @@ fields that could anyway (hashes, tokens, passwords) as a second line.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,19 +32,6 @@ class Actor:
     label: str  # an email, "operator token", "cli (root)", "SIGHUP"
     user_id: int | None = None
     address: str | None = None
-
-
-@contextlib.contextmanager
-def changes(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction (BEGIN IMMEDIATE: taken before the first read,
-    so a before-image cannot go stale under another writer)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def _clean(obj: Mapping[str, Any] | None) -> str | None:
