@@ -55,7 +55,7 @@ from .auth import KeyInfo
 from .config import RedisConfig
 from .errors import GatewayError, RateLimited
 from .limits import Headers, LocalLimiter, month_bounds, request_headers, token_headers
-from .resp import RespClient, RespError
+from .resp import RespClient, RespError, bulk
 from .store.base import Store
 
 log = logging.getLogger("gateway.redis")
@@ -124,11 +124,12 @@ if conc >= 0 then
 end
 local rreset = 0
 if rpm >= 0 then
+  local oldest = now
+  if n > 0 then oldest = math.min(now, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])) end
   redis.call('ZADD', KEYS[1], now, member)
   redis.call('PEXPIRE', KEYS[1], 60000)
   n = n + 1
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  rreset = tonumber(first[2]) + 60000 - now
+  rreset = oldest + 60000 - now
 end
 return {0, 0, seeded, used, treset, n, rreset}
 """
@@ -202,7 +203,11 @@ class RedisLimiter:
         self._fast = RespClient(cfg.url, timeout)
         self._seed = self.redis.register_script(SEED)
         self._prefix = cfg.key_prefix
+        self._month_start = self._month_end = 0.0
+        self._month = ""
         self._instance = secrets.token_hex(6)
+        self._instance_b = self._instance.encode()
+        self._commands: dict[tuple[object, ...], tuple[bytes, bytes, bytes]] = {}
         self._seq = 0
         self._held: dict[int, list[str]] = defaultdict(list)  # key id -> this instance's leases
         self._up = True
@@ -233,23 +238,18 @@ class RedisLimiter:
         now = self.clock()
         now_ms = int(now * 1000)
         self._seq += 1
-        member = f"{self._instance}:{self._seq}"
-        p = self._prefix
-        month = f"{p}:q:{_month(now)}"
-        args = (
-            f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month,
-            now_ms, _limit(key.rpm), _limit(key.tpm), _limit(key.max_concurrency), _limit(key.spend_limit),
-            _limit(key.workspace_spend_limit), _limit(key.workspace_token_limit), member, LEASE_MS,
-            f"k:{key.id}", f"w:{key.workspace_id}:s", f"w:{key.workspace_id}:t",
-        )
+        head, mid, tail = self._command(key, self._month_key(now))
+        member = b"%s:%d" % (self._instance_b, self._seq)
+        cmd = b"%s$%d\r\n%d\r\n%s$%d\r\n%s\r\n%s" % (
+            head, len(str(now_ms)), now_ms, mid, len(member), member, tail)
         try:
             try:
-                res = await self._fast.call("EVALSHA", ADMIT_SHA, 4, *args)
+                res = await self._fast.send(cmd)
             except RespError as e:
                 if not str(e).startswith("NOSCRIPT"):
                     raise
                 await self._fast.call("SCRIPT", "LOAD", ADMIT)  # Redis restarted, or flushed its scripts
-                res = await self._fast.call("EVALSHA", ADMIT_SHA, 4, *args)
+                res = await self._fast.send(cmd)
         except (RespError, *FAILURES) as e:
             self._failed("admit", e)
             return self._degraded(key)
@@ -277,7 +277,7 @@ class RedisLimiter:
             self._reject(reason, message.format(rpm=key.rpm, tpm=key.tpm, conc=key.max_concurrency), wait, err,
                          headers)
         if key.max_concurrency is not None:
-            self._held[key.id].append(member)
+            self._held[key.id].append(member.decode())
         out: Headers | None = None
         if key.tpm is not None:
             out = token_headers(key.tpm, used, treset / 1000)
@@ -285,6 +285,26 @@ class RedisLimiter:
             rh = request_headers(key.rpm, key.rpm - requests, rreset / 1000)
             out = rh if out is None else rh + out
         return out
+
+    def _command(self, key: KeyInfo, month: str) -> tuple[bytes, bytes, bytes]:
+        """The admission's EVALSHA for ``key``, encoded (RESP) but for the
+        time and the member: the parts before, between and after them,
+        built once per key and limits rather than once per request."""
+        spec = (key.id, key.workspace_id, key.rpm, key.tpm, key.max_concurrency, key.spend_limit,
+                key.workspace_spend_limit, key.workspace_token_limit, month)
+        parts = self._commands.get(spec)
+        if parts is None:
+            if len(self._commands) > 10_000:
+                self._commands.clear()
+            p = self._prefix
+            head = (b"*19\r\n" + bulk("EVALSHA") + bulk(ADMIT_SHA) + bulk(4)
+                    + b"".join(bulk(k) for k in (f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month)))
+            mid = b"".join(bulk(_limit(v)) for v in (key.rpm, key.tpm, key.max_concurrency, key.spend_limit,
+                                                     key.workspace_spend_limit, key.workspace_token_limit))
+            tail = b"".join(bulk(a) for a in (LEASE_MS, f"k:{key.id}", f"w:{key.workspace_id}:s",
+                                              f"w:{key.workspace_id}:t"))
+            parts = self._commands[spec] = (head, mid, tail)
+        return parts
 
     def _degraded(self, key: KeyInfo) -> Headers | None:
         if self.cfg.failure == "closed":
@@ -350,31 +370,44 @@ class RedisLimiter:
 
     async def _pipeline(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
                         released: list[tuple[int, str]]) -> None:
+        # On the admission's connection (gateway.resp), in the same write as
+        # whatever admissions are queued in this turn of the loop: none of
+        # redis-py's layers, no wake-up of Redis of its own.
         p = self._prefix
-        month = f"{p}:q:{_month(self.clock())}"
-        # One MULTI/EXEC: a batch that fails is applied wholly or not at
-        # all, so sending it again (below) cannot count it twice.
-        pipe = self.redis.pipeline(transaction=True)
+        month = self._month_key(self.clock())
+        cmds: list[tuple[str | int | float, ...]] = [("MULTI",)]
         for (kid, second), n in tokens.items():
-            pipe.hincrby(f"{p}:t:{kid}", str(second), n)
-            pipe.expire(f"{p}:t:{kid}", 120)
+            cmds.append(("HINCRBY", f"{p}:t:{kid}", second, n))
+            cmds.append(("EXPIRE", f"{p}:t:{kid}", 120))
         for field, amount in quota.items():
             if amount:
-                pipe.hincrbyfloat(month, field, amount)
+                cmds.append(("HINCRBYFLOAT", month, field, repr(amount)))
         if quota:
-            pipe.expire(month, MONTH_TTL_S)
+            cmds.append(("EXPIRE", month, MONTH_TTL_S))
         for kid, member in released:
-            pipe.zrem(f"{p}:c:{kid}", member)
+            cmds.append(("ZREM", f"{p}:c:{kid}", member))
+        if len(cmds) == 1:
+            return
+        # One MULTI/EXEC: a batch that fails is applied wholly or not at
+        # all, so sending it again (below) cannot count it twice.
+        cmds.append(("EXEC",))
         try:
-            await pipe.execute()
-        except FAILURES as e:
+            replies = await self._fast.pipeline(cmds)
+        except (RespError, *FAILURES) as e:
+            replies = [e]
+        failure = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failure is None and not (isinstance(replies[-1], list) and len(replies[-1]) == len(cmds) - 2):
+            failure = RespError("unexpected reply to the settle transaction")
+        if failure is None:
+            failure = next((r for r in replies[-1] if isinstance(r, BaseException)), None)
+        if failure is not None:
             # Kept and sent again with the next batch, once Redis answers:
             # dropped, they would be missing from a month hash that outlives
             # the outage (only a fresh hash is seeded from the database),
             # and every key and workspace they belong to would get past its
             # quota by that much. Token buckets out of the TPM window are
             # of no use any more.
-            self._failed("settle", e)
+            self._failed("settle", failure)
             self._requeue(tokens, quota, released)
 
     def _requeue(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
@@ -399,6 +432,9 @@ class RedisLimiter:
         self._store = store
         await self.local.load(store)
         await self._seed_from(self.local)
+        # Connected now rather than within the first request's timeout_ms.
+        with contextlib.suppress(RespError, *FAILURES):
+            await self._fast.call("PING")
 
     async def _seed_from(self, source: LocalLimiter) -> None:
         keys, workspaces = source.month_totals()
@@ -466,6 +502,14 @@ class RedisLimiter:
                 await pipe.execute()
         await self._fast.close()
         await self.redis.aclose()
+
+    def _month_key(self, now: float) -> str:
+        """The quota hash of the UTC month holding ``now`` (cached: one
+        strftime a month, not one a request)."""
+        if not self._month_start <= now < self._month_end:
+            self._month_start, self._month_end = month_bounds(now)
+            self._month = f"{self._prefix}:q:{_month(now)}"
+        return self._month
 
     # ------------------------------------------------------------ health
 

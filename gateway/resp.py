@@ -1,23 +1,39 @@
-"""A minimal Redis client (RESP2) for the one Redis call on the request
-path: the limiter's EVALSHA (gateway.redis_limits).
+"""A minimal Redis client (RESP2) for the Redis calls of the request path:
+the limiter's EVALSHA and the settle pipeline that follows each request
+(gateway.redis_limits).
 
 Why hand-written: redis-py's asyncio client spends 100-150 us of Python on
 each call on this machine (pool checkout, command encoding and reply
 parsing through several layers) against 20 us for the round trip itself,
 which alone would take a limited request past the 0.1 ms the gateway may
-add. This client keeps one connection, writes each command with one
-``write`` and resolves a future from the reply parser: requests from many
-coroutines are pipelined on the connection, replies come back in order.
-Everything off the request path (settles, leases, seeding) stays on redis-py.
+add. This client keeps one connection and resolves a future per command
+from the reply parser. The commands queued in one turn of the event loop
+(the admissions of all the requests that arrived together, a settle
+pipeline) go out in one ``write``: one system call and one wake-up of
+Redis for all of them, and their replies come back in order.
+
+Timeouts count from the write. A reply that is already in the socket when
+the timeout fires (Redis answered in time, this process's loop was busy and
+has not read it yet) is waited for: a busy event loop is not an unreachable
+Redis, and must not make the limiter fail open or closed.
+
+Leases, seeding and the shutdown's releases stay on redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections import deque
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+# After ``timeout``, a reply already in the socket (unread: the event loop
+# was busy) is waited for, checked every _RECHECK_S, up to _GRACE times
+# ``timeout`` in all.
+_RECHECK_S = 0.002
+_GRACE = 10
 
 
 class RespError(Exception):
@@ -47,12 +63,14 @@ def _int(line: bytes) -> int:
         raise ProtocolError("malformed integer in a Redis reply") from None
 
 
+def bulk(a: Any) -> bytes:
+    """One argument of a command, as RESP writes it."""
+    b = a if isinstance(a, bytes) else str(a).encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
 def encode(args: tuple[Any, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
 
 
 def parse(buf: bytearray | bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
@@ -97,11 +115,17 @@ def parse(buf: bytearray | bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.transport: asyncio.WriteTransport | None = None
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.buf = bytearray()
         self.lost: BaseException | None = None
+        self.timeout = timeout
+        # Commands queued in this turn of the event loop, written together.
+        self.out: list[bytes] = []
+        self.unsent: list[asyncio.Future[Any]] = []
+        self.loop = asyncio.get_running_loop()
+
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
@@ -120,7 +144,7 @@ class _Protocol(asyncio.Protocol):
                 self._broken(e)
                 return
             fut = self.waiting.popleft()
-            if fut.done():  # its caller timed out: the reply is consumed, not used
+            if fut.done():  # its caller gave up (timeout, cancel): the reply is consumed, not used
                 continue
             if isinstance(value, RespError):
                 fut.set_exception(value)
@@ -133,6 +157,8 @@ class _Protocol(asyncio.Protocol):
         connection (no traceback: the caller counts it as a Redis failure)."""
         self.buf.clear()
         self.lost = exc
+        self.out.clear()
+        self.unsent.clear()
         while self.waiting:
             fut = self.waiting.popleft()
             if not fut.done():
@@ -142,10 +168,57 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionError("connection closed by Redis")
+        self.out.clear()
+        self.unsent.clear()
         while self.waiting:
             fut = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(ConnectionError("connection to Redis lost"))
+
+    def queue(self, data: bytes) -> asyncio.Future[Any]:
+        """The reply to the command ``data``, written with the others queued
+        in this turn of the loop (one write, one wake-up of Redis)."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self.waiting.append(fut)
+        if not self.out:
+            self.loop.call_soon(self.flush)
+        self.out.append(data)
+        self.unsent.append(fut)
+        return fut
+
+    def flush(self) -> None:
+        if not self.out or self.lost is not None:
+            return
+        assert self.transport is not None
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        futs = self.unsent
+        self.out, self.unsent = [], []
+        self.transport.write(data)
+        self.loop.call_later(self.timeout, self.expire, futs, self.loop.time() + _GRACE * self.timeout)
+
+    def expire(self, futs: list[asyncio.Future[Any]], last: float) -> None:
+        """``timeout`` after a write: the replies not received yet fail with
+        TimeoutError, unless they are waiting in the socket to be read. A
+        reply that Redis sent in time but that this process has not read yet
+        (its event loop was busy: a CPU-starved host, a long callback) is
+        not a slow Redis, and must not count as one."""
+        if all(f.done() for f in futs):
+            return
+        if self.lost is None and self.loop.time() < last and self._readable():
+            self.loop.call_later(_RECHECK_S, self.expire, futs, last)
+            return
+        for f in futs:
+            if not f.done():
+                f.set_exception(TimeoutError("no reply from Redis in time"))
+
+    def _readable(self) -> bool:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
 
 class RespClient:
@@ -170,10 +243,15 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        timeout = self._timeout
+
+        def protocol() -> _Protocol:
+            return _Protocol(timeout)
+
         if self._unix is not None:
-            _, proto = await loop.create_unix_connection(_Protocol, self._unix)
+            _, proto = await loop.create_unix_connection(protocol, self._unix)
         else:
-            _, proto = await loop.create_connection(_Protocol, self._host, self._port, ssl=self._ssl)
+            _, proto = await loop.create_connection(protocol, self._host, self._port, ssl=self._ssl)
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
             setup.append(("AUTH", self._user, self._password) if self._user else ("AUTH", self._password))
@@ -181,7 +259,7 @@ class RespClient:
             setup.append(("SELECT", self._db))
         try:
             for args in setup:
-                await self._send(proto, args)
+                await proto.queue(encode(args))
         except BaseException:
             # Refused (a wrong password), or the caller's timeout: never
             # leave the connection open behind us (one more on each try).
@@ -196,25 +274,35 @@ class RespClient:
             return proto
         if self._connecting is None:
             self._connecting = asyncio.Lock()
-        async with self._connecting:
+        async with asyncio.timeout(self._timeout), self._connecting:
             if self._proto is None or self._proto.lost is not None:
                 self._proto = await self._connect()
             return self._proto
 
-    @staticmethod
-    def _send(proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        assert proto.transport is not None
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        proto.waiting.append(fut)
-        proto.transport.write(encode(args))
-        return fut
-
     async def call(self, *args: Any) -> Any:
-        async with asyncio.timeout(self._timeout):
+        proto = self._proto
+        if proto is None or proto.lost is not None:
             proto = await self._ready()
-            return await self._send(proto, args)
+        return await proto.queue(encode(args))
+
+    async def send(self, command: bytes) -> Any:
+        """``call`` for a command already encoded (``encode``)."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            proto = await self._ready()
+        return await proto.queue(command)
+
+    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` together; their replies in order, with an error
+        reply or a failure as the exception in its place."""
+        proto = self._proto
+        if proto is None or proto.lost is not None:
+            proto = await self._ready()
+        futs = [proto.queue(encode(c)) for c in commands]
+        return await asyncio.gather(*futs, return_exceptions=True)
 
     async def close(self) -> None:
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
+            proto.lost = ConnectionError("closed")
             proto.transport.close()

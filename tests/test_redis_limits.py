@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from gateway.resp import RespClient
+
 from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, config_toml
 from .services import RedisServer, drop_prefix, own_redis, shared_redis_url, unique_prefix
 from .test_limits import chat, workspace_key
@@ -198,3 +200,51 @@ async def test_redis_url_database_number(
         await r.delete(*[k async for k in r.scan_iter(match=prefix + ":*")])
     finally:
         await r.aclose()
+
+
+async def test_busy_event_loop_is_not_an_unreachable_redis(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
+) -> None:
+    """A reply that Redis sent in time but that the gateway read late (its
+    event loop was busy, as on a CPU-starved host) is no failure of Redis:
+    the shared limit holds, nothing fails open. (It did: every admission
+    behind a stall longer than timeout_ms was admitted on the local limits
+    of the instance, so two gateways let through twice the key's RPM.)"""
+    clock = FakeClock()
+    toml = config_toml(upstream.base_url, redis_section(*shared_redis, "timeout_ms = 150"))
+    a = await make_gateway(toml, "a.toml", clock=clock)
+    b = await make_gateway(toml, "b.toml", clock=clock)
+    key = await a.key(rpm=2)
+    await b.wait_key_live(key)
+    busy = True
+
+    async def hog() -> None:
+        while busy:
+            time.sleep(0.2)  # blocks the event loop for longer than timeout_ms
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(hog())
+    try:
+        got = await statuses(http, [a, b], key, 4)
+    finally:
+        busy = False
+        await task
+    assert got.count(200) == 2 and got.count(429) == 2
+    for gw in (a, b):
+        assert (await metric(gw, http, "gateway_redis_up"))[""] == 1
+        assert "admit" not in await metric(gw, http, "gateway_redis_errors_total")
+
+
+async def test_reply_read_late_is_not_a_timeout(shared_redis: tuple[str, str]) -> None:
+    """The RESP client's timeout counts Redis's slowness only: a reply that
+    arrived while the event loop was blocked is used when the loop gets to
+    it (it raised TimeoutError)."""
+    client = RespClient(shared_redis[0], 0.1)
+    try:
+        assert await client.call("PING") == "PONG"
+        call = asyncio.ensure_future(client.call("PING"))
+        await asyncio.sleep(0)  # the command is queued; its write comes next
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)  # then the loop blocks past the timeout
+        assert await call == "PONG"
+    finally:
+        await client.close()
