@@ -14,7 +14,10 @@ side by side in one run on this machine.
    ``writer-rate / 2`` rows a second for ``writer-seconds``; every row
    must arrive, no batch may fail.
 3. retention: ``retention-rows`` rows in one day partition, dropped by the
-   retention pass; the time of the drop.
+   retention pass; the time of the drop, split into the DETACH and the
+   DROP. The day is checkpointed and its files evicted from the page cache
+   first, as a day ``retention_days`` old is (``--retention-cached`` keeps
+   them cached, as just filled).
 
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (databases
 and key prefixes of its own, removed after) and wrk.
@@ -265,7 +268,50 @@ def writer(seconds: float, rate: int) -> list[str]:
 # ------------------------------------------------------------------ retention
 
 
-def retention(n: int) -> list[str]:
+class Timed:
+    """A connection whose statements are timed one by one (the split of the
+    retention pass into its DETACH and its DROP)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.times: list[tuple[str, float]] = []
+
+    async def fetch(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return await self.conn.execute(sql, *args)
+        finally:
+            self.times.append((sql.split()[0].upper(), time.monotonic() - t0))
+
+
+async def evict(conn: Any, table: str) -> int:
+    """Drop ``table``'s and its indexes' files from the OS page cache
+    (posix_fadvise DONTNEED); how many files (0: not readable from here)."""
+    import glob
+
+    data = await conn.fetchval("SHOW data_directory")
+    paths = await conn.fetch(
+        "SELECT pg_relation_filepath(c.oid) AS p FROM pg_class c WHERE c.oid = $1::regclass "
+        "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = $1::regclass)", table)
+    n = 0
+    for r in paths:
+        for f in glob.glob(os.path.join(data, r["p"]) + "*"):
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                return 0
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            n += 1
+    return n
+
+
+def retention(n: int, cold: bool = True, tablespace: str | None = None) -> list[str]:
     import asyncpg
 
     from gateway.config import DatabaseConfig
@@ -275,11 +321,17 @@ def retention(n: int) -> list[str]:
     db = "gwbench_r_" + uuid.uuid4().hex[:8]
     admin_sql(f"CREATE DATABASE {db}")
     url = PG + db
+    space = None
+    if tablespace:  # the day's partition on another file system
+        space = db + "_ts"
+        admin_sql(f"CREATE TABLESPACE {space} LOCATION '{tablespace}'")
 
-    async def run() -> tuple[float, float, int, int]:
+    async def run() -> dict[str, Any]:
         await migrate_schema(DatabaseConfig(Path("unused.db"), url))
         conn = await asyncpg.connect(url)
         try:
+            if space:
+                await conn.execute(f"SET default_tablespace = {space}")
             day = int(time.time() // 86400) - 100
             await usage.ensure_partitions(conn, [day, day + 1])
             t0 = time.monotonic()
@@ -292,22 +344,43 @@ def retention(n: int) -> list[str]:
             await conn.execute(f"INSERT INTO usage_events (ts, request_id, endpoint, status, latency_ms) "
                                f"VALUES ({(day + 1) * 86400 + 10}, 'kept', 'x', 200, 1)")
             fill = time.monotonic() - t0
+            size = int(await conn.fetchval(f"SELECT pg_total_relation_size('{usage.partition_name(day)}')"))
+            # The day retention drops was written retention_days ago: its
+            # pages were written out long since (CHECKPOINT) and have left
+            # the OS page cache (evicted here, when this host's PostgreSQL
+            # files can be opened); dropping a day just filled also frees
+            # its cached pages, which costs about as much again.
             t0 = time.monotonic()
-            dropped = await usage.drop_older_than(conn, (day + 1) * 86400)
+            await conn.execute("CHECKPOINT")
+            checkpoint = time.monotonic() - t0
+            evicted = await evict(conn, usage.partition_name(day)) if cold else 0
+            timed = Timed(conn)
+            t0 = time.monotonic()
+            dropped = await usage.drop_older_than(timed, (day + 1) * 86400)
             took = time.monotonic() - t0
             left = int(await conn.fetchval("SELECT COUNT(*) FROM usage_events"))
-            return fill, took, dropped, left
+            split = {k: sum(t for s, t in timed.times if s == k) for k in ("ALTER", "DROP", "TRUNCATE")}
+            return {"fill": fill, "size": size, "checkpoint": checkpoint, "took": took, "dropped": dropped,
+                    "left": left, "split": split, "evicted": evicted}
         finally:
             await conn.close()
 
     try:
-        fill, took, dropped, left = asyncio.run(run())
+        r = asyncio.run(run())
     finally:
         admin_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        if space:
+            admin_sql(f"DROP TABLESPACE IF EXISTS {space}")
+    sp = r["split"]
+    where = f", tablespace on {tablespace}" if tablespace else ""
     return [
-        "| retention | rows in the day | partitions dropped | time to drop | rows left (next day) |",
-        "|---|---|---|---|---|",
-        f"| one UTC day past the cutoff | {n:,} (filled in {fill:.0f} s) | {dropped} | {took * 1000:.0f} ms | {left} |",
+        "| retention | rows in the day | partitions dropped | time to drop | of which DETACH / DROP "
+        "| rows left (next day) |",
+        "|---|---|---|---|---|---|",
+        f"| one UTC day past the cutoff, pages {'not cached' if r['evicted'] else 'cached'}{where} | {n:,} "
+        f"({r['size'] / 1e9:.1f} GB with indexes; filled in {r['fill']:.0f} s, CHECKPOINT {r['checkpoint']:.1f} s) "
+        f"| {r['dropped']} | {r['took'] * 1000:.0f} ms | "
+        f"{sp['ALTER'] * 1000:.0f} / {(sp['DROP'] + sp['TRUNCATE']) * 1000:.0f} ms | {r['left']} |",
     ]
 
 
@@ -320,6 +393,10 @@ def main() -> None:
     ap.add_argument("--writer-seconds", type=float, default=60.0)
     ap.add_argument("--writer-rate", type=int, default=20000)
     ap.add_argument("--retention-rows", type=int, default=10_000_000)
+    ap.add_argument("--retention-cached", action="store_true",
+                    help="drop the day with its pages still in the page cache, as just filled")
+    ap.add_argument("--retention-tablespace", help="put the day's partition in a tablespace at this directory "
+                    "(owned by the postgres user, empty): retention on another file system")
     ap.add_argument("--only", default="gateways,writer,retention")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -330,7 +407,7 @@ def main() -> None:
     if "writer" in parts:
         out += [*writer(a.writer_seconds, a.writer_rate), ""]
     if "retention" in parts:
-        out += [*retention(a.retention_rows), ""]
+        out += [*retention(a.retention_rows, cold=not a.retention_cached, tablespace=a.retention_tablespace), ""]
     text = "\n".join(out)
     print(text)
     if a.out:
