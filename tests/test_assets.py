@@ -204,20 +204,24 @@ async def test_asset_bad_input(make_gateway: GatewayFactory, upstream: Upstream,
         (ASSETS, {"platform": "JIMENG", "url": "u", "asset_type": "Image"}, 400),
         (ASSETS, {"platform": "JIMENG", "group_id": "g", "url": "u", "asset_type": "Gif"}, 400),
         (ASSETS, {"platform": "JIMENG", "group_id": "group-made-up", "url": "u", "asset_type": "Image"}, 404),
+        # No database can hold a NUL: it names nothing (it was a 500 on PostgreSQL).
+        (ASSETS, {"platform": "JIMENG", "group_id": "g\u0000", "url": "u", "asset_type": "Image"}, 404),
     ]
     for path, body, expected in cases:
         status, data = await post(http, gw, key, path, body)
         assert status == expected, (body, data)
         assert data["code"] == expected and data["data"] is None and data["msg"]
-    for path, expected in ((f"{GROUPS}/group-made-up?platform=JIMENG", 404), (f"{GROUPS}/g", 400),
-                           (f"{GROUPS}/g?platform=NOPE", 400), (f"{ASSETS}/asset-made-up?platform=JIMENG", 404)):
+    gets = ((f"{GROUPS}/group-made-up?platform=JIMENG", 404), (f"{GROUPS}/g", 400), (f"{GROUPS}/g?platform=NOPE", 400),
+            (f"{ASSETS}/asset-made-up?platform=JIMENG", 404), (f"{GROUPS}/g%00?platform=JIMENG", 404),
+            (f"{ASSETS}/a%00?platform=JIMENG", 404))
+    for path, expected in gets:
         status, data = await get(http, gw, key, path)
-        assert status == expected and data["code"] == expected
+        assert status == expected and data["code"] == expected, (path, data)
     async with http.post(gw.url + GROUPS, json={"platform": "JIMENG", "name": "x"}) as r:
         assert r.status == 401 and (await r.json())["code"] == 401
     assert volc(upstream).accepted == 0  # nothing bad went upstream
-    rows = await gw.wait_usage(len(cases) + 5)
-    assert len(rows) == len(cases) + 5
+    rows = await gw.wait_usage(len(cases) + len(gets) + 1)
+    assert len(rows) == len(cases) + len(gets) + 1
 
 
 async def test_wrong_secret_is_a_clear_502_without_the_secret(

@@ -38,7 +38,6 @@ async def status_and_text(http: aiohttp.ClientSession, method: str, url: str, ke
         return r.status, await r.text()
 
 
-@pytest.mark.pg_pending("a task id holding a NUL byte is a 500 on PostgreSQL")
 async def test_foreign_workspace_reaches_nothing_by_any_spelling(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: Any,
 ) -> None:

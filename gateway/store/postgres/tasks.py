@@ -32,6 +32,21 @@ from . import usage
 _INSERT = numbered(f"INSERT INTO video_tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS})")
 
 
+def _storable(*texts: str) -> bool:
+    """Whether PostgreSQL can hold these strings: a NUL (``%00`` in a path,
+    ``\\u0000`` in JSON) or a lone surrogate is refused by the driver or
+    the server, so an id holding one names nothing stored: a lookup of it
+    finds nothing instead of failing the request."""
+    for t in texts:
+        if "\x00" in t:
+            return False
+        try:
+            t.encode()
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 class PgTaskStore:
     """The TaskStoreProtocol on a connection pool (see the module docstring)."""
 
@@ -78,6 +93,8 @@ class PgTaskStore:
         )
 
     async def abandon(self, task_id: str) -> None:
+        if not _storable(task_id):
+            return
         await self._pool.execute(f"DELETE FROM video_tasks WHERE id = $1 AND {_UNRECORDED}", task_id)
 
     async def give_up_creating(self, task_id: str, upstream: str, error: dict[str, Any], now: float) -> bool:
@@ -100,6 +117,8 @@ class PgTaskStore:
         return found[0] if found else None
 
     async def find_owned(self, upstream_task_id: str, owners: Owners) -> list[TaskRow]:
+        if not _storable(upstream_task_id):
+            return []
         cond, args = owners.where()
         rows = await self._pool.fetch(numbered(
             f"SELECT {_COLUMNS} FROM video_tasks WHERE upstream_task_id = ? AND {cond} ORDER BY created_at"
@@ -115,6 +134,8 @@ class PgTaskStore:
             )
 
     async def get(self, task_id: str) -> TaskRow | None:
+        if not _storable(task_id):
+            return None
         return await self._task(f"SELECT {_COLUMNS} FROM video_tasks WHERE id = $1", task_id)
 
     async def claim_due(self, now: float, limit: int, lease_until: float) -> list[TaskRow]:
@@ -172,6 +193,8 @@ class PgTaskStore:
         )
 
     async def group_owner(self, upstream: str, group_id: str) -> int | None:
+        if not _storable(group_id):
+            return None
         v = await self._pool.fetchval(
             "SELECT workspace_id FROM asset_groups WHERE upstream = $1 AND id = $2", upstream, group_id
         )
@@ -185,11 +208,15 @@ class PgTaskStore:
         )
 
     async def asset_owner(self, upstream: str, asset_id: str) -> int | None:
+        if not _storable(asset_id):
+            return None
         v = await self._pool.fetchval("SELECT workspace_id FROM assets WHERE upstream = $1 AND id = $2",
                                       upstream, asset_id)
         return None if v is None else int(v)
 
     async def asset_upstreams(self, asset_id: str, workspace_id: int) -> list[str]:
+        if not _storable(asset_id):
+            return []
         rows = await self._pool.fetch(
             "SELECT upstream FROM assets WHERE id = $1 AND workspace_id = $2 ORDER BY upstream", asset_id, workspace_id
         )
