@@ -14,7 +14,7 @@ the database. A miss (another worker made it, this one restarted, or the
 map let it go: it keeps the latest ``MAX_ENTRIES``) reads the usage table
 by its partial index; the maker's writer commits rows every
 ``usage.flush_interval_ms``, so an id not there yet is looked for once
-more after two flush intervals (at most a second) before it is called
+more after two flush intervals and a commit (at most a second) before it is called
 unknown. Another workspace's id is unknown too: it is never routed, so a
 key cannot reach a conversation of another tenant that shares the
 upstream account.

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-import pytest
 
 from .conftest import Gateway, GatewayFactory, UpstreamFactory, config_toml, upstream_toml
 
@@ -102,7 +101,6 @@ async def test_objects_by_id_are_routed_and_owned(
     assert gets and all(r["model"] == "split" and r["input_tokens"] == 0 and r["cost"] == 0 for r in gets)
 
 
-@pytest.mark.pg_pending("previous_response_not_found on PostgreSQL, not investigated yet")
 async def test_affinity_across_processes_through_the_table(
     make_gateway: GatewayFactory, make_upstream: UpstreamFactory, http: aiohttp.ClientSession
 ) -> None:
