@@ -88,12 +88,18 @@ class PgBridge:
     """An event loop in a thread of its own, so that tests can use
     PostgreSQL synchronously (like sqlite3) from inside the test's loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, template: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pg-bridge", daemon=True)
         self.thread.start()
-        # Tests' databases are dropped by a thread of their own: a DROP can
-        # take seconds on a busy server, and no test waits for it.
+        # Copies of the template are made ahead and dropped after by threads
+        # of their own: either can take a second on a busy server, and no
+        # test need wait for it.
+        self.template = template
+        self.closing = threading.Event()
+        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=2)
+        self.maker = threading.Thread(target=self._make, name="pg-maker", daemon=True)
+        self.maker.start()
         self.doomed: queue.Queue[str | None] = queue.Queue()
         self.dropper = threading.Thread(target=self._drop, name="pg-dropper", daemon=True)
         self.dropper.start()
@@ -101,12 +107,43 @@ class PgBridge:
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
+    def _make(self) -> None:
+        while not self.closing.is_set():
+            name = "gwtest_" + uuid.uuid4().hex[:12]
+            made: str | BaseException = name
+            try:
+                services._pg_admin(f"CREATE DATABASE {name} TEMPLATE {self.template}")
+            except BaseException as e:
+                made = e
+            while not self.closing.is_set():
+                try:
+                    self.ready.put(made, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                if isinstance(made, str):
+                    self.doomed.put(made)
+
+    def database(self) -> str:
+        """A fresh copy of the template (its name)."""
+        made = self.ready.get(timeout=120)
+        if isinstance(made, BaseException):
+            raise made
+        return made
+
     def _drop(self) -> None:
         while (name := self.doomed.get()) is not None:
             with contextlib.suppress(Exception):
                 services._pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def close(self) -> None:
+        self.closing.set()
+        self.maker.join()
+        while not self.ready.empty():
+            made = self.ready.get()
+            if isinstance(made, str):
+                self.doomed.put(made)
         self.doomed.put(None)
         self.dropper.join()
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -206,14 +243,11 @@ class PgDatabases:
     the file), each a copy of the session's migrated template."""
 
     bridge: PgBridge
-    template: str
     by_path: dict[Path, str] = field(default_factory=dict)
 
     def url_for(self, path: Path) -> str:
         if path not in self.by_path:
-            name = "gwtest_" + uuid.uuid4().hex[:12]
-            services._pg_admin(f"CREATE DATABASE {name} TEMPLATE {self.template}")
-            self.by_path[path] = services.pg_url(name)
+            self.by_path[path] = services.pg_url(self.bridge.database())
         return self.by_path[path]
 
     def drop(self) -> None:
@@ -268,7 +302,7 @@ def pg_bridge(pg_template: str | None) -> Iterator[PgBridge | None]:
     if pg_template is None:
         yield None
         return
-    bridge = PgBridge()
+    bridge = PgBridge(pg_template)
     yield bridge
     bridge.close()
 
@@ -329,16 +363,7 @@ class Gateway:
     def create_key(self, workspace: str = "acme", *, conn: Any = None, **kw: Any) -> str:
         """A new key (plaintext) in ``workspace``, created if missing.
         Keyword arguments: name, group, models, and KeyLimits fields."""
-        conn = conn or self.conn
-        if isinstance(conn, PgConn):
-            return str(conn.bridge.run(_pg_create_key(conn.store, workspace, kw)))
-        try:
-            ws = queries.find_workspace(conn, workspace)
-        except queries.NotFoundError:
-            ws = queries.create_workspace(conn, workspace)
-        limit_fields = {k: kw.pop(k) for k in list(kw) if k in queries.KeyLimits.__slots__}
-        _, plaintext = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
-        return plaintext
+        return create_key(conn or self.conn, workspace, **kw)
 
     async def add_user(self, email: str, password: str | None = PASSWORD, *, admin: bool = False,
                        name: str = "", **roles: str) -> int:
@@ -400,6 +425,17 @@ class Gateway:
         sql = "SELECT * FROM usage_events WHERE request_id != 'keycheck' ORDER BY id"
         return [dict(r) for r in self.conn.execute(sql)]
 
+    def db_bytes(self) -> int:
+        """The size of the gateway's tables and indexes: SQLite's pages (WAL
+        checkpointed first), or PostgreSQL's relations."""
+        if self.postgres:
+            sql = ("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                   "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
+            return int(self.conn.execute(sql).fetchone()[0])
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages * self.conn.execute("PRAGMA page_size").fetchone()[0])
+
     async def wait_usage(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """The usage rows once at least ``n`` are written."""
         deadline = time.monotonic() + timeout
@@ -422,6 +458,28 @@ class Gateway:
             toml = with_database_url(toml, self.config.database.url)
         self.config.source.write_text(toml)
         return await reload_config(self.running.runner.app)
+
+
+def create_key(conn: Any, workspace: str = "acme", **kw: Any) -> str:
+    """A new key (plaintext) in ``workspace`` (created if missing) on a
+    sqlite3 connection or a PgConn; see Gateway.create_key."""
+    if isinstance(conn, PgConn):
+        return str(conn.bridge.run(_pg_create_key(conn.store, workspace, kw)))
+    try:
+        ws = queries.find_workspace(conn, workspace)
+    except queries.NotFoundError:
+        ws = queries.create_workspace(conn, workspace)
+    limit_fields = {k: kw.pop(k) for k in list(kw) if k in queries.KeyLimits.__slots__}
+    _, plaintext = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limit_fields), **kw)
+    return plaintext
+
+
+def revoke_key(conn: Any, key_id: int) -> None:
+    """Revoke a key on a sqlite3 connection or a PgConn."""
+    if isinstance(conn, PgConn):
+        conn.bridge.run(conn.store.revoke_key(key_id))
+    else:
+        queries.revoke_key(conn, key_id)
 
 
 async def _pg_create_key(store: Any, workspace: str, kw: dict[str, Any]) -> str:
@@ -567,14 +625,51 @@ def pg_databases(pg_template: str | None, pg_bridge: PgBridge | None) -> Iterato
     if pg_template is None or pg_bridge is None:
         yield None
         return
-    dbs = PgDatabases(pg_bridge, pg_template)
+    dbs = PgDatabases(pg_bridge)
     yield dbs
     dbs.drop()
 
 
+@dataclass
+class ConfigFiles:
+    """Config files in tmp_path for gateways a test starts itself (a
+    subprocess, the CLI): under --db=postgres each names its test's
+    PostgreSQL database for its ``[database] path``, as make_gateway's do."""
+
+    directory: Path
+    databases: PgDatabases | None
+
+    def write(self, toml: str, name: str = "gateway.toml") -> Path:
+        path = self.directory / name
+        path.write_text(toml)
+        if self.databases is not None:
+            cfg = load_config(path)
+            if cfg.database.url is None:
+                path.write_text(with_database_url(toml, self.databases.url_for(cfg.database.path)))
+        return path
+
+    def key(self, path: Path, workspace: str = "acme", **kw: Any) -> str:
+        """A new key in the database of the config at ``path`` (no gateway needed)."""
+        cfg = load_config(path)
+        if cfg.database.url is None:
+            conn = connect(cfg.database.path)
+        else:
+            assert self.databases is not None
+            conn = PgConn(self.databases.bridge, cfg.database.url)
+        try:
+            return create_key(conn, workspace, **kw)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def config_files(tmp_path: Path, pg_databases: PgDatabases | None) -> ConfigFiles:
+    return ConfigFiles(tmp_path, pg_databases)
+
+
 @pytest.fixture
 async def make_gateway(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_databases: PgDatabases | None
+    config_files: ConfigFiles, monkeypatch: pytest.MonkeyPatch, pg_databases: PgDatabases | None
 ) -> AsyncIterator[GatewayFactory]:
     """Start gateways from TOML text; all are stopped at the end of the test.
     Under --db=postgres each runs on a fresh PostgreSQL database (one per
@@ -585,12 +680,7 @@ async def make_gateway(
     monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
 
     async def make(toml: str, name: str = "gateway.toml", *, clock: Callable[[], float] | None = None) -> Gateway:
-        path = tmp_path / name
-        path.write_text(toml)
-        cfg = load_config(path)
-        if pg_databases is not None and cfg.database.url is None:
-            path.write_text(with_database_url(toml, pg_databases.url_for(cfg.database.path)))
-            cfg = load_config(path)
+        cfg = load_config(config_files.write(toml, name))
         running = await start_gateway(cfg, clock=clock)
         gw = Gateway(running, cfg, cfg.database.path, bridge=None if pg_databases is None else pg_databases.bridge)
         started.append(gw)

@@ -94,7 +94,7 @@ async def test_started_while_the_database_is_locked_is_recorded_polled_and_bille
     assert len(billing_rows(gw)) == 1
 
 
-@pytest.mark.pg_pending("holds SQLite's write lock to make the store unavailable")
+@pytest.mark.sqlite_only("another process holds SQLite's write lock (no such file lock on PostgreSQL)")
 async def test_locked_before_the_upstream_call_nothing_is_started(
     make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:

@@ -17,13 +17,11 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.config import load_config
 from gateway.mock.ark import ARK, ArkState
 from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
 from gateway.store import queries
-from gateway.store.schema import connect
 
-from .conftest import UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import UPSTREAM_KEY, ConfigFiles, Gateway, GatewayFactory, Upstream, config_toml
 
 TASKS = "/v1/video/tasks"
 BILLING = "video.task.billing"
@@ -438,15 +436,13 @@ price = {{ video = 20.0 }}
     assert status == 404
 
 
-@pytest.mark.pg_pending("no billing row on PostgreSQL, not investigated yet")
 async def test_killed_mid_cycle_loses_no_task_and_bills_once(
-    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, tmp_path: Path
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, config_files: ConfigFiles
 ) -> None:
     """A gateway process SIGKILLed while its poller has a poll in flight;
     a new gateway on the same database finishes and bills the task once."""
     toml = tasks_toml(upstream)
-    path = tmp_path / "gateway.toml"
-    path.write_text(toml)
+    path = config_files.write(toml)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -464,9 +460,7 @@ async def test_killed_mid_cycle_loses_no_task_and_bills_once(
                     if r.status == 200:
                         break
             await asyncio.sleep(0.05)
-        conn = connect(load_config(path).database.path)
-        _, key = queries.create_key(conn, queries.create_workspace(conn, "acme")["id"])
-        conn.close()
+        key = config_files.key(path)
         body = {"model": "seedance", "prompt": "p",
                 "provider_options": {"mock": {"queued_polls": 2, "running_polls": 2, "get_delay_ms": 300}}}
         for _ in range(100):
