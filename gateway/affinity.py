@@ -13,16 +13,18 @@ Read: the map first, so a conversation served by one worker never awaits
 the database. A miss (another worker made it, this one restarted, or the
 map let it go: it keeps the latest ``MAX_ENTRIES``) reads the usage table
 by its partial index; the maker's writer commits rows every
-``usage.flush_interval_ms``, so an id not there yet is looked for once
-more after two flush intervals and a commit (at most a second) before it is called
-unknown. Another workspace's id is unknown too: it is never routed, so a
-key cannot reach a conversation of another tenant that shares the
-upstream account.
+``usage.flush_interval_ms``, so an id not there yet is looked for again
+every two flush intervals until two flush intervals and half a second
+have passed (at most a second: the maker's batch must also commit, tens of
+ms on a busy PostgreSQL) before it is called unknown. Another workspace's
+id is unknown too: it is never routed, so a key cannot reach a
+conversation of another tenant that shares the upstream account.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -43,10 +45,11 @@ class Origin:
 class ResponseOrigins:
     """The in-memory map in front of the usage table (see the module docstring)."""
 
-    def __init__(self, settle_s: float, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, settle_s: float, max_entries: int = MAX_ENTRIES, retry_s: float | None = None) -> None:
         self._map: OrderedDict[str, Origin] = OrderedDict()
         self._max = max_entries
         self.settle_s = settle_s  # how long a just-made id may take to reach the table
+        self.retry_s = settle_s if retry_s is None else retry_s  # how often it is looked for meanwhile
         self.store: Store | None = None  # set once the database is open
 
     def __len__(self) -> int:
@@ -64,8 +67,9 @@ class ResponseOrigins:
         origin = self._map.get(response_id)
         if origin is None:
             origin = await self._load(response_id)
-            if origin is None and self.settle_s > 0:
-                await asyncio.sleep(self.settle_s)
+            deadline = time.monotonic() + self.settle_s
+            while origin is None and (left := deadline - time.monotonic()) > 0:
+                await asyncio.sleep(min(self.retry_s, left))
                 origin = await self._load(response_id)
             if origin is None:
                 return None

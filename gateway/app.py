@@ -41,8 +41,8 @@ from .stored import handle_stored
 from .tasks import handlers as tasks
 from .upstream import UpstreamClient
 
-# What a usage batch's commit may take beyond the flush interval (affinity).
-SETTLE_COMMIT_S = 0.15
+# How long a usage batch's commit may take beyond the flush interval (affinity).
+SETTLE_COMMIT_S = 0.5
 
 log = logging.getLogger("gateway")
 
@@ -289,9 +289,10 @@ def create_app(
     )
     limits = make_limiter(cfg, metrics, clock)
     # A response id a worker just made reaches the table with the maker's
-    # next usage batch: look for it once more after two flush intervals and
-    # the batch's commit (tens of ms on a busy PostgreSQL).
-    origins = ResponseOrigins(settle_s=min(1.0, 2 * cfg.usage.flush_interval_ms / 1000 + SETTLE_COMMIT_S))
+    # next usage batch and its commit (tens of ms on a busy PostgreSQL): look
+    # for it again every two flush intervals, for up to two more and 0.5 s.
+    flush_s = cfg.usage.flush_interval_ms / 1000
+    origins = ResponseOrigins(settle_s=min(1.0, 2 * flush_s + SETTLE_COMMIT_S), retry_s=max(0.02, 2 * flush_s))
     gw = Gateway(
         config=cfg, router=Router(cfg, health), metrics=metrics, limits=limits, clock=clock,
         keys=KeyCache(cfg, on_lookup=lambda result: metrics.key_lookups.labels(result).inc()),
