@@ -194,12 +194,19 @@ class PgConn:
     ``store`` is a PgStore on the same database (on the bridge's loop)."""
 
     def __init__(self, bridge: PgBridge, url: str) -> None:
-        from gateway.config import DatabaseConfig
-        from gateway.store.base import open_store
+        import asyncpg
+
+        from gateway.store.postgres.store import PgStore
 
         self.bridge = bridge
         self.url = url
-        self.store: Any = bridge.run(open_store(DatabaseConfig(Path("unused.db"), url, 2)))
+        # Not PgStore.open: its migration and partition DDL could wait on a
+        # transaction of the gateway, which cannot go on while this thread
+        # blocks the test's (and so the gateway's) event loop.
+        async def pool() -> asyncpg.Pool:
+            return await asyncpg.create_pool(url, min_size=1, max_size=2, timeout=10)
+
+        self.store: Any = PgStore(url, bridge.run(pool()))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
         import asyncpg
@@ -619,6 +626,20 @@ async def make_upstream() -> AsyncIterator[UpstreamFactory]:
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
+# The running test's databases under --db=postgres (one test at a time).
+_current: list[PgDatabases] = []
+
+
+def db_conn(db_path: Path) -> Any:
+    """A connection to the database of ``[database] path = db_path``: the
+    SQLite file, or under --db=postgres a PgConn on the running test's
+    PostgreSQL database for that path (close it after)."""
+    if not _current:
+        return connect(db_path)
+    dbs = _current[0]
+    return PgConn(dbs.bridge, dbs.url_for(db_path))
+
+
 @pytest.fixture
 def pg_databases(pg_template: str | None, pg_bridge: PgBridge | None) -> Iterator[PgDatabases | None]:
     """Under --db=postgres, the test's databases (made on first use)."""
@@ -626,8 +647,12 @@ def pg_databases(pg_template: str | None, pg_bridge: PgBridge | None) -> Iterato
         yield None
         return
     dbs = PgDatabases(pg_bridge)
-    yield dbs
-    dbs.drop()
+    _current[:] = [dbs]
+    try:
+        yield dbs
+    finally:
+        _current.clear()
+        dbs.drop()
 
 
 @dataclass
@@ -648,14 +673,23 @@ class ConfigFiles:
                 path.write_text(with_database_url(toml, self.databases.url_for(cfg.database.path)))
         return path
 
-    def key(self, path: Path, workspace: str = "acme", **kw: Any) -> str:
-        """A new key in the database of the config at ``path`` (no gateway needed)."""
+    def conn(self, path: Path) -> Any:
+        """A connection to the database of the config at ``path``: sqlite3,
+        or a PgConn taking the same calls; close it after."""
         cfg = load_config(path)
         if cfg.database.url is None:
-            conn = connect(cfg.database.path)
-        else:
-            assert self.databases is not None
-            conn = PgConn(self.databases.bridge, cfg.database.url)
+            return connect(cfg.database.path)
+        assert self.databases is not None
+        return PgConn(self.databases.bridge, cfg.database.url)
+
+    def conn_for(self, db_path: Path) -> Any:
+        """A connection to the database that configs naming ``[database]
+        path = db_path`` use (the file itself without --db=postgres)."""
+        return db_conn(db_path)
+
+    def key(self, path: Path, workspace: str = "acme", **kw: Any) -> str:
+        """A new key in the database of the config at ``path`` (no gateway needed)."""
+        conn = self.conn(path)
         try:
             return create_key(conn, workspace, **kw)
         finally:
@@ -663,21 +697,22 @@ class ConfigFiles:
 
 
 @pytest.fixture
-def config_files(tmp_path: Path, pg_databases: PgDatabases | None) -> ConfigFiles:
+def config_files(tmp_path: Path, pg_databases: PgDatabases | None, monkeypatch: pytest.MonkeyPatch) -> ConfigFiles:
+    """Configs in tmp_path (see ConfigFiles), and the mock upstreams' credentials in the environment."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
+    monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
     return ConfigFiles(tmp_path, pg_databases)
 
 
 @pytest.fixture
 async def make_gateway(
-    config_files: ConfigFiles, monkeypatch: pytest.MonkeyPatch, pg_databases: PgDatabases | None
+    config_files: ConfigFiles, pg_databases: PgDatabases | None
 ) -> AsyncIterator[GatewayFactory]:
     """Start gateways from TOML text; all are stopped at the end of the test.
     Under --db=postgres each runs on a fresh PostgreSQL database (one per
     ``[database] path``), unless the TOML sets a url itself."""
     started: list[Gateway] = []
-    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
-    monkeypatch.setenv("MOCK_VOLC_AK", MOCK_ACCESS_KEY)
-    monkeypatch.setenv("MOCK_VOLC_SK", MOCK_SECRET_KEY)
 
     async def make(toml: str, name: str = "gateway.toml", *, clock: Callable[[], float] | None = None) -> Gateway:
         cfg = load_config(config_files.write(toml, name))

@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import UPSTREAM_KEY, Upstream, config_toml
+from .conftest import UPSTREAM_KEY, ConfigFiles, Upstream, config_toml
 
 ENV = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY}
 
@@ -32,14 +31,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp_path: Path, upstream: Upstream, port: int = 0) -> Path:
+def write_config(tmp_path: Path, upstream: Upstream, port: int = 0, files: ConfigFiles | None = None) -> Path:
+    """gateway.toml in ``tmp_path``; with ``files``, on the test's PostgreSQL
+    database under --db=postgres."""
+    toml = config_toml(upstream.base_url).replace("port = 0", f"port = {port}")
+    if files is not None:
+        return files.write(toml)
     path = tmp_path / "gateway.toml"
-    path.write_text(config_toml(upstream.base_url).replace("port = 0", f"port = {port}"))
+    path.write_text(toml)
     return path
 
 
-def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream) -> None:
-    cfg = str(write_config(tmp_path, upstream))
+def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream, config_files: ConfigFiles) -> None:
+    cfg = str(write_config(tmp_path, upstream, files=config_files))
     out = gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path).stdout
     assert "acme" in out
     dup = gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path, check=False)
@@ -52,7 +56,7 @@ def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream) -> N
     key = created.strip().splitlines()[-1]
     assert key.startswith("gw-") and len(key) >= 40 and " " not in key
     # Only the hash is stored.
-    conn = sqlite3.connect(tmp_path / "gateway.db")
+    conn = config_files.conn(Path(cfg))
     stored = conn.execute("SELECT key_hash, prefix, rpm, allowed_models FROM api_keys").fetchone()
     assert key not in stored[0] and stored[1] == key[:10] and stored[2] == 60
     assert stored[3] == '["gpt-*","renamed"]'
@@ -66,9 +70,10 @@ def test_workspaces_keys_usage_commands(tmp_path: Path, upstream: Upstream) -> N
 
     assert "(none)" in gw("usage", "--config", cfg, cwd=tmp_path).stdout
     conn.execute("INSERT INTO usage_events (ts, request_id, workspace_id, key_id, endpoint, model, status, "
-                 "input_tokens, output_tokens, cost, latency_ms) VALUES (strftime('%s','now'), 'r1', 1, 1, "
-                 "'/v1/chat/completions', 'gpt-test', 200, 11, 22, 0.5, 3.0)")
+                 "input_tokens, output_tokens, cost, latency_ms) VALUES (?, 'r1', 1, 1, "
+                 "'/v1/chat/completions', 'gpt-test', 200, 11, 22, 0.5, 3.0)", (time.time(),))
     conn.commit()
+    conn.close()
     lines = gw("usage", "--by", "model", "--since", "24h", "--config", cfg, cwd=tmp_path).stdout.splitlines()
     assert lines[0].split()[:5] == ["model", "requests", "errors", "input_tokens", "output_tokens"]
     assert lines[1].split()[:5] == ["gpt-test", "1", "0", "11", "22"]
@@ -115,10 +120,11 @@ async def wait_http(url: str, timeout: float = 15.0) -> None:
     raise AssertionError(f"{url} never came up")
 
 
-def serve_with_key(tmp_path: Path, upstream: Upstream) -> tuple[int, str, str, subprocess.Popen[bytes]]:
+def serve_with_key(tmp_path: Path, upstream: Upstream,
+                   files: ConfigFiles) -> tuple[int, str, str, subprocess.Popen[bytes]]:
     """A `gateway serve` subprocess on a free port and a key made by the CLI."""
     port = free_port()
-    cfg = str(write_config(tmp_path, upstream, port))
+    cfg = str(write_config(tmp_path, upstream, port, files))
     gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
     key = gw("keys", "create", "--workspace", "acme", "--config", cfg, cwd=tmp_path).stdout.strip().splitlines()[-1]
     server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", cfg], cwd=tmp_path, env=ENV,
@@ -126,8 +132,10 @@ def serve_with_key(tmp_path: Path, upstream: Upstream) -> tuple[int, str, str, s
     return port, cfg, key, server
 
 
-async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstream: Upstream) -> None:
-    port, cfg, key, server = serve_with_key(tmp_path, upstream)
+async def test_revocation_from_cli_takes_effect_within_2s(
+    tmp_path: Path, upstream: Upstream, config_files: ConfigFiles
+) -> None:
+    port, cfg, key, server = serve_with_key(tmp_path, upstream, config_files)
     try:
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/readyz")
@@ -148,8 +156,10 @@ async def test_revocation_from_cli_takes_effect_within_2s(tmp_path: Path, upstre
         assert server.wait(30) == 0
 
 
-async def test_sigterm_under_load_loses_no_usage_row(tmp_path: Path, upstream: Upstream) -> None:
-    port, _, key, server = serve_with_key(tmp_path, upstream)
+async def test_sigterm_under_load_loses_no_usage_row(
+    tmp_path: Path, upstream: Upstream, config_files: ConfigFiles
+) -> None:
+    port, cfg, key, server = serve_with_key(tmp_path, upstream, config_files)
     base = f"http://127.0.0.1:{port}"
     await wait_http(base + "/readyz")
     headers = {"Authorization": f"Bearer {key}"}
@@ -175,8 +185,9 @@ async def test_sigterm_under_load_loses_no_usage_row(tmp_path: Path, upstream: U
     # reached the gateway (connection refused) and so have no row.
     assert all(isinstance(e, aiohttp.ClientConnectionError) for e in errors), errors
     assert all(code == 200 for code in done)
-    conn = sqlite3.connect(tmp_path / "gateway.db")
+    conn = config_files.conn(Path(cfg))
     rows = conn.execute("SELECT status, stream, output_tokens FROM usage_events").fetchall()
+    conn.close()
     assert len(rows) == len(done), "every answered request has exactly one row, written before exit"
     streamed = [r for r in rows if r[1] == 1]
     assert streamed and all(r[2] == 10 for r in streamed), "open streams finished and were recorded in full"
@@ -206,21 +217,24 @@ def test_help(tmp_path: Path, args: list[str]) -> None:
     assert "usage" in gw(*args, cwd=tmp_path).stdout
 
 
-def test_usage_shows_names_dollars_and_video_tokens(tmp_path: Path, upstream: Upstream) -> None:
+def test_usage_shows_names_dollars_and_video_tokens(
+    tmp_path: Path, upstream: Upstream, config_files: ConfigFiles
+) -> None:
     """Before the fix: ids instead of names, 5.1e-05 for a cost, a blank
     label for rows without a model, and no video tokens."""
-    cfg = str(write_config(tmp_path, upstream))
+    cfg = str(write_config(tmp_path, upstream, files=config_files))
     gw("workspaces", "create", "acme", "--config", cfg, cwd=tmp_path)
     key = gw("keys", "create", "--workspace", "acme", "--name", "ci", "--config", cfg,
              cwd=tmp_path).stdout.strip().splitlines()[-1]
-    conn = sqlite3.connect(tmp_path / "gateway.db")
+    conn = config_files.conn(Path(cfg))
     insert = ("INSERT INTO usage_events (ts, request_id, workspace_id, key_id, endpoint, model, status, input_tokens, "
-              "output_tokens, video_tokens, cost, latency_ms) VALUES (strftime('%s','now'), ?, ?, ?, ?, ?, ?, ?, ?, "
-              "?, ?, 1.0)")
-    conn.execute(insert, ("r1", 1, 1, "/v1/chat/completions", "gpt-test", 200, 17, 17, 0, 0.000051))
-    conn.execute(insert, ("r2", 1, 1, "/v1/video/tasks", "seedance", 200, 0, 0, 108900, 0.7623))
-    conn.execute(insert, ("r3", None, None, "/v1/chat/completions", None, 401, 0, 0, 0, 0.0))
+              "output_tokens, video_tokens, cost, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1.0)")
+    now = time.time()
+    conn.execute(insert, (now, "r1", 1, 1, "/v1/chat/completions", "gpt-test", 200, 17, 17, 0, 0.000051))
+    conn.execute(insert, (now, "r2", 1, 1, "/v1/video/tasks", "seedance", 200, 0, 0, 108900, 0.7623))
+    conn.execute(insert, (now, "r3", None, None, "/v1/chat/completions", None, 401, 0, 0, 0, 0.0))
     conn.commit()
+    conn.close()
 
     def table(by: str) -> dict[str, list[str]]:
         lines = gw("usage", "--by", by, "--config", cfg, cwd=tmp_path).stdout.splitlines()

@@ -21,12 +21,11 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.store import queries
 from gateway.store.retention import delete_older_than
 from gateway.store.rows import INSERT
 from gateway.store.schema import connect
 
-from .conftest import UPSTREAM_KEY, Upstream, config_toml
+from .conftest import UPSTREAM_KEY, ConfigFiles, Upstream, config_toml, create_key, db_conn
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -70,8 +69,8 @@ class Served:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def rows(self) -> list[sqlite3.Row]:
-        conn = connect(self.db)
+    def rows(self) -> list[Any]:
+        conn = db_conn(self.db)
         try:
             return list(conn.execute("SELECT * FROM usage_events WHERE request_id != 'keycheck'"))
         finally:
@@ -79,20 +78,21 @@ class Served:
 
 
 def make_key(db: Path) -> str:
-    conn = connect(db)
-    ws = queries.create_workspace(conn, "prod")
-    _, key = queries.create_key(conn, ws["id"], name="prod")
-    conn.close()
-    return key
+    """A key of workspace "prod" in the database of ``[database] path = db``
+    (the running test's PostgreSQL database for it under --db=postgres)."""
+    conn = db_conn(db)
+    try:
+        return create_key(conn, "prod", name="prod")
+    finally:
+        conn.close()
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
+def serve(tmp_path: Path, config_files: ConfigFiles) -> Iterator[Any]:
     started: list[Served] = []
 
     def start(toml: str) -> Served:
-        cfg = tmp_path / "gateway.toml"
-        cfg.write_text(toml)
+        cfg = config_files.write(toml)
         log = tmp_path / "gateway.log"
         env = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY}
         with log.open("wb") as f:
@@ -338,6 +338,7 @@ async def test_rolling_restart_loses_nothing(serve: Any, upstream: Upstream, tmp
     assert sorted(ids) == sorted(ok)
 
 
+@pytest.mark.sqlite_only("SQLite's retention deletes rows in batches (PostgreSQL drops partitions: test_store)")
 def test_retention_deletes_old_rows_in_batches(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
     conn = connect(db)
@@ -393,6 +394,7 @@ def _write_usage(db: str, worker: int, per_s: int, seconds: float) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.sqlite_only("four processes' writers on one SQLite file (PostgreSQL: the multinode group)")
 def test_four_processes_write_one_database(tmp_path: Path) -> None:
     """4 processes, each with its own UsageWriter (one sqlite3 connection,
     batched transactions, WAL, busy_timeout), 5,000 events/s in total for
@@ -480,12 +482,14 @@ def test_production_keys_are_validated_and_documented() -> None:
         assert k in example and k in doc, k
 
 
-async def test_revoked_key_refused_by_every_worker(serve: Any, upstream: Upstream, tmp_path: Path) -> None:
+async def test_revoked_key_refused_by_every_worker(
+    serve: Any, upstream: Upstream, tmp_path: Path
+) -> None:
     """`gateway keys revoke` from the CLI: within key_refresh_ms (100 ms
     here) every worker refuses the key."""
     key = make_key(tmp_path / "gateway.db")
     s = serve(prod_toml(upstream, "workers = 2\nlog_requests = true\n"))
-    conn = connect(s.db)
+    conn = db_conn(s.db)
     key_id = conn.execute("SELECT id FROM api_keys").fetchone()[0]
     conn.close()
     pinned = await pinned_sessions(s, key)  # one connection on each worker
@@ -511,14 +515,14 @@ async def test_spend_quota_is_shared_by_workers(serve: Any, upstream: Upstream, 
     adds the other's recorded spend (every key_refresh_ms, 100 ms here), so
     the key stops near its limit instead of at up to twice it."""
     s = serve(prod_toml(upstream, "workers = 2\nlog_requests = true\n"))
-    probe = await asyncio.to_thread(_create_key, s.db, {})
+    probe = await asyncio.to_thread(_create_key, s, {})
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         await _wait_live(http, s.url, probe)
         assert await chat(http, s.url, probe, "probe") == 200
         await asyncio.sleep(0.3)
         cost = next(r["cost"] for r in s.rows() if r["request_id"] == "probe")
         assert cost > 0
-        key = await asyncio.to_thread(_create_key, s.db, {"spend_limit": cost * 10.5})
+        key = await asyncio.to_thread(_create_key, s, {"spend_limit": cost * 10.5})
         await _wait_live(http, s.url, key)
     pinned = await pinned_sessions(s, key)
     statuses = []
@@ -537,15 +541,10 @@ async def test_spend_quota_is_shared_by_workers(serve: Any, upstream: Upstream, 
     assert s.stop() == 0
 
 
-def _create_key(db: Path, limits: dict[str, Any]) -> str:
-    conn = connect(db)
+def _create_key(s: Served, limits: dict[str, Any]) -> str:
+    conn = db_conn(s.db)
     try:
-        try:
-            ws = queries.find_workspace(conn, "quota")
-        except queries.NotFoundError:
-            ws = queries.create_workspace(conn, "quota")
-        _, key = queries.create_key(conn, ws["id"], limits=queries.KeyLimits(**limits))
-        return key
+        return create_key(conn, "quota", **limits)
     finally:
         conn.close()
 
@@ -583,6 +582,7 @@ async def _wait_live(http: aiohttp.ClientSession, url: str, key: str) -> None:
     assert good >= 10
 
 
+@pytest.mark.admin_pg_pending
 async def test_admin_reload_reaches_every_worker_and_replacements(
     serve: Any, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,8 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError
-from gateway.store import queries
-from gateway.store.schema import connect
 
-from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, GatewayFactory, Upstream, UpstreamFactory, config_toml
+from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, ConfigFiles, GatewayFactory, Upstream, UpstreamFactory, config_toml
 from .test_production import make_key, prod_toml, serve  # noqa: F401 (serve: a fixture)
 
 CHAT = "/v1/chat/completions"
@@ -126,10 +125,11 @@ api_key_env = "MOCK_UPSTREAM_KEY"
         "gateway_circuit_state", 1)[1].split("# HELP", 1)[0]
 
 
-async def test_sighup_reloads_a_running_server(tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+async def test_sighup_reloads_a_running_server(
+    tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession, config_files: ConfigFiles
+) -> None:
     toml = config_toml(upstream.base_url)
-    path = tmp_path / "gateway.toml"
-    path.write_text(toml)
+    path = config_files.write(toml)
     env = {**os.environ, "MOCK_UPSTREAM_KEY": UPSTREAM_KEY}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(path),
@@ -150,10 +150,7 @@ async def test_sighup_reloads_a_running_server(tmp_path: Path, upstream: Upstrea
     try:
         line = await wait_log("gateway listening on")
         url = "http://" + line.split("listening on ")[1].split(";")[0]
-        conn = connect(tmp_path / "gateway.db")
-        ws = queries.create_workspace(conn, "w")
-        _, key = queries.create_key(conn, ws["id"])
-        conn.close()
+        key = config_files.key(path, "w")
 
         async def models() -> set[str]:
             async with http.get(url + "/v1/models", headers=auth(key)) as r:
@@ -230,8 +227,10 @@ async def test_sighup_with_an_emptied_file_keeps_every_worker_serving(
     path.write_text(emptied(path.read_text())[0])
     s.proc.send_signal(signal.SIGHUP)
     s.wait_line(lambda x: "config reload refused by the supervisor" in x.get("msg", ""))
-    for _ in range(2):
-        s.wait_line(lambda x: x.get("msg", "").startswith("config reload refused, keeping"))
+    deadline = time.monotonic() + 15  # each worker's own line (wait_line finds the first one only)
+    while sum(x.get("msg", "").startswith("config reload refused, keeping") for x in s.lines()) < 2:
+        assert time.monotonic() < deadline, "a worker did not refuse the reload"
+        await asyncio.sleep(0.05)
     for _ in range(8):  # fresh connections: both workers answer
         async with aiohttp.ClientSession() as fresh, fresh.post(s.url + CHAT, json=body, headers=auth(key)) as r:
             assert r.status == 200
