@@ -97,6 +97,10 @@ class PgBridge:
         # test need wait for it.
         self.template = template
         self.closing = threading.Event()
+        # Set while a test that may use PostgreSQL runs: the threads work only
+        # then, so that a test without a database (a tracemalloc bound, a
+        # timing) never shares the process with them.
+        self.active = threading.Event()
         self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=2)
         self.maker = threading.Thread(target=self._make, name="pg-maker", daemon=True)
         self.maker.start()
@@ -107,8 +111,14 @@ class PgBridge:
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
+    def _idle(self) -> bool:
+        """Wait a little for a test that may use PostgreSQL; True while there is none."""
+        return not self.active.wait(0.2) and not self.closing.is_set()
+
     def _make(self) -> None:
         while not self.closing.is_set():
+            if self._idle():
+                continue
             name = "gwtest_" + uuid.uuid4().hex[:12]
             made: str | BaseException = name
             try:
@@ -134,6 +144,8 @@ class PgBridge:
 
     def _drop(self) -> None:
         while (name := self.doomed.get()) is not None:
+            while self._idle():
+                pass
             with contextlib.suppress(Exception):
                 services._pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -648,9 +660,11 @@ def pg_databases(pg_template: str | None, pg_bridge: PgBridge | None) -> Iterato
         return
     dbs = PgDatabases(pg_bridge)
     _current[:] = [dbs]
+    pg_bridge.active.set()
     try:
         yield dbs
     finally:
+        pg_bridge.active.clear()
         _current.clear()
         dbs.drop()
 
