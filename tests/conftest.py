@@ -11,8 +11,8 @@ tests/services.py; a copy of one migrated template per SQLite path a test
 names, dropped after). ``Gateway.conn`` then speaks PostgreSQL behind
 sqlite3's ``execute``. Markers (pyproject.toml), each skipped on PostgreSQL
 with its reason: ``sqlite_only`` for tests about SQLite itself,
-``admin_pg_pending`` for the admin API and console (not yet on PostgreSQL),
-``pg_pending`` for a failure on PostgreSQL not fixed yet.
+``pg_pending`` for a failure on PostgreSQL not fixed yet,
+``admin_pg_pending`` (none left: the admin API and console were ported).
 """
 
 from __future__ import annotations

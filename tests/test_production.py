@@ -582,7 +582,6 @@ async def _wait_live(http: aiohttp.ClientSession, url: str, key: str) -> None:
     assert good >= 10
 
 
-@pytest.mark.admin_pg_pending
 async def test_admin_reload_reaches_every_worker_and_replacements(
     serve: Any, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -627,7 +626,7 @@ async def test_admin_reload_reaches_every_worker_and_replacements(
         async with http.post(s.url + "/admin/api/reload?force=true", headers=admin) as r:
             assert r.status == 200, await r.text()
         await settled(http, lambda m: m == set())
-    conn = connect(tmp_path / "gateway.db")
+    conn = db_conn(tmp_path / "gateway.db")
     try:
         reloads = conn.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'config.reload'").fetchone()[0]
     finally:
