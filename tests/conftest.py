@@ -11,8 +11,7 @@ tests/services.py; a copy of one migrated template per SQLite path a test
 names, dropped after). ``Gateway.conn`` then speaks PostgreSQL behind
 sqlite3's ``execute``. Markers (pyproject.toml), each skipped on PostgreSQL
 with its reason: ``sqlite_only`` for tests about SQLite itself,
-``pg_pending`` for a failure on PostgreSQL not fixed yet,
-``admin_pg_pending`` (none left: the admin API and console were ported).
+``pg_pending`` for a failure on PostgreSQL not fixed yet (none left).
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ PASSWORD = "correct horse battery"  # console users made by Gateway.add_user
 ON_POSTGRES = "the test suite runs on PostgreSQL (--db=postgres)"
 SKIPS = {
     "sqlite_only": "about SQLite itself (its file, locks, WAL, spool of an SQLite install)",
-    "admin_pg_pending": "admin API/console not yet on PostgreSQL",
     "pg_pending": "fails on PostgreSQL, not fixed yet",
 }
 
