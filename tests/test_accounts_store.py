@@ -196,6 +196,10 @@ async def test_sessions_end_and_disabling_suspends_keys(store: Store) -> None:
 
     await store.run(lambda tx: users.update_user(tx, user_id, now=NOW, disabled=False), write=True)
     assert (await store.fetch_key(key_hash))[1] is not None
+    # Enabling an enabled user changes nothing: no key cache reload anywhere.
+    generation = await store.keys_generation()
+    await store.run(lambda tx: users.update_user(tx, user_id, now=NOW, disabled=False), write=True)
+    assert await store.keys_generation() == generation
     # Taken out of the workspace: their keys there are revoked.
     revoked = await store.run(lambda tx: users.remove_membership(tx, user_id, ws["id"], NOW), write=True)
     assert len(revoked) == 1 and (await store.fetch_key(key_hash))[1] is None

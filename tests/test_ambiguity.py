@@ -88,6 +88,23 @@ def form(*parts: tuple[str, bytes], boundary: str = "b0und") -> bytes:
     return out + f"--{boundary}--\r\n".encode()
 
 
+async def test_deep_json_checked_for_duplicates_is_a_400_not_a_500(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """orjson takes 1,024 levels; the duplicate-key check's second parse
+    (json's decoder) recursed out at fewer: a 500 with a traceback."""
+    gw = pgateway
+    key = await gw.key()
+    deep = "[" * 1000 + "]" * 1000
+    for raw in (f'{{"model":"gpt-test",{MESSAGES},"x":{deep},"model":"renamed"}}',
+                f'{{"model":"gpt-test",{MESSAGES},"x":{deep},"y":"\\u0041"}}'):
+        status, data = await send(http, gw, key, CHAT, raw.encode())
+        assert status == 400, data
+    assert upstream.state.requests == []
+    rows = await gw.wait_usage(2)
+    assert [r["status"] for r in rows] == [400, 400]
+
+
 def field(name: str, value: bytes, extra: str = "") -> tuple[str, bytes]:
     return f'Content-Disposition: form-data; name="{name}"{extra}', value
 

@@ -158,10 +158,13 @@ def refuse_duplicates(raw: bytes, keys: tuple[str, ...] = DECIDING_KEYS) -> None
     ``raw`` is already known to be valid JSON; each top-level value is
     skipped by the C scanner, so this costs about one more parse."""
     text = raw.decode("utf-8")
-    spans = _object_keys(text, _skip_ws(text, 0), keys)
-    so = spans.get("stream_options")
-    if so is not None and text[so] == "{":
-        _object_keys(text, so, ("include_usage",), "stream_options.")
+    try:
+        spans = _object_keys(text, _skip_ws(text, 0), keys)
+        so = spans.get("stream_options")
+        if so is not None and text[so] == "{":
+            _object_keys(text, so, ("include_usage",), "stream_options.")
+    except RecursionError:  # json's decoder nests less deep than orjson (1024)
+        raise BadRequest("The request is nested too deeply.", code="invalid_request") from None
 
 
 def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> dict[str, int]:

@@ -180,13 +180,8 @@ async def update_key(tx: Tx, key_id: int, fields: dict[str, Any]) -> dict[str, A
 
 
 async def revoke_key(tx: Tx, key_id: int) -> dict[str, Any]:
-    changed = await tx.execute(
-        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", time.time(), key_id
-    )
-    key = await get_key(tx, key_id)
-    if changed == 0 and key["revoked_at"] is None:
-        raise NotFoundError(f"key {key_id} not found")
-    return key
+    await tx.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", time.time(), key_id)
+    return await get_key(tx, key_id)  # NotFoundError if there is no such key
 
 
 async def key_usage_totals(tx: Tx) -> dict[int, dict[str, Any]]:

@@ -116,15 +116,19 @@ async def update_user(tx: Tx, user_id: int, *, now: float, name: str | None = No
     """Change a user; disabling also ends every session of theirs (in the
     same statement batch, so no request authenticates in between once the
     caller commits)."""
-    await get_user(tx, user_id)
+    was_disabled = (await get_user(tx, user_id))["disabled_at"] is not None
     if name is not None:
         await tx.execute("UPDATE users SET name = ? WHERE id = ?", name, user_id)
     if is_admin is not None:
         await tx.execute("UPDATE users SET is_admin = ? WHERE id = ?", int(is_admin), user_id)
+    # Only a real change touches disabled_at: its trigger reloads the key
+    # cache of every instance (on PostgreSQL once per statement, whatever
+    # it changed).
     if disabled is True:
-        await tx.execute("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL", now, user_id)
+        if not was_disabled:
+            await tx.execute("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL", now, user_id)
         await end_sessions(tx, user_id)
-    elif disabled is False:
+    elif disabled is False and was_disabled:
         await tx.execute("UPDATE users SET disabled_at = NULL WHERE id = ?", user_id)
     return await get_user(tx, user_id)
 

@@ -19,6 +19,7 @@ import base64
 import binascii
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1060,7 +1061,7 @@ class ResponseEvents:
         return out + self._ev("response.failed", response=self._response("failed", usage, error=err))
 
 
-class Transducer:
+class Transducer(ABC):
     """A stream translation: one upstream event (its parsed ``data``; None
     for chat's ``[DONE]``) in, the client's SSE bytes out. ``end`` is called
     when the upstream body ends; ``usage`` is what the upstream reported so
@@ -1072,8 +1073,8 @@ class Transducer:
     _usage: Obj | None = None
     _error: str | None = None
 
-    def event(self, ev: Obj | None) -> bytes:
-        raise NotImplementedError
+    @abstractmethod
+    def event(self, ev: Obj | None) -> bytes: ...
 
     def end(self) -> bytes:
         return b""
