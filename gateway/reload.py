@@ -44,11 +44,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, DatabaseConfig, load_config
 from .context import GATEWAY
 from .routing import Router
 from .store import audit
 from .store.audit import Actor
+from .store.base import run_on_store
 from .store.schema import connect
 from .store.tx import Body, Tx, run_sqlite
 
@@ -106,12 +107,17 @@ def _audit_body(actor: Actor, source: Path, old: Config, new: Config) -> Body[No
     return body
 
 
-def record_reload(path: Path, actor: Actor, source: Path, old: Config, new: Config) -> None:
-    """The audit row of one applied reload, synchronously on the SQLite file
-    (the supervisor, which holds no store)."""
-    conn = connect(path)
+def record_reload(db: DatabaseConfig, actor: Actor, source: Path, old: Config, new: Config) -> None:
+    """The audit row of one applied reload, synchronously (the supervisor,
+    which holds no store; a CLI reload with no store open): straight to the
+    SQLite file, or through a store opened for it on PostgreSQL."""
+    body = _audit_body(actor, source, old, new)
+    if db.url is not None:
+        run_on_store(db, lambda store: store.run(body, write=True))
+        return
+    conn = connect(db.path)
     try:
-        run_sqlite(conn, _audit_body(actor, source, old, new), write=True)
+        run_sqlite(conn, body, write=True)
     finally:
         conn.close()
 
@@ -149,8 +155,8 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
         body = _audit_body(actor, Path(path).resolve(), old, new)
         if gw.store is not None:
             await gw.store.run(body, write=True)
-        elif old.database.url is None:  # no store open (not serving): straight to the SQLite file
-            await asyncio.to_thread(record_reload, old.database.path, actor, Path(path).resolve(), old, new)
+        else:  # no store open (not serving)
+            await asyncio.to_thread(record_reload, old.database, actor, Path(path).resolve(), old, new)
     except (sqlite3.Error, asyncpg.PostgresError, OSError) as e:
         # The reload stands; say loudly that its audit row is missing.
         log.error("config reload applied but not audited: %s", type(e).__name__)

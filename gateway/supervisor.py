@@ -50,7 +50,6 @@ import select
 import shutil
 import signal
 import socket
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -305,7 +304,7 @@ class Supervisor:
             else:
                 old = self.cfg
                 self.cfg = replace(new, server=old.server, database=old.database, usage=old.usage, admin=old.admin)
-                if sender not in self.workers and old.database.url is None:
+                if sender not in self.workers:
                     self._audit_reload(old, force)
         for pid in list(self.workers):
             self._signal(pid, signal.SIGUSR1 if force else signal.SIGHUP)
@@ -313,9 +312,10 @@ class Supervisor:
     def _audit_reload(self, old: Config, force: bool) -> None:
         assert self.cfg.source is not None
         try:
-            record_reload(old.database.path, SIGUSR1 if force else SIGHUP, self.cfg.source, old, self.cfg)
-        except sqlite3.Error as e:  # the reload stands; say loudly that its audit row is missing
-            log.error("config reload applied but not audited: %s", e)
+            record_reload(old.database, SIGUSR1 if force else SIGHUP, self.cfg.source, old, self.cfg)
+        except Exception as e:  # the supervisor outlives any database failure
+            # The reload stands; say loudly that its audit row is missing.
+            log.error("config reload applied but not audited: %s", type(e).__name__)
 
     def _rolling_restart(self) -> None:
         """Replace every worker, one at a time, new before old: the port

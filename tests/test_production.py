@@ -297,6 +297,14 @@ async def test_sighup_reloads_every_worker(serve: Any, upstream: Upstream, tmp_p
     total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                 if line.startswith("gateway_requests_total{") and 'endpoint="/v1/models"' in line)
     assert total >= 21
+    # One audit row for the reload (the supervisor's, not one per worker), on
+    # either store.
+    conn = db_conn(tmp_path / "gateway.db")
+    try:
+        audited = conn.execute("SELECT actor, after FROM audit_log WHERE action = 'config.reload'").fetchall()
+    finally:
+        conn.close()
+    assert [a for a, _ in audited] == ["SIGHUP"] and "renamed-again" in audited[0][1]
     assert s.stop() == 0
 
 
