@@ -21,8 +21,14 @@ instances admit exactly what one would:
   settled since.
 
 Tokens and cost are reconciled after the response (``settle``): settles and
-releases are summed per key for a few milliseconds and sent as one
-pipeline, off the request path.
+releases are summed per key for a few milliseconds and sent as one batch
+(one EVALSHA of the SETTLE script), off the request path. Batches go one at
+a time, each with an id that grows; the script records the last id applied
+for this instance and skips a batch it has applied already, so a batch
+whose reply was lost (a timeout, a connection cut after Redis ran it) is
+sent again with the same id and counted once. A command of a batch that
+Redis refuses (a key of the wrong type, written by something else) is
+dropped with one log line, the rest of the batch applied.
 
 Redis unreachable (``redis.failure``): ``open`` admits on this instance's
 own LocalLimiter (which counts every settle all along, so its quotas are
@@ -68,6 +74,10 @@ FAILURES = (RedisError, OSError, TimeoutError, ValueError, RecursionError)
 LEASE_MS = 60_000
 SETTLE_DELAY_S = 0.005
 MONTH_TTL_S = 40 * 86400
+# How long Redis remembers the last settle batch an instance applied: a
+# batch whose reply was lost is sent again within retry_s once Redis
+# answers, far sooner than this.
+BATCH_TTL_S = 86400
 
 # KEYS: rpm zset, tpm hash, concurrency zset, month quota hash.
 # ARGV: now_ms, rpm, tpm, concurrency, key spend limit, workspace spend
@@ -147,6 +157,43 @@ end
 return 0
 """
 
+# KEYS: this instance's last applied batch id, then the keys the batch
+# writes. ARGV: the batch id, then operations of four arguments each (op,
+# index into KEYS, a, b):
+#   h  HINCRBY key a b, then EXPIRE 120 s        (b tokens in second a)
+#   f  HINCRBYFLOAT key a b, then EXPIRE a month (quota field a)
+#   z  ZREM key a                                (a concurrency slot released)
+# Returns {0} when the batch was applied before (its reply was lost), else
+# {1, then for each operation Redis refused: its number (from 0) and the
+# error's first word}. Batches of one
+# instance go one at a time, so "applied" is "id <= the last id applied".
+SETTLE = f"""
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) <= last then return {{0}} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', {BATCH_TTL_S})
+local out = {{1}}
+for i = 2, #ARGV, 4 do
+  local op, k, a, b = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3]
+  local r
+  if op == 'h' then
+    r = redis.pcall('HINCRBY', k, a, b)
+    if type(r) ~= 'table' then redis.call('EXPIRE', k, 120) end
+  elseif op == 'f' then
+    r = redis.pcall('HINCRBYFLOAT', k, a, b)
+    if type(r) ~= 'table' then redis.call('EXPIRE', k, {MONTH_TTL_S}) end
+  else
+    r = redis.pcall('ZREM', k, a)
+  end
+  if type(r) == 'table' and r.err then
+    out[#out + 1] = (i - 2) / 4
+    out[#out + 1] = string.match(r.err, '^%S+')
+  end
+end
+return out
+"""
+
+SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()
+
 _MESSAGES = {
     1: ("key_spend", "This key has reached its monthly spend limit.", "insufficient_quota"),
     2: ("workspace_spend", "The workspace has reached its monthly spend quota.", "insufficient_quota"),
@@ -155,6 +202,18 @@ _MESSAGES = {
     5: ("rpm", "Rate limit reached: {rpm} requests per minute.", "rate_limit_exceeded"),
     6: ("concurrency", "Too many concurrent requests: this key allows {conc}.", "concurrency_limit_exceeded"),
 }
+
+
+class _Batch:
+    """Settles and releases sent to Redis together (the SETTLE script's
+    keys and operations), under one id."""
+
+    __slots__ = ("args", "id", "keys")
+
+    def __init__(self, id: int, keys: list[str], args: list[str | int]) -> None:
+        self.id = id
+        self.keys = keys
+        self.args = args
 
 
 class LimitsUnavailable(GatewayError):
@@ -220,7 +279,10 @@ class RedisLimiter:
         self._quota: dict[str, float] = defaultdict(float)  # quota hash field -> amount
         self._released: list[tuple[int, str]] = []
         self._flush: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self._draining: asyncio.Task[None] | None = None
+        self._unsent: _Batch | None = None  # sent, not known to be applied: sent again, same id
+        self._batch_id = 0
+        self._refused_keys: set[str] = set()
         self._store: Store | None = None
         self._seeding: asyncio.Task[None] | None = None
         self._closing = False
@@ -356,73 +418,101 @@ class RedisLimiter:
         self.local.release_free(key)
 
     def _schedule(self) -> None:
-        if self._flush is None:
+        if self._flush is None and (self._draining is None or self._draining.done()):
             self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._send)
 
     def _send(self) -> None:
         self._flush = None
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain(), name="redis-settle")
+
+    async def _drain(self) -> None:
+        """Send the settle batches, one at a time, until none is left. A
+        batch that fails is kept (same id) and sent again after retry_s,
+        before anything settled since: Redis may have applied it (only its
+        reply was lost), and the script skips it then. Dropped instead, it
+        would be missing from a month hash that outlives the outage (only a
+        fresh hash is seeded from the database), and every key and
+        workspace it belongs to would get past its quota by that much."""
+        while True:
+            batch = self._unsent or self._take()
+            if batch is None:
+                return
+            self._unsent = batch
+            if not await self._apply(batch):
+                if not self._closing:
+                    self._flush = asyncio.get_running_loop().call_later(self.cfg.retry_s, self._send)
+                return
+            self._unsent = None
+
+    def _take(self) -> _Batch | None:
+        """What was settled and released since the last batch, as a batch."""
         tokens, self._tokens = self._tokens, defaultdict(int)
         quota, self._quota = self._quota, defaultdict(float)
         released, self._released = self._released, []
-        task = asyncio.create_task(self._pipeline(tokens, quota, released), name="redis-settle")
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _pipeline(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
-                        released: list[tuple[int, str]]) -> None:
-        # On the admission's connection (gateway.resp), in the same write as
-        # whatever admissions are queued in this turn of the loop: none of
-        # redis-py's layers, no wake-up of Redis of its own.
         p = self._prefix
-        month = self._month_key(self.clock())
-        cmds: list[tuple[str | int | float, ...]] = [("MULTI",)]
+        keys = [f"{p}:b:{self._instance}"]
+        index: dict[str, int] = {}
+        args: list[str | int] = []
+
+        def op(code: str, key: str, a: str | int, b: str | int) -> None:
+            i = index.get(key)
+            if i is None:
+                keys.append(key)
+                i = index[key] = len(keys)
+            args.extend((code, i, a, b))
+
         for (kid, second), n in tokens.items():
-            cmds.append(("HINCRBY", f"{p}:t:{kid}", second, n))
-            cmds.append(("EXPIRE", f"{p}:t:{kid}", 120))
+            op("h", f"{p}:t:{kid}", second, n)
+        month = self._month_key(self.clock())
         for field, amount in quota.items():
             if amount:
-                cmds.append(("HINCRBYFLOAT", month, field, repr(amount)))
-        if quota:
-            cmds.append(("EXPIRE", month, MONTH_TTL_S))
+                op("f", month, field, repr(amount))
         for kid, member in released:
-            cmds.append(("ZREM", f"{p}:c:{kid}", member))
-        if len(cmds) == 1:
-            return
-        # One MULTI/EXEC: a batch that fails is applied wholly or not at
-        # all, so sending it again (below) cannot count it twice.
-        cmds.append(("EXEC",))
-        try:
-            replies = await self._fast.pipeline(cmds)
-        except (RespError, *FAILURES) as e:
-            replies = [e]
-        failure = next((r for r in replies if isinstance(r, BaseException)), None)
-        if failure is None and not (isinstance(replies[-1], list) and len(replies[-1]) == len(cmds) - 2):
-            failure = RespError("unexpected reply to the settle transaction")
-        if failure is None:
-            failure = next((r for r in replies[-1] if isinstance(r, BaseException)), None)
-        if failure is not None:
-            # Kept and sent again with the next batch, once Redis answers:
-            # dropped, they would be missing from a month hash that outlives
-            # the outage (only a fresh hash is seeded from the database),
-            # and every key and workspace they belong to would get past its
-            # quota by that much. Token buckets out of the TPM window are
-            # of no use any more.
-            self._failed("settle", failure)
-            self._requeue(tokens, quota, released)
+            op("z", f"{p}:c:{kid}", member, "")
+        if not args:
+            return None
+        self._batch_id += 1
+        return _Batch(self._batch_id, keys, args)
 
-    def _requeue(self, tokens: dict[tuple[int, int], int], quota: dict[str, float],
-                 released: list[tuple[int, str]]) -> None:
-        if self._closing:
+    async def _apply(self, batch: _Batch) -> bool:
+        """Send ``batch``; True once Redis has applied it (now, or before).
+        On the admission's connection (gateway.resp), in the same write as
+        whatever admissions are queued in this turn of the loop: none of
+        redis-py's layers, no wake-up of Redis of its own."""
+        cmd = ("EVALSHA", SETTLE_SHA, len(batch.keys), *batch.keys, batch.id, *batch.args)
+        try:
+            try:
+                res = await self._fast.call(*cmd)
+            except RespError as e:
+                if not str(e).startswith("NOSCRIPT"):
+                    raise
+                await self._fast.call("SCRIPT", "LOAD", SETTLE)
+                res = await self._fast.call(*cmd)
+        except (RespError, *FAILURES) as e:
+            self._failed("settle", e)
+            return False
+        if not (isinstance(res, list) and res and res[0] in (0, 1) and len(res) % 2
+                and all(type(n) is int and 0 <= n < len(batch.args) // 4 for n in res[1::2])):
+            self._failed("settle", RespError("unexpected reply to the settle script"))
+            return False
+        for n, err in zip(res[1::2], res[2::2], strict=True):
+            self._refused(batch, n, err)
+        return True
+
+    def _refused(self, batch: _Batch, n: int, err: object) -> None:
+        """Redis refused operation ``n`` of an applied batch (its key holds
+        another type: something else wrote it). Sent again it would fail
+        again, and the rest of its batch would count once more each time:
+        dropped, with one log line per key (names and ids only)."""
+        key = batch.keys[int(batch.args[4 * n + 1]) - 1]
+        if key in self._refused_keys:
             return
-        recent = int(self.clock()) - 60
-        for bucket, n in tokens.items():
-            if bucket[1] > recent:
-                self._tokens[bucket] += n
-        for field, amount in quota.items():
-            self._quota[field] += amount
-        self._released[:0] = released
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(self.cfg.retry_s, self._send)
+        if len(self._refused_keys) > 1000:
+            self._refused_keys.clear()
+        self._refused_keys.add(key)
+        kind = err.decode(errors="replace")[:40] if isinstance(err, bytes) else "error"
+        log.error("redis refused a settle on %s (%s): dropped, the rest of its batch applied", key, kind)
 
     # ------------------------------------------------------------ shared state
 
@@ -487,8 +577,10 @@ class RedisLimiter:
         self._closing = True
         if self._flush is not None:
             self._flush.cancel()
-            self._send()
-        await asyncio.gather(*self._sending, return_exceptions=True)
+            self._flush = None
+        if self._draining is not None:
+            await asyncio.gather(self._draining, return_exceptions=True)
+        await self._drain()  # what is left, once more
         if self._seeding is not None:
             self._seeding.cancel()
             with contextlib.suppress(BaseException):

@@ -1,5 +1,5 @@
 """A minimal Redis client (RESP2) for the Redis calls of the request path:
-the limiter's EVALSHA and the settle pipeline that follows each request
+the limiter's EVALSHA and the settle batch that follows each request
 (gateway.redis_limits).
 
 Why hand-written: redis-py's asyncio client spends 100-150 us of Python on
@@ -9,7 +9,7 @@ which alone would take a limited request past the 0.1 ms the gateway may
 add. This client keeps one connection and resolves a future per command
 from the reply parser. The commands queued in one turn of the event loop
 (the admissions of all the requests that arrived together, a settle
-pipeline) go out in one ``write``: one system call and one wake-up of
+batch) go out in one ``write``: one system call and one wake-up of
 Redis for all of them, and their replies come back in order.
 
 Timeouts count from the write. A reply that is already in the socket when
@@ -291,15 +291,6 @@ class RespClient:
         if proto is None or proto.lost is not None:
             proto = await self._ready()
         return await proto.queue(command)
-
-    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` together; their replies in order, with an error
-        reply or a failure as the exception in its place."""
-        proto = self._proto
-        if proto is None or proto.lost is not None:
-            proto = await self._ready()
-        futs = [proto.queue(encode(c)) for c in commands]
-        return await asyncio.gather(*futs, return_exceptions=True)
 
     async def close(self) -> None:
         proto, self._proto = self._proto, None

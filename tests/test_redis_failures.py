@@ -8,25 +8,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
-from .conftest import GatewayFactory, Upstream, config_toml
+from .conftest import Gateway, GatewayFactory, Upstream, config_toml
 from .services import RedisServer, own_redis, unique_prefix
 from .test_limits import chat, workspace_key
-from .test_redis_limits import redis_section
+from .test_redis_limits import redis_section, slow_sync
 
 
 class Proxy:
     """A TCP proxy in front of Redis that can cut every connection and
-    refuse new ones for a while (an outage that leaves Redis's data)."""
+    refuse new ones for a while (an outage that leaves Redis's data), or
+    lose the next reply Redis sends: ``lose_next = "cut"`` drops it and cuts
+    that connection (Redis ran the command, the connection died before its
+    answer arrived), ``"late"`` holds it (and what follows) for 0.4 s, past
+    the gateway's timeout_ms."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.down = False
+        self.lose_next: str | None = None
 
     @property
     def url(self) -> str:
@@ -43,14 +50,21 @@ class Proxy:
         ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
         self.writers |= {cw, uw}
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, replies: bool = False) -> None:
             with contextlib.suppress(Exception):
                 while data := await r.read(65536):
+                    if replies and self.lose_next is not None:
+                        lose, self.lose_next = self.lose_next, None
+                        if lose == "cut":
+                            cw.close()
+                            uw.close()
+                            return
+                        await asyncio.sleep(0.4)
                     w.write(data)
                     await w.drain()
             w.close()
 
-        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+        await asyncio.gather(pipe(cr, uw), pipe(ur, cw, replies=True))
 
     def cut(self) -> None:
         self.down = True
@@ -96,6 +110,81 @@ async def test_settles_lost_in_an_outage_still_count(
     await asyncio.sleep(0.1)
     status, _, body = await chat(http, gw, key)
     assert status == 429 and body["error"]["code"] == "insufficient_quota"
+
+
+def month_key(prefix: str) -> str:
+    return f"{prefix}:q:{datetime.now(UTC):%Y%m}"
+
+
+def workspace_ids(gw: Gateway) -> dict[str, int]:
+    return {r[1]: r[0] for r in gw.conn.execute("SELECT id, name FROM workspaces").fetchall()}
+
+
+@pytest.mark.parametrize("lost", ["cut", "late"])
+async def test_settle_whose_reply_is_lost_counts_once(
+        make_gateway: GatewayFactory, upstream: Upstream, proxy: Proxy, http: aiohttp.ClientSession,
+        lost: str) -> None:
+    """Redis applies a settle batch, and its reply never reaches the
+    gateway (the connection cut, or the reply later than timeout_ms). The
+    batch is sent again: it used to be counted twice (a MULTI/EXEC sent
+    anew), so the workspace hit its token quota early: false 429s."""
+    prefix = unique_prefix()
+    toml = config_toml(upstream.base_url, redis_section(proxy.url, prefix, 'failure = "closed"'))
+    gw = await make_gateway(slow_sync(toml))
+    key = await workspace_key(gw, "quota", tokens=40)
+    assert (await chat(http, gw, key, words=5, chunks=10))[0] == 200  # 15 tokens
+    await asyncio.sleep(0.1)  # settled
+    slow = asyncio.create_task(chat(http, gw, key, words=5, chunks=10, **{"x-mock-head-delay-ms": "300"}))
+    await asyncio.sleep(0.15)  # admitted: the next command is its settle
+    proxy.lose_next = lost
+    assert (await slow)[0] == 200  # 30 tokens
+    await asyncio.sleep(1.2)  # the settle sent again (retry_s 0.2), maybe more than once
+    r = aioredis.Redis(port=proxy.port)
+    try:
+        field = f"w:{workspace_ids(gw)['quota']}:t"
+        assert float(await r.hget(month_key(prefix), field) or 0) == 30
+    finally:
+        await r.aclose()
+    assert (await chat(http, gw, key, words=5, chunks=10))[0] == 200  # 30 < 40: admitted, 45 now
+    await asyncio.sleep(0.1)
+    status, _, body = await chat(http, gw, key)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+
+
+async def test_settle_on_a_key_of_the_wrong_type_is_dropped(
+        make_gateway: GatewayFactory, upstream: Upstream, proxy: Proxy, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Something else wrote a key the settle batch writes (here a key's
+    TPM hash, overwritten with a string while its request ran): Redis
+    refuses that one command. The batch used to fail whole and be sent
+    again every retry_s, for ever, the rest of it applied each time: other
+    keys' and workspaces' tokens counted again and again. Now the refused
+    command is dropped with one log line and everything else counts once."""
+    prefix = unique_prefix()
+    gw = await make_gateway(slow_sync(config_toml(upstream.base_url, redis_section(proxy.url, prefix))))
+    bad = await gw.key("a", tpm=100_000)
+    good = await gw.key("b", tpm=100_000)
+    (bad_id,) = [r[0] for r in gw.conn.execute(
+        "SELECT k.id FROM api_keys k JOIN workspaces w ON w.id = k.workspace_id WHERE w.name = 'a'").fetchall()]
+    ws = workspace_ids(gw)
+    r = aioredis.Redis(port=proxy.port)
+    try:
+        slow = asyncio.create_task(chat(http, gw, bad, **{"x-mock-head-delay-ms": "300"}))
+        await asyncio.sleep(0.15)  # admitted
+        await r.set(f"{prefix}:t:{bad_id}", "not a hash")
+        assert (await slow)[0] == 200
+        assert (await chat(http, gw, good))[0] == 200
+        await asyncio.sleep(1.0)  # retry_s (0.2) five times over
+        assert (await chat(http, gw, good))[0] == 200
+        await asyncio.sleep(0.1)
+        month = month_key(prefix)
+        assert float(await r.hget(month, f"w:{ws['a']}:t") or 0) == 15
+        assert float(await r.hget(month, f"w:{ws['b']}:t") or 0) == 30
+    finally:
+        await r.aclose()
+    refused = [m for m in caplog.messages if "refused a settle" in m]
+    assert len(refused) == 1 and f"{prefix}:t:{bad_id}" in refused[0] and "WRONGTYPE" in refused[0]
+    assert "redis unreachable" not in caplog.text
 
 
 class Hostile:
