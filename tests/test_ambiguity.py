@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.protocols.base import DECIDING_KEYS
+
 from .conftest import Gateway, Upstream
 
 CHAT = "/v1/chat/completions"
@@ -97,12 +99,43 @@ async def test_deep_json_checked_for_duplicates_is_a_400_not_a_500(
     key = await gw.key()
     deep = "[" * 1000 + "]" * 1000
     for raw in (f'{{"model":"gpt-test",{MESSAGES},"x":{deep},"model":"renamed"}}',
-                f'{{"model":"gpt-test",{MESSAGES},"x":{deep},"y":"\\u0041"}}'):
+                f'{{"model":"gpt-test",{MESSAGES},"x":{deep},"y":"\\u006d"}}'):
         status, data = await send(http, gw, key, CHAT, raw.encode())
         assert status == 400, data
     assert upstream.state.requests == []
     rows = await gw.wait_usage(2)
     assert [r["status"] for r in rows] == [400, 400]
+
+
+async def test_escaped_text_takes_no_second_parse_escaped_keys_still_refused(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """A body with escapes in its text (non-ASCII as json.dumps writes it,
+    an HTML-safe encoder's \\u003c, a capital letter no deciding key has)
+    is not parsed a second time: any escape used to send it there, a whole
+    body's parse again (3.8 ms instead of 0.9 ms for 0.57 MB). Seen here by
+    a body nested deeper than that parse goes (test above): refused when
+    slow-pathed, relayed when not. Every character of every deciding key,
+    escaped in either hex case, still takes the careful parse."""
+    gw = pgateway
+    key = await gw.key()
+    deep = "[" * 1000 + "]" * 1000
+    text = '"content":"caf\\u00e9 \\u4f60\\u597d \\u003cb\\u003e \\u0041 \\u001b[1m"'
+    raw = f'{{"model":"gpt-test","messages":[{{"role":"user",{text}}}],"x":{deep}}}'
+    status, data = await send(http, gw, key, CHAT, raw.encode())
+    assert status != 400 and len(upstream.state.requests) == 1, data
+    refused = 0
+    for name in (*DECIDING_KEYS, "include_usage"):
+        for i, c in enumerate(name):
+            escaped = f"{name[:i]}\\u{ord(c):04{'x' if i % 2 else 'X'}}{name[i + 1:]}"
+            pair = f'"{escaped}":null,"{name}":null'
+            body = (f'{{"model":"gpt-test",{MESSAGES},"stream_options":{{{pair}}}}}' if name == "include_usage"
+                    else f'{{"model":"gpt-test",{MESSAGES},{pair}}}')
+            status, data = await send(http, gw, key, CHAT, body.encode())
+            assert (status, data["error"]["code"]) == (400, "duplicate_key"), (body, data)
+            refused += 1
+    assert len(upstream.state.requests) == 1
+    assert await gw.wait_usage(1 + refused)
 
 
 def field(name: str, value: bytes, extra: str = "") -> tuple[str, bytes]:

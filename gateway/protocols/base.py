@@ -112,17 +112,36 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 DECIDING_KEYS = ("model", "stream", "stream_options", "service_tier", "speed", "inference_geo")
 
 
-_DECIDING_NAMES = re.compile(rb'"(model|stream|stream_options|include_usage|service_tier|speed|inference_geo)"')
+_NAMES = (*DECIDING_KEYS, "include_usage")
+_DECIDING_NAMES = re.compile(rb'"(' + "|".join(_NAMES).encode() + rb')"')
+
+
+def _escapes_of(chars: str) -> re.Pattern[bytes]:
+    """A JSON escape of any of ``chars`` (ASCII): ``\\u006d`` or ``\\u006D``
+    for "m". Grouped by the high hex digit: one character class per group
+    scans as fast as the plainest pattern."""
+    lows: dict[int, list[int]] = {}
+    for c in sorted(set(chars)):
+        lows.setdefault(ord(c) >> 4, []).append(ord(c) & 15)
+    groups = (f"{hi:x}[{''.join(f'{lo:x}{lo:X}' if lo > 9 else f'{lo:x}' for lo in los)}]" for hi, los in lows.items())
+    return re.compile(rb"\\u00(?:" + "|".join(groups).encode() + rb")")
+
+
+# The escapes that can spell a character of those names: the only way to
+# write one of them without its plain bytes. Escaped text in values
+# (non-ASCII, controls, an HTML-safe encoder's \u003c) is none of them, and
+# costs no second parse.
+_NAME_ESCAPES = _escapes_of("".join(_NAMES))
 
 
 def _maybe_ambiguous(raw: bytes) -> bool:
     """The cheap byte checks, on every JSON request: a key given twice needs
-    its name twice, or an escape that spells it (``"mod\\u0065l"``; JSON
-    encoders never escape printable ASCII). One regex pass and a memchr,
-    about as fast as orjson's own parse; the careful parse runs only when
-    they say it might be needed."""
+    its name twice, or an escape that spells part of it (``"mod\\u0065l"``;
+    JSON encoders never escape printable ASCII). One regex pass, a memchr
+    and (for a body with escapes) one more search, about as fast as orjson's
+    own parse; the careful parse runs only when they say it might be needed."""
     found = _DECIDING_NAMES.findall(raw)
-    return len(found) != len(set(found)) or (b"\\" in raw and b"\\u00" in raw)
+    return len(found) != len(set(found)) or (b"\\u00" in raw and _NAME_ESCAPES.search(raw) is not None)
 
 
 _WS = re.compile(r"[ \t\n\r]*")
