@@ -52,7 +52,7 @@ from .intake import (
     read_body,
     resolve_model,
 )
-from .protocols.base import Decompressed, Endpoint, Prepared, UsageReader
+from .protocols.base import Counter, Decompressed, Endpoint, Prepared, UsageReader
 from .routing import DENIED, NORMAL, Target
 from .translate import PATHS, TranslatedStream, client_error, pair
 from .translate.common import DEFAULT_MAX_TOKENS, estimate_tokens
@@ -507,6 +507,9 @@ async def pump(
         ctx.status, ctx.error_type = 499, "client_disconnected"
         resp.close()
         return out
+    # A chat stream counts the SSE events relayed (either line ending), what
+    # a stream the client cuts is billed by (intake.estimate_cut).
+    events = Counter(b"\n\n", b"\r\n\r\n") if ctx.request_obj is not None else None
     try:
         while True:
             chunk = await read_chunk(ctx, resp)
@@ -515,11 +518,11 @@ async def pump(
             if not chunk:
                 chunk = reader.flush()
                 if chunk:
-                    await _write(ctx, out, chunk)
+                    await _write(ctx, out, chunk, events)
                 break
             data = reader.feed(chunk)
             if data:
-                await _write(ctx, out, data)
+                await _write(ctx, out, data, events)
     except ConnectionError:
         ctx.status, ctx.error_type = 499, "client_disconnected"
         resp.close()
@@ -556,12 +559,13 @@ async def read_chunk(ctx: RequestContext, resp: UpstreamResponse) -> bytes | Non
     return None
 
 
-async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes) -> None:
+async def _write(ctx: RequestContext, out: web.StreamResponse, data: bytes, events: Counter | None) -> None:
     if ctx.ttfb_ms is None:
         ctx.ttfb_ms = (perf_counter() - ctx.t0) * 1000
     ctx.bytes_out += len(data)
-    if ctx.request_obj is not None:
-        ctx.events_out += data.count(b"\n\n")
+    if events is not None:
+        events.feed(data)
+        ctx.events_out = events.count
     await out.write(data)
 
 

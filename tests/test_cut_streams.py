@@ -45,3 +45,39 @@ async def test_a_stream_cut_before_its_usage_is_still_billed(
     assert row["input_tokens"] >= 200  # "hello " * 200 is 1,200 characters: about 300 tokens
     assert row["output_tokens"] >= 30
     assert row["cost"] > 0
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_cut_crlf_stream_is_billed_an_estimate(
+        make_gateway: GatewayFactory, upstream: Upstream, include_usage: bool) -> None:
+    """The same with an upstream whose SSE lines end with CRLF (events end
+    with "\\r\\n\\r\\n", as the spec allows): the events relayed were not
+    counted, so the cut stream was billed nothing. Both readers: the one
+    that hides the usage chunk the gateway asked for, and the plain relay
+    when the client asked for it itself."""
+    gw = await make_gateway(config_toml(upstream.base_url))
+    key = await gw.key()
+    body: dict[str, object] = {"model": "gpt-test", "stream": True,
+                               "messages": [{"role": "user", "content": "hello " * 200}]}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    got = 0
+    async with aiohttp.ClientSession() as s, s.post(gw.url + "/v1/chat/completions", json=body, headers={
+            "Authorization": f"Bearer {key}", "x-mock-chunks": "40", "x-mock-delay-ms": "20",
+            "x-mock-line-ending": "crlf"}) as r:
+        assert r.status == 200
+        async for line in r.content:
+            assert line.endswith(b"\r\n")
+            if line.startswith(b"data:") and b'"content":"' in line:
+                got += 1
+            if got >= 30:
+                break
+        r.close()
+    for _ in range(100):
+        rows = gw.usage_rows()
+        if rows and rows[-1]["status"]:
+            break
+        await asyncio.sleep(0.05)
+    row = rows[-1]
+    assert (row["status"], row["error_type"]) == (499, "client_disconnected")
+    assert row["input_tokens"] >= 200 and row["output_tokens"] >= 30 and row["cost"] > 0, row

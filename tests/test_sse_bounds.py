@@ -115,6 +115,20 @@ def test_splitting_gives_back_every_byte_in_order() -> None:
                 assert events.overflowed and b"data: 1" in parsed
 
 
+def test_events_counted_however_the_stream_is_cut() -> None:
+    """The relay's count of SSE events (what a stream the client cuts is
+    billed by) finds every boundary, of either line ending, also where a
+    chunk ends inside one."""
+    from gateway.protocols.base import Counter
+
+    stream = b"data: 1\n\n" + b"data: 2\r\n\r\n" + b"data: 3\r\n\r\n\n\ndata: 4\n\ndata: half"
+    for size in range(1, len(stream) + 1):
+        c = Counter(b"\n\n", b"\r\n\r\n")
+        for i in range(0, len(stream), size):
+            c.feed(stream[i : i + size])
+        assert c.count == 5, size
+
+
 async def test_absurd_usage_numbers_are_not_stored(make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
     """An upstream reporting more tokens than a 64-bit integer holds (found
     by the fuzz suite, on a Responses stream: the row could not be written,

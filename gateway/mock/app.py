@@ -11,6 +11,7 @@ upstream, and it is steered per request by headers the gateway forwards:
 - ``x-mock-fail: midstream|garbage|stall|gzip``  misbehave on purpose
 - ``x-mock-cached: N``, ``x-mock-reasoning: N``   usage details to report
 - ``x-mock-retry-after: S`` Retry-After on an ``x-mock-status`` answer
+- ``x-mock-line-ending: crlf``  Chat Completions stream lines end with CRLF
 
 ``MockState.steer`` holds defaults for these headers, so one of several mock
 upstreams behind a gateway can be made to fail while the others answer.

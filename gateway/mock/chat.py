@@ -62,6 +62,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     delay = _int(request, "x-mock-delay-ms") / 1000
     fail = _steer(request, "x-mock-fail")
+    # Lines ended with CRLF, as the SSE spec allows and some providers and
+    # proxies send: events then end with a blank line of "\r\n\r\n".
+    eol = b"\r\n" if _steer(request, "x-mock-line-ending") == "crlf" else b"\n"
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         c: dict[str, Any] = {
@@ -71,7 +74,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         }
         if include_usage:
             c["usage"] = None
-        return b"data: " + orjson.dumps(c) + b"\n\n"
+        return b"data: " + orjson.dumps(c) + eol + eol
 
     with state.stream():
         await resp.write(chunk({"role": "assistant", "content": "" if call is None else None, "refusal": None}))
@@ -98,8 +101,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if include_usage:
             u = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                  "system_fingerprint": "fp_mock", "choices": [], "usage": usage}
-            await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            await resp.write(b"data: " + orjson.dumps(u) + eol + eol)
+        await resp.write(b"data: [DONE]" + eol + eol)
         await resp.write_eof()
     return resp
 

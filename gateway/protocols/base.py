@@ -434,18 +434,27 @@ class SSEEvents:
         """Returns (bytes passed through before, complete bytes, the events
         in them, bytes passed through after); the client gets them in that
         order, the middle one after the reader's changes."""
+        before, complete, after = self.cut(chunk)
+        return before, complete, split_events(complete), after
+
+    def cut(self, chunk: bytes) -> tuple[bytes, bytes, bytes]:
+        """``split`` without the events: (bytes passed through before,
+        complete bytes, bytes passed through after), for a caller that
+        looks at the events of only some chunks (``split_events``)."""
         before = b""
         if self._keep:
             self.big = None
         if self._skipping:
-            probe = self._tail + chunk
-            cut = _first_boundary(probe)
+            # The first boundary: begun in the last bytes seen (it then ends
+            # in the chunk's first three), else wholly in the chunk.
+            tail = self._tail
+            cut = _first_boundary(tail + chunk[:3])
+            cut = cut - len(tail) if cut >= 0 else _first_boundary(chunk)
             if cut < 0:
-                self._tail = probe[-3:]
+                self._tail = (tail + chunk[-3:])[-3:]
                 if self._keep:
                     self._keep_big(chunk)
-                return chunk, b"", [], b""
-            cut -= len(self._tail)
+                return chunk, b"", b""
             before, chunk = chunk[:cut], chunk[cut:]
             self._skipping, self._tail = False, b""
             if self._keep:
@@ -454,24 +463,29 @@ class SSEEvents:
                 self.big = (self._big_head, self._big_tail.bytes())
                 self._big_head, self._big_tail = b"", None
         if self._parts:
-            if _last_boundary(self._tail + chunk, 0) < 0:  # nothing ends here: hold on, or give up
-                return before + self._hold(chunk), b"", [], b""
-            data = b"".join(self._parts) + chunk
-            cut = _last_boundary(data, max(0, self._size - 3))
+            # The last boundary ends in this chunk: in it, or begun in the
+            # bytes held (their last three, ``_tail``). Held bytes and the
+            # chunk up to it are copied once, into the complete bytes.
+            cut = _last_boundary(chunk, 0)
+            if cut < 3:
+                cut = max(cut, _last_boundary(self._tail + chunk[:3], 0) - len(self._tail))
+            if cut < 0:  # nothing ends here: hold on, or give up
+                return before + self._hold(chunk), b"", b""
+            complete = b"".join((*self._parts, memoryview(chunk)[:cut]))
         else:
-            data = chunk
-            cut = _last_boundary(data, 0)
+            cut = _last_boundary(chunk, 0)
             if cut < 0:
-                return before + self._hold(chunk), b"", [], b""
-        complete, rest = data[:cut], data[cut:]
+                return before + self._hold(chunk), b"", b""
+            complete = chunk[:cut]  # the whole chunk (no copy) when it ends an event
+        rest = chunk[cut:]
         self._parts, self._size, self._tail = [], 0, b""
         after = self._hold(rest) if rest else b""
-        return before, complete, re.split(rb"\r?\n\r?\n", complete)[:-1], after
+        return before, complete, after
 
     def _hold(self, data: bytes) -> bytes:
         """Keep ``data`` as part of the partial event; if that makes it too
         long, release all of it (returned) and pass the rest of the event."""
-        self._tail = (self._tail + data)[-3:]
+        self._tail = (self._tail + data[-3:])[-3:]
         if self._size + len(data) <= self._limit:
             self._parts.append(data)
             self._size += len(data)
@@ -498,6 +512,15 @@ class SSEEvents:
     @property
     def pending(self) -> bytes:
         return b"".join(self._parts)
+
+
+_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+
+
+def split_events(complete: bytes) -> list[bytes]:
+    """The events of complete SSE bytes (``SSEEvents.cut``), without their
+    boundaries."""
+    return _BOUNDARY.split(complete)[:-1]
 
 
 def event_data(event: bytes) -> bytes:
@@ -552,7 +575,7 @@ class EventScanner:
         markers = self._markers
         if not any(m in complete for m in markers):
             return []
-        events = re.split(rb"\r?\n\r?\n", complete)[:-1]
+        events = split_events(complete)
         if skip:
             events = events[1:]  # the end of an event whose start was dropped
         found = []
@@ -580,11 +603,16 @@ class Counter:
         self.count = 0
 
     def feed(self, chunk: bytes) -> None:
-        carry = self._carry
-        data = carry + chunk
-        # What lies wholly in the carry was counted with the previous chunk.
-        self.count += sum(data.count(n) - carry.count(n) for n in self._needles)
-        self._carry = data[-self._overlap :] if self._overlap else b""
+        k = self._overlap
+        if not k:
+            self.count += sum(chunk.count(n) for n in self._needles)
+            return
+        carry, head = self._carry, chunk[:k]
+        joint = carry + head  # a few bytes: the chunk itself is not copied
+        # Wholly in the chunk, plus those across the joint (what lies wholly
+        # in the carry was counted with the previous chunk).
+        self.count += sum(chunk.count(n) + joint.count(n) - carry.count(n) - head.count(n) for n in self._needles)
+        self._carry = (carry + chunk[-k:])[-k:]
 
 
 class Decompressed:

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..errors import Protocol as ErrorShape
-from .base import JsonBody, Prepared, SSEEvents, TailUsage, Usage, UsageReader, as_int, event_data
+from .base import JsonBody, Prepared, SSEEvents, TailUsage, Usage, UsageReader, as_int, event_data, split_events
 
 
 def chat_usage(u: dict[str, Any] | None) -> Usage:
@@ -40,11 +40,11 @@ class HiddenUsageChunk:
         self._usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        before, complete, events, after = self._events.split(chunk)
+        before, complete, after = self._events.cut(chunk)
         if b'"usage":null' in complete:
             complete = complete.replace(b',"usage":null', b"")
-        if b'"usage"' in complete:
-            events = [e.replace(b',"usage":null', b"") for e in events]
+        if b'"usage"' in complete:  # only these chunks are split into events
+            events = split_events(complete)
             kept = []
             dropped = False
             for ev in events:
