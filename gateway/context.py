@@ -131,16 +131,22 @@ class RequestContext:
             usage = self.reader.finish()  # readers allow it mid-stream (protocols.base)
         return self._row(now, usage, self.cost(usage))
 
+    def start(self, seq: int) -> tuple[object, ...] | None:
+        """Its usage spool start record (gateway.store.spool.START): what a
+        ``worker_lost`` row holds that recovery cannot fill in, while the
+        request has seen nothing from an upstream (None once it has: its
+        line is then a full ``snapshot``)."""
+        if self.reader is not None or self.usage is not None or self.t_head is not None:
+            return None
+        return (seq, *self._who(), int(self.stream), self.bytes_in)
+
     def progress(self) -> tuple[object, ...]:
         """What changes a snapshot, cheap to compare."""
         return self.status, self.bytes_out, self.upstream, self.model
 
-    def _row(self, now: float, usage: Usage | None, cost: float) -> tuple[object, ...]:
-        u = usage or Usage()
+    def _who(self) -> tuple[object, ...]:
+        """The row's first columns: when, which request, whose, what, where to."""
         k = self.key
-        upstream_ms = None
-        if self.t_upstream is not None:
-            upstream_ms = ((self.t_head or now) - self.t_upstream) * 1000
         return (
             self.ts,
             self.request_id,
@@ -149,6 +155,15 @@ class RequestContext:
             self.endpoint,
             None if self.model is None else bounded(self.model),
             self.upstream,
+        )
+
+    def _row(self, now: float, usage: Usage | None, cost: float) -> tuple[object, ...]:
+        u = usage or Usage()
+        upstream_ms = None
+        if self.t_upstream is not None:
+            upstream_ms = ((self.t_head or now) - self.t_upstream) * 1000
+        return (
+            *self._who(),
             self.status,
             int(self.stream),
             u.input_tokens,

@@ -19,9 +19,13 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.auth import KeyInfo
+from gateway.config import UsageConfig
+from gateway.context import RequestContext
 from gateway.store.dbfile import DatabaseFile, DatabaseLost
 from gateway.store.schema import connect
 from gateway.store.spool import recover, spool_dir
+from gateway.store.usage import UsageWriter
 
 from .conftest import PROTOCOL_MODELS, Upstream
 from .test_production import chat, make_key, prod_toml, serve  # noqa: F401 (serve: a fixture)
@@ -201,3 +205,48 @@ async def test_killed_process_mid_websocket_response(
     lost = rows["ws-1.2"]
     assert (lost["status"], lost["error_type"], lost["model"], lost["endpoint"]) == (
         499, "worker_lost", "gpt-test", "/v1/responses")
+
+
+async def test_start_lines_one_per_turn_and_recovered(tmp_path: Path) -> None:
+    """The requests that start in one loop turn and are still running at
+    its end share one compact spool line (a full 26-column row each cost
+    the hot path a snapshot and an encode per request); recovery turns each
+    of them into a worker_lost row with its key, model, upstream and size,
+    and a request that finished after its start line gets only its own row.
+    (test_a_recovered_spool_is_never_recovered_twice reads the full ``s``
+    lines of files written by the previous version.)"""
+    db = tmp_path / "gateway.db"
+    connect(db).close()
+    writer = UsageWriter(db, UsageConfig(), spool=spool_dir(db))
+    spool = writer._spool
+    assert spool is not None
+    key = KeyInfo(7, 3, "ws", "k", "gw-abc", "default", 1.0, frozenset(), None, None, None, None, None, None, None)
+    ctxs = []
+    for i in range(40):
+        ctx = RequestContext(f"run-{i}", time.perf_counter(), endpoint="/v1/chat/completions", key=key,
+                             model="gpt-test", upstream="mock", stream=i % 2 == 1, bytes_in=100 + i)
+        ctx.seq = writer.begin(ctx)
+        ctxs.append(ctx)
+    await asyncio.sleep(0)  # the end of the turn: its lines are written
+    done = ctxs.pop(0)
+    done.status = 200
+    writer.record(done.row(time.perf_counter()), done.seq)
+    await asyncio.sleep(0)
+    data = (spool.directory / spool.name).read_bytes()
+    lines = data.splitlines()
+    assert [orjson.loads(line)[0] for line in lines] == ["b", "d"]
+    assert len(lines[0]) < 40 * 100, "start records as long as full rows"
+    os.close(spool.fd)  # the process dies: its lock goes with it
+    conn = connect(db)
+    assert recover(conn, spool.directory) == 40
+    rows = rows_by_id(conn.execute("SELECT * FROM usage_events").fetchall())
+    conn.close()
+    assert (rows["run-0"]["status"], rows["run-0"]["error_type"]) == (200, None)
+    for i in range(1, 40):
+        r = rows[f"run-{i}"]
+        assert (r["status"], r["error_type"], r["workspace_id"], r["key_id"], r["model"], r["upstream"]) == (
+            499, "worker_lost", 3, 7, "gpt-test", "mock")
+        assert (r["endpoint"], r["stream"], r["bytes_in"], r["input_tokens"], r["cost"]) == (
+            "/v1/chat/completions", i % 2, 100 + i, 0, 0.0)
+        assert r["ts"] == ctxs[i - 1].ts
+    await writer._sink.close()

@@ -15,18 +15,24 @@ still waiting in its in-memory queue nor the requests it was serving.
 - Lines: ``["d", seq, *row]`` a finished request's row (``seq`` numbers
   the process's requests); ``["x", seq]`` a finished request that makes no
   row itself (a WebSocket connection, whose responses have their own rows);
-  ``["s", seq, *row]`` a request in flight, as far
-  as it has got (written at the end of the loop turn it started in, and again
-  while it runs long and changes, by the usage writer); a plain ``[*row]``
-  is a finished row of an older version's file.
+  ``["b", [seq, *start], ...]`` the requests that started in one loop turn
+  and were still running at its end, one line for all of them, each with
+  only what its ``worker_lost`` row needs and recovery cannot fill in (the
+  ``START`` columns: who, what, where to; a request that has seen nothing
+  from an upstream has no usage, cost or timings yet); ``["s", seq, *row]``
+  a request in flight, as far as it has got (written again while it runs
+  long and changes, by the usage writer, and for a request that had already
+  heard from its upstream by the end of its first turn); a plain ``[*row]``
+  is a finished row of an older version's file. Older versions wrote an
+  ``s`` line where ``b`` lines are now: recovery reads both.
 - Each batch the usage writer commits stores the spool offset just past its
   last row in ``usage_spool`` *in the same transaction* as the rows, so the
   database always says exactly which finished rows of the file it holds.
 - ``recover`` (at start-up of every gateway process, and in the supervisor
   after a worker dies) takes every unlocked file, inserts the finished rows
   past the stored offset, and, for each request with an ``s`` line and no
-  ``d`` line anywhere in the file, its last ``s`` row as status 499 with
-  error_type ``worker_lost`` (with whatever usage it had seen); then it
+  ``d`` line anywhere in the file, its last ``b`` or ``s`` row as status
+  499 with error_type ``worker_lost`` (with whatever usage it had seen); then it
   marks the file recovered in the same transaction and deletes it. Each row
   therefore lands exactly once.
 - A writer whose queue is empty rotates to a fresh file once its file is
@@ -116,6 +122,15 @@ class SpoolFile:
         self._pending.append(line)
         self.pos += len(line)
 
+    def started(self, records: list[tuple[object, ...]]) -> None:
+        """Queue one ``b`` line for the start records of requests in flight
+        (``[seq, *START values]`` each). Raises what orjson raises for a
+        value it cannot encode, queuing nothing."""
+        line = orjson.dumps(("b", *records), option=orjson.OPT_APPEND_NEWLINE)
+        self.wake()
+        self._pending.append(line)
+        self.pos += len(line)
+
     def ended(self, seq: int) -> None:
         """Queue the end of request ``seq``, which has no row of its own."""
         self.wake()
@@ -160,7 +175,7 @@ def read_rows(data: bytes, offset: int) -> tuple[list[Row], int]:
     short by a crash is not a line."""
     rows: list[Row] = []
     finished: set[int] = set()
-    unfinished: dict[int, list[Any]] = {}
+    unfinished: dict[int, list[Any]] = {}  # the row of each, as far as it got
     pos = 0
     for line in data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]:
         pos += len(line) + 1
@@ -173,23 +188,44 @@ def read_rows(data: bytes, offset: int) -> tuple[list[Row], int]:
             if pos > offset:
                 rows.append(pad_row(values))
             continue
-        tag, seq = values[0], values[1]
+        tag = values[0]
+        if tag == "b":
+            for record in values[1:]:
+                if record[0] not in finished:
+                    unfinished[record[0]] = _started_row(record)
+            continue
+        seq = values[1]
         if tag in ("d", "x"):
             finished.add(seq)
             unfinished.pop(seq, None)
             if tag == "d" and pos > offset:
                 rows.append(pad_row(values[2:]))
         elif seq not in finished:
-            unfinished[seq] = values[2:]
-    lost = [_worker_lost(pad_row(v)) for v in unfinished.values()]
+            unfinished[seq] = list(pad_row(values[2:]))
+    lost = [_worker_lost(v) for v in unfinished.values()]
     return rows + lost, len(lost)
 
 
+# The columns of a ``b`` line's start record, after its seq, and what the
+# other columns of such a request's row hold (nothing seen from an upstream).
+START = ("ts", "request_id", "workspace_id", "key_id", "endpoint", "model", "upstream", "stream", "bytes_in")
+_NOT_STARTED: dict[str, Any] = {
+    "status": 0, "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0, "reasoning_tokens": 0, "images": 0,
+    "video_tokens": 0, "cost": 0.0, "latency_ms": 0.0, "bytes_out": 0, "cache_write_tokens": 0,
+    "cache_write_1h_tokens": 0,
+}
+_START_AT = [COLUMNS.index(c) for c in START]
 _STATUS, _ERROR_TYPE = COLUMNS.index("status"), COLUMNS.index("error_type")
 
 
-def _worker_lost(row: Row) -> Row:
-    values = list(row)
+def _started_row(record: list[Any]) -> list[Any]:
+    values = [_NOT_STARTED.get(c) for c in COLUMNS]
+    for i, v in zip(_START_AT, record[1:], strict=True):
+        values[i] = v
+    return values
+
+
+def _worker_lost(values: list[Any]) -> Row:
     values[_STATUS], values[_ERROR_TYPE] = 499, "worker_lost"
     return tuple(values)
 

@@ -15,8 +15,9 @@ Ordering and delivery guarantees:
   failed batch is put back at the front of the queue and retried.
 - ``close`` drains everything that was recorded before it was called.
 - Requests in flight: ``begin`` registers one (it costs a dict insert; its
-  spool line is made at the end of the loop turn, when its key and model are
-  known, and skipped if it finished within that turn), ``record(row, seq)``
+  spool start record is made at the end of the loop turn, when its key and
+  model are known, and skipped if it finished within that turn; the records
+  of one turn share one line), ``record(row, seq)``
   ends it. The run loop snapshots requests running longer than
   ``CHECKPOINT_S`` whose progress changed (status, bytes, usage seen) at
   most once per ``CHECKPOINT_S``. So if the process dies, spool recovery
@@ -74,6 +75,11 @@ class InFlight(Protocol):
 
     def snapshot(self, now: float) -> Row:
         """Its row as far as it has got."""
+        ...
+
+    def start(self, seq: int) -> tuple[object, ...] | None:
+        """Its spool start record (gateway.store.spool.START), or None once
+        it has heard from an upstream."""
         ...
 
     def progress(self) -> tuple[object, ...]:
@@ -234,23 +240,42 @@ class UsageWriter:
         spool = self._spool
         assert spool is not None
         self._spooled[seq] = req.progress()
-        spool.in_flight(seq, req.snapshot(now))
+        row = req.snapshot(now)
+        try:
+            spool.in_flight(seq, row)
+        except (TypeError, ValueError):  # a value the spool cannot encode (orjson)
+            spool.in_flight(seq, self._cleaned(row))
 
     def _write_started(self) -> None:
-        """Spool lines for the requests started this loop turn and still
-        running (called by the spool just before its write)."""
+        """One spool line for the requests started this loop turn and still
+        running (called by the spool just before its write): their start
+        records, built and encoded together, a small fraction of full rows'
+        cost (most requests end before a checkpoint, so no progress() is
+        kept either)."""
         started, self._started = self._started, []
         if not started:
             return
-        now = perf_counter()
         in_flight = self._in_flight
         spool = self._spool
         assert spool is not None
+        records = []
         for seq in started:
             req = in_flight.get(seq)
             if req is not None:
-                # No progress() kept: most requests end before a checkpoint.
-                spool.in_flight(seq, req.snapshot(now))
+                record = req.start(seq)
+                if record is not None:
+                    records.append(record)
+                else:  # heard from its upstream already: all it has seen
+                    self._spool_in_flight(seq, req, perf_counter())
+        if records:
+            try:
+                spool.started(records)
+            except (TypeError, ValueError):  # a value the spool cannot encode (orjson): full rows, cleared
+                now = perf_counter()
+                for record in records:
+                    n = record[0]
+                    assert isinstance(n, int)
+                    self._spool_in_flight(n, in_flight[n], now)
 
     def _checkpoint(self) -> None:
         """Bring the spool lines of long requests up to date (those whose
