@@ -174,7 +174,16 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     if sum(1 for c in open_conns if c.key_id == key.id) >= server.websockets_per_key:
         raise RateLimited(f"This key has {server.websockets_per_key} WebSockets open already: close one, or send "
                           "POST /v1/responses.", code="too_many_websockets", headers={"Retry-After": "10"})
-    await ws.prepare(request)
+    conn = Connection(ws, _upstream_headers(request), server.max_body_bytes, gw.keys.key_hash(request), key.id,
+                      time.monotonic() + server.websocket_lifetime_s)
+    # Counted before the upgrade's first await, so that upgrades of one key
+    # arriving together cannot all pass the check above.
+    open_conns.add(conn)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        open_conns.discard(conn)
+        raise
     ctx.status = 101
     writer = gw.writer
     assert writer is not None
@@ -183,9 +192,6 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
     # response, not one for the connection.
     writer.end(ctx.seq)
     ctx.seq = None
-    conn = Connection(ws, _upstream_headers(request), server.max_body_bytes, gw.keys.key_hash(request), key.id,
-                      time.monotonic() + server.websocket_lifetime_s)
-    open_conns.add(conn)
     # Frames are read here and answered one at a time by ``serve``, so a
     # client that closes mid-answer is seen at once and its upstream
     # request cancelled (status 499), as for HTTP.
@@ -221,6 +227,9 @@ async def serve(request: web.Request, gw: Gateway, conn: Connection, key: KeyInf
     idle_s = gw.config.server.websocket_idle_s
     try:
         while True:
+            if conn.closing:
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                return
             left = conn.ends + idle_s - time.monotonic()
             try:
                 async with asyncio.timeout(max(0.0, min(idle_s, left))):
@@ -232,9 +241,6 @@ async def serve(request: web.Request, gw: Gateway, conn: Connection, key: KeyInf
             if conn.close_after is not None:
                 code, reason = conn.close_after
                 await conn.ws.close(code=code, message=reason)
-                return
-            if conn.closing:
-                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
                 return
     except asyncio.CancelledError:
         return
@@ -477,7 +483,7 @@ async def close_websockets(app: web.Application) -> None:
     conns: set[Connection] = app[WEBSOCKETS]
     for conn in list(conns):
         conn.closing = True
-        if not conn.busy:
+        if not conn.busy and conn.ws.prepared:  # one still upgrading closes when it sees ``closing``
             await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 

@@ -296,3 +296,28 @@ async def test_open_sockets_per_key_are_bounded(make_gateway: GatewayFactory, up
     assert (await create(third, input="x"))[-1]["type"] == "response.completed"
     await second.close()
     await third.close()
+
+
+async def test_upgrades_arriving_together_stay_within_the_cap(make_gateway: GatewayFactory, upstream: Upstream,
+                                                             http: aiohttp.ClientSession) -> None:
+    """The cap is counted before the upgrade's first await: many upgrades of
+    one key at once open exactly ``websockets_per_key``, the rest get 429."""
+    gw = await make_gateway(ws_toml(upstream, "websockets_per_key = 3"))
+    key = await gw.key()
+    conns = [aiohttp.TCPConnector(force_close=True) for _ in range(40)]  # one connection each
+    sessions = [aiohttp.ClientSession(connector=c) for c in conns]
+    try:
+        async def upgrade(s: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse | int:
+            try:
+                return await s.ws_connect(gw.url + RESP, headers=auth(key))
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status
+
+        results = await asyncio.gather(*(upgrade(s) for s in sessions))
+        opened = [r for r in results if not isinstance(r, int)]
+        assert len(opened) == 3 and sorted(r for r in results if isinstance(r, int)) == [429] * 37, results
+        for ws in opened:
+            assert (await create(ws, input="x"))[-1]["type"] == "response.completed"
+            await ws.close()
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
