@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,14 @@ PRICE_FIELDS: dict[str, dict[str, frozenset[str]]] = {
     },
 }
 PRICE_FIELD_NAMES = frozenset(k for fields in PRICE_FIELDS.values() for k in fields)
+# Responses fields naming an object stored at the provider under the shared
+# account (a conversation, a dashboard prompt), which no workspace owns:
+# refused unless the model's ``allow_stored`` names the field
+# (docs/security.md, "Stored provider objects").
+STORED_FIELDS = frozenset({"conversation", "prompt"})
+# A name in ``allow_tools``: a server tool's type without its version date
+# (web_search, web_search_preview, code_execution, file_search, ...).
+TOOL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 class ConfigError(Exception):
@@ -271,6 +280,10 @@ class ModelConfig:
     max_output_tokens: int | None = None
     # Non-standard values of PRICE_FIELDS a client may send for this model.
     allow_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Server tools (gateway.intake.check_tools) and STORED_FIELDS a client
+    # may send for this model.
+    allow_tools: frozenset[str] = frozenset()
+    allow_stored: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +523,14 @@ def _model(t: _Table, upstreams: set[str]) -> ModelConfig:
             raise ConfigError(f"{allow.where}.{key}: expected an array of values (strings)")
         allowed[key] = frozenset(values)
     allow.done()
-    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"), max_output, allowed)
+    tools = t.array("allow_tools")
+    if not all(isinstance(v, str) and TOOL_NAME.fullmatch(v) for v in tools):
+        raise ConfigError(f"{t.where}.allow_tools: expected an array of tool names (lower case, like \"web_search\")")
+    stored = t.array("allow_stored")
+    if not all(isinstance(v, str) and v in STORED_FIELDS for v in stored):
+        raise ConfigError(f"{t.where}.allow_stored: expected an array of {', '.join(sorted(STORED_FIELDS))}")
+    m = ModelConfig(name, tuple(routes), price, t.text("owned_by", "gateway"), max_output, allowed,
+                    frozenset(tools), frozenset(stored))
     t.done()
     return m
 

@@ -12,6 +12,7 @@ Doors: the model endpoints (gateway.proxy), video tasks and assets
 from __future__ import annotations
 
 import asyncio
+import re
 from time import perf_counter
 from typing import Any
 
@@ -20,7 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import KeyInfo
 from .bounds import shown
-from .config import PRICE_FIELDS, ModelConfig
+from .config import PRICE_FIELDS, STORED_FIELDS, ModelConfig
 from .context import Gateway, RequestContext
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .logs import log_request
@@ -105,6 +106,94 @@ def check_price_fields(fields: dict[str, frozenset[str]], obj: dict[str, Any], m
 
 OPENAI_PRICE_FIELDS = PRICE_FIELDS["openai"]
 ANTHROPIC_PRICE_FIELDS = PRICE_FIELDS["anthropic"]
+
+
+def check_body(obj: dict[str, Any], model_cfg: ModelConfig, anthropic: bool) -> None:
+    """What a billed request's body (the client's, before any translation)
+    may ask of the provider beyond tokens at the model's price: its price
+    flags, server tools and stored objects (the checks below), each a 400
+    before anything goes upstream unless the model allows it. ``anthropic``:
+    the body is a Messages request, else an OpenAI one."""
+    check_price_fields(ANTHROPIC_PRICE_FIELDS if anthropic else OPENAI_PRICE_FIELDS, obj, model_cfg)
+    check_tools(obj, model_cfg, anthropic)
+
+
+# Server tools (docs/security.md, "Server tools"): a tool the provider runs
+# itself (web search and fetch, code execution, file search, image
+# generation, a hosted shell, MCP) may be charged per call, which a row billed
+# in tokens does not show. A tool passes without the model's allow_tools
+# only if its type says the client runs it; any other type, a newer version
+# or another spelling of a known one included, is taken for a server tool.
+_OPENAI_CLIENT_TOOLS = frozenset({"function", "custom", "local_shell", "apply_patch", "computer",
+                                  "computer_use_preview"})
+_ANTHROPIC_CLIENT_TOOLS = frozenset({"custom", "function"})
+# Tools Anthropic defines and the client runs, by version (bash_20250124).
+_ANTHROPIC_CLIENT = re.compile(r"(?:bash|text_editor|computer|memory)_[0-9]{8}")
+# A server tool's name in allow_tools: its type without a version date
+# (Anthropic's web_search_20250305, OpenAI's web_search_2025_08_26).
+_TOOL_NAME = re.compile(r"([a-z][a-z0-9_]*?)(?:_[0-9]{8}|_[0-9]{4}_[0-9]{2}_[0-9]{2})?")
+_STORED = tuple(sorted(STORED_FIELDS))  # in a fixed order: the first refused is named
+
+
+def check_tools(obj: dict[str, Any], model_cfg: ModelConfig, anthropic: bool) -> None:
+    """400 ``tool_not_allowed`` for a server tool the model's
+    ``allow_tools`` does not name (in ``tools``, or Chat Completions'
+    ``web_search_options``), 400 ``field_not_allowed`` for a provider-side
+    object (a Responses ``conversation`` or stored ``prompt``) unless its
+    ``allow_stored`` names the field. A few dict lookups, and one pass over
+    ``tools`` when the request has tools."""
+    tools = obj.get("tools")
+    if tools.__class__ is list:  # anything else is the upstream's (or the translator's) 400
+        _check_list(tools, "tools", model_cfg, anthropic, True)
+    if anthropic:
+        return
+    if obj.get("web_search_options") is not None and "web_search" not in model_cfg.allow_tools:
+        raise BadRequest(f"'web_search_options' asks for web search, which is not allowed on the model "
+                         f"'{model_cfg.name}': the provider charges for each search. Leave it out.",
+                         code="tool_not_allowed", param="web_search_options")
+    for name in _STORED:
+        value = obj.get(name)
+        # Responses' prompt is an object; a string prompt (images, completions) is text.
+        if value is None or name in model_cfg.allow_stored or (name == "prompt" and not isinstance(value, dict)):
+            continue
+        raise BadRequest(f"'{name}' names an object stored at the provider, which is not allowed on the model "
+                         f"'{model_cfg.name}'. Send the whole input (or previous_response_id) instead.",
+                         code="field_not_allowed", param=name)
+
+
+def _check_list(tools: list[Any], at: str, model_cfg: ModelConfig, anthropic: bool, top: bool) -> None:
+    client = _ANTHROPIC_CLIENT_TOOLS if anthropic else _OPENAI_CLIENT_TOOLS
+    for i, t in enumerate(tools):
+        # The common case inline: a function tool (no type: OpenAI's function,
+        # Anthropic's custom; not a tool at all: the upstream's 400).
+        kind = t.get("type") if t.__class__ is dict else None
+        if kind is not None and (kind.__class__ is not str or kind not in client):
+            _check_tool(t, kind, f"{at}[{i}]", model_cfg, anthropic, top)
+
+
+def _check_tool(t: dict[str, Any], kind: Any, where: str, model_cfg: ModelConfig, anthropic: bool,
+                top: bool) -> None:
+    """A tool whose type is not among the client ones: allowed, or a 400."""
+    if isinstance(kind, str):
+        if anthropic:
+            if _ANTHROPIC_CLIENT.fullmatch(kind):
+                return
+        elif kind == "namespace" and top:  # Responses: functions under one name (one level deep)
+            inner = t.get("tools")
+            if inner.__class__ is list:
+                _check_list(inner, f"{where}.tools", model_cfg, anthropic, False)
+            return
+        elif kind == "shell":  # the client's shell, unless it asks for a hosted container
+            env = t.get("environment")
+            if env is None or (isinstance(env, dict) and env.get("type") == "local"):
+                return
+        m = _TOOL_NAME.fullmatch(kind)
+        if m is not None and m.group(1) in model_cfg.allow_tools:
+            return
+    what = f"'{shown(kind)}'" if isinstance(kind, str) else "not a string"
+    raise BadRequest(f"{where}.type = {what} is a tool the provider runs and may charge for per call, which is not "
+                     f"allowed on the model '{model_cfg.name}'. Send function tools only, or leave it out.",
+                     code="tool_not_allowed", param=f"{where}.type")
 
 
 # The fields of a chat request (any of the three protocols) that are its input.

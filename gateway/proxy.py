@@ -43,15 +43,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .errors import Protocol as ErrorShape
-from .intake import (
-    ANTHROPIC_PRICE_FIELDS,
-    OPENAI_PRICE_FIELDS,
-    admit,
-    admit_free,
-    check_price_fields,
-    read_body,
-    resolve_model,
-)
+from .intake import admit, admit_free, check_body, read_body, resolve_model
 from .protocols.base import Counter, Decompressed, Endpoint, Prepared, UsageReader
 from .routing import DENIED, NORMAL, Target
 from .translate import PATHS, TranslatedStream, client_error, pair
@@ -178,8 +170,7 @@ async def handle_json(request: web.Request, endpoint: Endpoint) -> web.StreamRes
     if endpoint.free:
         admit_free(gw, ctx, key)
     else:
-        check_price_fields(ANTHROPIC_PRICE_FIELDS if endpoint.errors is ErrorShape.ANTHROPIC else OPENAI_PRICE_FIELDS,
-                           obj, model_cfg)
+        check_body(obj, model_cfg, endpoint.errors is ErrorShape.ANTHROPIC)
         await admit(gw, ctx, key)
     if endpoint.name == "count_tokens" and not any("messages" in t.upstream.protocols
                                                    for t in gw.router.plan(model_cfg.name)):

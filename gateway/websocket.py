@@ -61,7 +61,7 @@ from .bounds import shown
 from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import BadRequest, GatewayError, RateLimited, Unauthorized
 from .errors import Protocol as ErrorShape
-from .intake import OPENAI_PRICE_FIELDS, admit, admit_free, check_price_fields, finish, resolve_model
+from .intake import admit, admit_free, check_body, finish, resolve_model
 from .protocols.base import Endpoint, Prepared, SSEEvents, Usage, UsageReader, check_model, event_data, parse_object
 from .protocols.responses import HEAD_BYTES, Responses, response_id
 from .proxy import Bridge, forward, model_targets, read_chunk
@@ -285,7 +285,7 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         model = check_model(frame.get("model"))
         ctx.model = model  # the row bounds it
         ctx.model_cfg = model_cfg = resolve_model(gw, key, model)
-        check_price_fields(OPENAI_PRICE_FIELDS, frame, model_cfg)
+        check_body(frame, model_cfg, False)
         body = {k: v for k, v in frame.items() if k not in ("type", "generate")}
         body["stream"] = True
         whole = conn.expand(body)

@@ -107,9 +107,13 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 
 
 # Top-level keys the gateway reads to decide (what to route and bill, how to
-# read usage, which price tier it lets through: config.PRICE_FIELDS), and the
-# nested one inside stream_options.
-DECIDING_KEYS = ("model", "stream", "stream_options", "service_tier", "speed", "inference_geo")
+# read usage, which price tier, server tool and stored object it lets through:
+# config.PRICE_FIELDS, gateway.intake.check_tools), and the nested one inside
+# stream_options. Not ``tools``: it is in most agent requests, and recurs
+# nested (Responses namespaces), so neither the byte scan below nor the
+# careful check can afford it (docs/security.md, "Server tools").
+DECIDING_KEYS = ("model", "stream", "stream_options", "service_tier", "speed", "inference_geo",
+                 "web_search_options", "conversation", "prompt")
 
 
 _NAMES = (*DECIDING_KEYS, "include_usage")
@@ -163,7 +167,11 @@ def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
     upstream that reads ``1`` or ``"true"`` as true would stream while the
     gateway reads the answer as a plain body)."""
     obj = parse_object(raw)
-    if _maybe_ambiguous(raw):
+    # The last three deciding keys are rare at the top level (an images or
+    # completions prompt, or what a model must allow): rather than the byte
+    # scan looking for them in every body, the careful check runs whenever
+    # one is there.
+    if _maybe_ambiguous(raw) or "conversation" in obj or "prompt" in obj or "web_search_options" in obj:
         refuse_duplicates(raw)
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, bool):

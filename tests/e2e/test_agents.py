@@ -42,6 +42,8 @@ routes = [{{ upstream = "mock-anthropic" }}]
 [[models]]
 name = "gpt-e2e"
 routes = [{{ upstream = "mock" }}]
+# Codex declares OpenAI's hosted web search in every request (docs/clients.md).
+allow_tools = ["web_search"]
 """
 
 

@@ -141,7 +141,10 @@ async def test_codex_tool_loop_on_another_upstream(make_gateway: GatewayFactory,
            "-c", 'model_provider="gateway"', "-c", 'model_providers.gateway.name="gateway"',
            "-c", f'model_providers.gateway.base_url="{gw.url}/v1"',
            "-c", 'model_providers.gateway.env_key="GATEWAY_API_KEY"',
-           "-c", 'model_providers.gateway.wire_api="responses"']
+           "-c", 'model_providers.gateway.wire_api="responses"',
+           # Codex asks for OpenAI's hosted web search by default, which the
+           # gateway refuses unless the model allows it (docs/clients.md).
+           "-c", 'web_search="disabled"']
     r = await run([*cmd, "Print the marker with a shell command."], env, work)
     assert r.rc == 0, r.err + r.out
     assert ECHO in r.out
