@@ -708,12 +708,17 @@ def embedded_config(env: Mapping[str, str] | None = None, db_path: Path = Path("
                     mock_base_url: str = BUNDLED_MOCK_URL) -> Config:
     """The configuration used when no file is given: SQLite in the working
     directory, the bundled mock upstream (models ``mock-gpt``,
-    ``mock-gpt-mini``), OpenAI models when ``OPENAI_API_KEY`` is set, and
-    the admin API and console when ``GATEWAY_ADMIN_TOKEN`` is set."""
+    ``mock-gpt-mini``), OpenAI models when ``OPENAI_API_KEY`` is set (all
+    allowing web search), and the admin API and console when
+    ``GATEWAY_ADMIN_TOKEN`` is set."""
     env = os.environ if env is None else env
     upstreams = [UpstreamConfig(name=MOCK_UPSTREAM, kind="openai", base_url=mock_base_url)]
+    # Web search allowed (docs/clients.md): Codex declares it in every
+    # request, and the embedded default is meant to work with it as installed.
+    search = frozenset({"web_search"})
     models = [
-        ModelConfig(m, (Route(MOCK_UPSTREAM, m),), Price(input=1.0, output=2.0, cached_input=0.5), owned_by="mock")
+        ModelConfig(m, (Route(MOCK_UPSTREAM, m),), Price(input=1.0, output=2.0, cached_input=0.5), owned_by="mock",
+                    allow_tools=search)
         for m in MOCK_MODELS
     ]
     if env.get("OPENAI_API_KEY"):
@@ -721,7 +726,7 @@ def embedded_config(env: Mapping[str, str] | None = None, db_path: Path = Path("
             name="openai", kind="openai", base_url="https://api.openai.com/v1",
             api_key_env="OPENAI_API_KEY", api_key=env["OPENAI_API_KEY"],
         ))
-        models += [ModelConfig(m, (Route("openai", m),), owned_by="openai") for m in OPENAI_MODELS]
+        models += [ModelConfig(m, (Route("openai", m),), owned_by="openai", allow_tools=search) for m in OPENAI_MODELS]
     admin = AdminConfig()
     return Config(
         database=DatabaseConfig(db_path.resolve()),

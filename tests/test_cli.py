@@ -4,7 +4,9 @@ check-config, serve (revocation while it runs, SIGTERM under load), demo."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -207,6 +209,15 @@ def test_demo_prints_a_working_curl_line(tmp_path: Path) -> None:
             curl = next(x for x in lines if "curl" in x).strip()
             out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
             assert '"object":"chat.completion"' in out.stdout
+            # What Codex sends in every request (a web search tool) works on
+            # the embedded default as installed.
+            key = re.search(r"Bearer (\S+?)['\"]", curl)
+            assert key is not None
+            codex = {"model": "mock-gpt", "input": "hi", "tools": [{"type": "web_search"}]}
+            r = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/responses", "-H",
+                                f"Authorization: Bearer {key.group(1)}", "-H", "Content-Type: application/json",
+                                "-d", json.dumps(codex)], capture_output=True, text=True, timeout=30)
+            assert '"object":"response"' in r.stdout, r.stdout
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
