@@ -3,11 +3,13 @@ side by side in one run on this machine.
 
     python bench/multinode.py [--duration 10] [--writer-seconds 60] [--writer-rate 20000]
                               [--retention-rows 10000000] [--only gateways,writer,retention] [--out FILE]
+    python bench/multinode.py --only cpu --compare DIR [--rounds 3] [--duration 4]
 
 1. gateways: the fast mock upstream; one gateway on SQLite; two gateway
    instances on PostgreSQL + Redis. wrk at c=1 (latency) and c=32
    (throughput) against each, with a key without limits (no Redis call) and
-   a key with an RPM limit (one Lua round trip per request). Then both
+   a key with an RPM limit of 10^9 (Redis grants permits: one Lua round
+   trip per 33 requests, see gateway/redis_limits.py). Then both
    PostgreSQL instances loaded at once. Usage rows are counted against
    requests sent.
 2. writer: two processes, each a UsageWriter on PostgreSQL recording
@@ -18,6 +20,15 @@ side by side in one run on this machine.
    DROP. The day is checkpointed and its files evicted from the page cache
    first, as a day ``retention_days`` old is (``--retention-cached`` keeps
    them cached, as just filled).
+
+cpu (``--only cpu --compare DIR``, DIR holding other code of the gateway,
+e.g. ``git archive main | tar -x -C DIR``): a SQLite instance, and a
+PostgreSQL + Redis instance of each code (key with RPM 10^9), measured in
+turn for ``--rounds`` rounds: c=1 p50, and at c=32 the gateway's CPU per
+request (user + system from /proc, which other load on the machine does
+not move as it moves req/s) and Redis's (INFO cpu; the machine's shared
+Redis, so other clients' work counts too), and Redis's admission scripts
+(EVALSHA, settles included) per request.
 
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (databases
 and key prefixes of its own, removed after) and wrk.
@@ -45,7 +56,9 @@ from run import CHAT, PY, WRK_UNSENT, Load, proc, wrk  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432/"
 REDIS = "redis://127.0.0.1:6379/0"
-MOCK, SQLITE_GW, PG_GW1, PG_GW2 = 19400, 19401, 19402, 19403
+MOCK, SQLITE_GW, PG_GW1, PG_GW2, OTHER_GW = 19400, 19401, 19402, 19403, 19404
+RPM = 10**9  # the bench key's limit: never refuses, and leaves room for grants
+TICK = os.sysconf("SC_CLK_TCK")
 
 CONFIG = """
 [server]
@@ -122,8 +135,8 @@ def gateways(duration: float) -> list[str]:
         d.mkdir()
         cfgs[name] = d / "gateway.toml"
         cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=u, redis=r, mock=MOCK))
-    keys = {"sqlite": key(cfgs["sqlite"]), "sqlite-rpm": key(cfgs["sqlite"], rpm=10**9),
-            "pg": key(cfgs["pg1"]), "pg-rpm": key(cfgs["pg1"], rpm=10**9)}
+    keys = {"sqlite": key(cfgs["sqlite"]), "sqlite-rpm": key(cfgs["sqlite"], rpm=RPM),
+            "pg": key(cfgs["pg1"]), "pg-rpm": key(cfgs["pg1"], rpm=RPM)}
     chat = "/v1/chat/completions"
     results: list[tuple[str, Load, Load]] = []
     sent = {"sqlite": 0, "pg": 0}
@@ -136,10 +149,10 @@ def gateways(duration: float) -> list[str]:
             targets = [
                 ("mock upstream, direct", f"http://127.0.0.1:{MOCK}{chat}", "", None),
                 ("1 instance, SQLite", f"http://127.0.0.1:{SQLITE_GW}{chat}", keys["sqlite"], "sqlite"),
-                ("1 instance, SQLite, key with RPM", f"http://127.0.0.1:{SQLITE_GW}{chat}", keys["sqlite-rpm"],
+                ("1 instance, SQLite, key with RPM 10^9", f"http://127.0.0.1:{SQLITE_GW}{chat}", keys["sqlite-rpm"],
                  "sqlite"),
                 ("instance 1 of 2, PostgreSQL + Redis", f"http://127.0.0.1:{PG_GW1}{chat}", keys["pg"], "pg"),
-                ("instance 1 of 2, PostgreSQL + Redis, key with RPM (Redis)", f"http://127.0.0.1:{PG_GW1}{chat}",
+                ("instance 1 of 2, PostgreSQL + Redis, key with RPM 10^9 (Redis, grants)", f"http://127.0.0.1:{PG_GW1}{chat}",
                  keys["pg-rpm"], "pg"),
             ]
             for label, target, k, store in targets:
@@ -186,6 +199,95 @@ def gateways(duration: float) -> list[str]:
     lines.append("")
     lines.append(f"Usage rows: SQLite {sqlite_rows} for {sent['sqlite']} requests; PostgreSQL {pg_rows} "
                  f"for {sent['pg']} requests.")
+    return lines
+
+
+# ------------------------------------------------------------------ cpu
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def redis_stats() -> tuple[float, int]:
+    """Redis's CPU seconds (user + system) and EVALSHA calls so far."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS)
+    try:
+        info = r.info("cpu")
+        calls = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"]), int(calls)
+    finally:
+        r.close()
+
+
+def cpu(compare: Path, rounds: int, duration: float) -> list[str]:
+    """This code and the code in ``compare`` side by side (see the module
+    docstring)."""
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-cpu-"))
+    db = "gwbench_c_" + uuid.uuid4().hex[:8]
+    prefix = "gwbench-" + uuid.uuid4().hex[:8]
+    admin_sql(f"CREATE DATABASE {db}")
+    url = PG + db
+    redis = f'[redis]\nurl = "{REDIS}"\nkey_prefix = "{prefix}"'
+    here = str(HERE.parent)
+    cfgs = {}
+    for name, port, u, r in (("sqlite", SQLITE_GW, "", ""), ("this", PG_GW1, f'url = "{url}"', redis),
+                             ("other", OTHER_GW, f'url = "{url}"', redis)):
+        d = tmp / name
+        d.mkdir()
+        cfgs[name] = d / "gateway.toml"
+        cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=u, redis=r, mock=MOCK))
+    keys = {"sqlite": key(cfgs["sqlite"], rpm=RPM), "pg": key(cfgs["this"], rpm=RPM), "free": key(cfgs["this"])}
+    env = {name: {**os.environ, "PYTHONPATH": str(compare) if name == "other" else here} for name in cfgs}
+    # -P: the code comes from PYTHONPATH, not from the current directory.
+    serve = [PY, "-P", "-m", "gateway", "serve", "--config"]
+    targets = [("1 instance, SQLite, key with RPM 10^9", "sqlite", SQLITE_GW, keys["sqlite"]),
+               (f"PostgreSQL + Redis, key with RPM 10^9, {compare.name}", "other", OTHER_GW, keys["pg"]),
+               ("PostgreSQL + Redis, key with RPM 10^9, this code", "this", PG_GW1, keys["pg"]),
+               ("PostgreSQL + Redis, key without limits, this code", "this", PG_GW1, keys["free"])]
+    got: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, *_ in targets}
+    chat = "/v1/chat/completions"
+    try:
+        with proc([PY, "-m", "gateway.mock.fast", "--port", str(MOCK)], MOCK), \
+             proc([*serve, str(cfgs["sqlite"])], SQLITE_GW, env["sqlite"]) as p_sqlite, \
+             proc([*serve, str(cfgs["other"])], OTHER_GW, env["other"]) as p_other, \
+             proc([*serve, str(cfgs["this"])], PG_GW1, env["this"]) as p_this:
+            pids = {"sqlite": p_sqlite.pid, "other": p_other.pid, "this": p_this.pid}
+            time.sleep(1.0)
+            for _label, _name, port, k in targets:  # warm-up
+                wrk(f"http://127.0.0.1:{port}{chat}", CHAT, 4, 1, k)
+            for _ in range(rounds):
+                for label, name, port, k in targets:
+                    c1 = wrk(f"http://127.0.0.1:{port}{chat}", CHAT, 1, duration, k)
+                    cpu0, (rcpu0, calls0) = cpu_s(pids[name]), redis_stats()
+                    c32 = wrk(f"http://127.0.0.1:{port}{chat}", CHAT, 32, duration, k)
+                    cpu1, (rcpu1, calls1) = cpu_s(pids[name]), redis_stats()
+                    n = c32.sent - WRK_UNSENT
+                    got[label].append((c1.p50, (cpu1 - cpu0) / n * 1e6, (rcpu1 - rcpu0) / n * 1e6,
+                                       (calls1 - calls0) / n))
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        drop_redis_prefix(prefix)
+
+    def span(xs: list[float], fmt: str) -> str:
+        return f"{min(xs):{fmt}}-{max(xs):{fmt}}" if len(xs) > 1 else f"{xs[0]:{fmt}}"
+
+    lines = [
+        f"{rounds} rounds, {duration:g} s per cell, the targets in turn (ranges over rounds; vs SQLite: the "
+        "difference in each round):", "",
+        "| target | c=1 p50 (ms) | c=1 p50 vs SQLite (ms) | gateway CPU / request at c=32 (us) "
+        "| Redis CPU / request (us) | EVALSHA / request |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = got[targets[0][0]]
+    for label, rows in got.items():
+        lines.append(f"| {label} | {span([r[0] for r in rows], '.3f')} | "
+                     f"{span([r[0] - b[0] for r, b in zip(rows, base, strict=True)], '+.3f')} | "
+                     f"{span([r[1] for r in rows], '.0f')} | {span([r[2] for r in rows], '.0f')} | "
+                     f"{span([r[3] for r in rows], '.3f')} |")
     return lines
 
 
@@ -408,6 +510,8 @@ def main() -> None:
     ap.add_argument("--retention-tablespace", help="put the day's partition in a tablespace at this directory "
                     "(owned by the postgres user, empty): retention on another file system")
     ap.add_argument("--only", default="gateways,writer,retention")
+    ap.add_argument("--compare", type=Path, help="for cpu: a directory holding other code of the gateway")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     parts = a.only.split(",")
@@ -416,6 +520,10 @@ def main() -> None:
         out += [*gateways(a.duration), ""]
     if "writer" in parts:
         out += [*writer(a.writer_seconds, a.writer_rate), ""]
+    if "cpu" in parts:
+        if a.compare is None:
+            ap.error("--only cpu needs --compare DIR")
+        out += [*cpu(a.compare.resolve(), a.rounds, a.duration), ""]
     if "retention" in parts:
         out += [*retention(a.retention_rows, cold=not a.retention_cached, tablespace=a.retention_tablespace), ""]
     text = "\n".join(out)

@@ -201,6 +201,25 @@ class LocalLimiter:
             st.active += 1
         return headers
 
+    def within(self, key: KeyInfo) -> bool:
+        """Whether ``key``'s token rate and monthly quotas, as this process
+        counts them, are below their limits: ``check`` without taking
+        anything or refusing (gateway.redis_limits admits on a grant only
+        while they are)."""
+        now = self.clock()
+        if now >= self._month_end:
+            return False  # a new month: counters not reset yet; ask Redis
+        st = self._keys.get(key.id)
+        if st is not None:
+            if key.spend_limit is not None and st.spend >= key.spend_limit:
+                return False
+            if key.tpm is not None and self._tokens_in_window(st, now) >= key.tpm:
+                return False
+        ws = self._workspaces.get(key.workspace_id)
+        return ws is None or not (
+            (key.workspace_spend_limit is not None and ws.spend >= key.workspace_spend_limit)
+            or (key.workspace_token_limit is not None and ws.tokens >= key.workspace_token_limit))
+
     def release(self, key: KeyInfo) -> None:
         """End of an admitted request of ``key`` (frees its concurrency slot)."""
         if key.max_concurrency is not None:

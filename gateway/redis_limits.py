@@ -1,7 +1,7 @@
 """Limits shared by every gateway instance, kept in Redis (``[redis] url``).
 
 One Lua script checks and takes in one round trip, atomically, so N
-instances admit exactly what one would:
+instances admit exactly what one would (but see grants, below):
 
 - RPM: a sliding 60 s log per key (a sorted set of admitted requests,
   scored by time): exact, the same rule as the local limiter. Memory is
@@ -19,6 +19,35 @@ instances admit exactly what one would:
   the month's totals from the database (at start, and again after Redis
   lost its data), so Redis holds what the database holds plus what was
   settled since.
+
+Grants. A round trip to Redis on every request costs more than the
+gateway may add to a request (0.1 ms), so an admission may also grant this
+instance permits to admit the key's next requests on its own, for
+GRANT_TTL_S (1 s):
+
+- Only keys without a concurrency limit (every request of such a key
+  takes a slot in Redis), and only while every limit of the key has ample
+  room: RPM while at least GRANT_MIN_HEADROOM (100) places of the window
+  are free, TPM and the quotas while each is at most GRANT_FRACTION (75 %)
+  used. At most GRANT_MAX (32) permits, and for RPM at most an eighth of
+  the free places, so instances asking at once share what is left.
+- RPM permits are taken in the window at once (members
+  ``<instance>:<seq>:<i>``, scored at the grant): N instances together
+  never admit more than the RPM. A permit used is moved to its request's
+  time by the next settle batch (the window stays exact up to the settle
+  delay); those left unused when the grant ends are removed by it. An
+  instance that dies leaves its unused permits to age out of the window
+  within 60 s: fewer admissions, never more.
+- TPM and quotas are read, not taken: within a grant an instance adds only
+  what it settles itself (its LocalLimiter, which counts every settle, and
+  the grant's own token count); what other instances settle meanwhile is
+  seen at the next grant. A key may so pass its TPM or a quota by what N
+  instances admit in GRANT_TTL_S once it is past 75 %: like the requests
+  in flight, whose tokens are unknown until they end.
+
+While one request of a key asks Redis for permits, the key's other
+requests on this instance wait for its answer (when the key's last
+asking admission got permits) rather than asking too.
 
 Tokens and cost are reconciled after the response (``settle``): settles and
 releases are summed per key for a few milliseconds and sent as one batch
@@ -79,13 +108,26 @@ MONTH_TTL_S = 40 * 86400
 # answers, far sooner than this.
 BATCH_TTL_S = 86400
 
+# Grants (see the module docstring): how many permits an admission may add,
+# and when. RPM: only while the window has GRANT_MIN_HEADROOM free places,
+# and an eighth of what is free at most; TPM and quotas: only while each is
+# at most GRANT_FRACTION used.
+GRANT_MAX = 32
+GRANT_MIN_HEADROOM = 100
+GRANT_DIVISOR = 8
+GRANT_FRACTION = 0.75
+GRANT_TTL_S = 1.0
+
 # KEYS: rpm zset, tpm hash, concurrency zset, month quota hash.
 # ARGV: now_ms, rpm, tpm, concurrency, key spend limit, workspace spend
-# limit, workspace token limit (-1: none), member, lease_ms, and the quota
-# hash's field names for the key's spend, the workspace's spend and tokens.
+# limit, workspace token limit (-1: none), member, lease_ms, the quota
+# hash's field names for the key's spend, the workspace's spend and tokens,
+# and 1 when this instance asks for permits (a grant), else 0.
 # Returns {code, wait_ms, seeded, tokens_used, tokens_reset_ms, requests,
-# requests_reset_ms}; code 0 admits, 1..6 name the limit that refused.
-ADMIT = """
+# requests_reset_ms, permits}; code 0 admits, 1..6 name the limit that
+# refused. The permits granted are taken in the RPM window at once, as
+# members <member>:1 .. <member>:<permits>.
+ADMIT = f"""
 local now = tonumber(ARGV[1])
 local rpm, tpm, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local kspend, wspend, wtok = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -93,18 +135,19 @@ local member, lease = ARGV[8], tonumber(ARGV[9])
 local seeded = 1
 local q = redis.call('HMGET', KEYS[4], 'seeded', ARGV[10], ARGV[11], ARGV[12])
 if not q[1] then seeded = 0 end
-if kspend >= 0 and tonumber(q[2] or '0') >= kspend then return {1, 0, seeded, 0, 0, 0, 0} end
-if wspend >= 0 and tonumber(q[3] or '0') >= wspend then return {2, 0, seeded, 0, 0, 0, 0} end
-if wtok >= 0 and tonumber(q[4] or '0') >= wtok then return {3, 0, seeded, 0, 0, 0, 0} end
+local ks, ws, wt = tonumber(q[2] or '0'), tonumber(q[3] or '0'), tonumber(q[4] or '0')
+if kspend >= 0 and ks >= kspend then return {{1, 0, seeded, 0, 0, 0, 0, 0}} end
+if wspend >= 0 and ws >= wspend then return {{2, 0, seeded, 0, 0, 0, 0, 0}} end
+if wtok >= 0 and wt >= wtok then return {{3, 0, seeded, 0, 0, 0, 0, 0}} end
 local used, treset = 0, 0
 if tpm >= 0 then
   local h = redis.call('HGETALL', KEYS[2])
   local cutoff = math.floor(now / 1000) - 60
-  local buckets = {}
+  local buckets = {{}}
   for i = 1, #h, 2 do
     local s, n = tonumber(h[i]), tonumber(h[i + 1])
     if s <= cutoff then redis.call('HDEL', KEYS[2], h[i])
-    else used = used + n; buckets[#buckets + 1] = {s, n} end
+    else used = used + n; buckets[#buckets + 1] = {{s, n}} end
   end
   table.sort(buckets, function(a, b) return a[1] < b[1] end)
   if #buckets > 0 then treset = (buckets[1][1] + 60) * 1000 - now end
@@ -114,7 +157,7 @@ if tpm >= 0 then
       left = left - b[2]
       if left < tpm then wait = (b[1] + 60) * 1000 - now; break end
     end
-    return {4, wait, seeded, used, treset, 0, 0}
+    return {{4, wait, seeded, used, treset, 0, 0, 0}}
   end
 end
 local n = 0
@@ -123,25 +166,38 @@ if rpm >= 0 then
   n = redis.call('ZCARD', KEYS[1])
   if n >= rpm then
     local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    return {5, tonumber(first[2]) + 60000 - now, seeded, used, treset, n, 0}
+    return {{5, tonumber(first[2]) + 60000 - now, seeded, used, treset, n, 0, 0}}
   end
 end
 if conc >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then return {6, 1000, seeded, used, treset, 0, 0} end
+  if redis.call('ZCARD', KEYS[3]) >= conc then return {{6, 1000, seeded, used, treset, 0, 0, 0}} end
   redis.call('ZADD', KEYS[3], now + lease, member)
   redis.call('PEXPIRE', KEYS[3], lease)
+end
+local grant = 0
+if ARGV[13] == '1' and conc < 0 then
+  grant = {GRANT_MAX}
+  local f = {GRANT_FRACTION!r}
+  if (tpm >= 0 and used > tpm * f) or (kspend >= 0 and ks > kspend * f) or (wspend >= 0 and ws > wspend * f)
+      or (wtok >= 0 and wt > wtok * f) then grant = 0 end
+  if rpm >= 0 then
+    if rpm - n < {GRANT_MIN_HEADROOM} then grant = 0
+    else grant = math.min(grant, math.floor((rpm - n - 1) / {GRANT_DIVISOR})) end
+  end
 end
 local rreset = 0
 if rpm >= 0 then
   local oldest = now
   if n > 0 then oldest = math.min(now, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])) end
-  redis.call('ZADD', KEYS[1], now, member)
+  local z = {{now, member}}
+  for i = 1, grant do z[#z + 1] = now; z[#z + 1] = member .. ':' .. i end
+  redis.call('ZADD', KEYS[1], unpack(z))
   redis.call('PEXPIRE', KEYS[1], 60000)
   n = n + 1
   rreset = oldest + 60000 - now
 end
-return {0, 0, seeded, used, treset, n, rreset}
+return {{0, 0, seeded, used, treset, n, rreset, grant}}
 """
 
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
@@ -162,7 +218,9 @@ return 0
 # index into KEYS, a, b):
 #   h  HINCRBY key a b, then EXPIRE 120 s        (b tokens in second a)
 #   f  HINCRBYFLOAT key a b, then EXPIRE a month (quota field a)
-#   z  ZREM key a                                (a concurrency slot released)
+#   z  ZREM key a                                (a concurrency slot released,
+#                                                 a permit given back unused)
+#   x  ZADD key XX b a                           (a permit used at time b, ms)
 # Returns {0} when the batch was applied before (its reply was lost), else
 # {1, then for each operation Redis refused: its number (from 0) and the
 # error's first word}. Batches of one
@@ -181,6 +239,8 @@ for i = 2, #ARGV, 4 do
   elseif op == 'f' then
     r = redis.pcall('HINCRBYFLOAT', k, a, b)
     if type(r) ~= 'table' then redis.call('EXPIRE', k, {MONTH_TTL_S}) end
+  elseif op == 'x' then
+    r = redis.pcall('ZADD', k, 'XX', b, a)
   else
     r = redis.pcall('ZREM', k, a)
   end
@@ -214,6 +274,33 @@ class _Batch:
         self.id = id
         self.keys = keys
         self.args = args
+
+
+def _limits(key: KeyInfo) -> tuple[object, ...]:
+    return (key.rpm, key.tpm, key.max_concurrency, key.spend_limit, key.workspace_spend_limit,
+            key.workspace_token_limit)
+
+
+class _Grant:
+    """Permits of one key that this instance may use without asking Redis,
+    until GRANT_TTL_S after the grant, and what the grant's reply said
+    (for the rate-limit headers of the requests admitted on it)."""
+
+    __slots__ = ("limits", "member", "permits", "remaining", "rreset_at", "timer", "tokens", "tokens_used",
+                 "treset_at", "used")
+
+    def __init__(self, limits: tuple[object, ...], member: str, permits: int, remaining: int, rreset_at: float,
+                 tokens_used: int, treset_at: float) -> None:
+        self.limits = limits
+        self.member = member  # the permits are <member>:1 .. <member>:<permits> in the RPM window
+        self.permits = permits
+        self.used = 0
+        self.remaining = remaining  # requests left in the window after the granting one
+        self.rreset_at = rreset_at
+        self.tokens_used = tokens_used  # in the TPM window at the grant
+        self.tokens = 0  # settled by this instance since
+        self.treset_at = treset_at
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class LimitsUnavailable(GatewayError):
@@ -277,7 +364,11 @@ class RedisLimiter:
         # Settles and releases waiting for the next pipeline.
         self._tokens: dict[tuple[int, int], int] = defaultdict(int)  # (key, second) -> tokens
         self._quota: dict[str, float] = defaultdict(float)  # quota hash field -> amount
-        self._released: list[tuple[int, str]] = []
+        self._zrem: list[tuple[str, str]] = []  # (zset, member): slots released, permits given back
+        self._rescore: list[tuple[str, str, int]] = []  # (zset, member, ms): permits used
+        self._grants: dict[int, _Grant] = {}  # key id -> the permits this instance holds
+        self._granting: dict[int, asyncio.Event] = {}  # key id -> set once its admission asking for permits ends
+        self._leasable: set[int] = set()  # keys whose last admission that asked got permits
         self._flush: asyncio.TimerHandle | None = None
         self._draining: asyncio.Task[None] | None = None
         self._unsent: _Batch | None = None  # sent, not known to be applied: sent again, same id
@@ -295,6 +386,12 @@ class RedisLimiter:
             and key.workspace_spend_limit is None and key.workspace_token_limit is None
         ):
             return None
+        grant = self._grants.get(key.id)
+        if grant is None and key.id in self._leasable and (coming := self._granting.get(key.id)) is not None:
+            await coming.wait()  # another request of this key is asking for permits: use them
+            grant = self._grants.get(key.id)
+        if grant is not None and (headers := self._use_grant(key, grant)) is not None:
+            return headers or None
         if not self._up and time.monotonic() < self._retry_at:
             return self._degraded(key)
         now = self.clock()
@@ -302,8 +399,21 @@ class RedisLimiter:
         self._seq += 1
         head, mid, tail = self._command(key, self._month_key(now))
         member = b"%s:%d" % (self._instance_b, self._seq)
-        cmd = b"%s$%d\r\n%d\r\n%s$%d\r\n%s\r\n%s" % (
-            head, len(str(now_ms)), now_ms, mid, len(member), member, tail)
+        # Ask for permits unless another request of the key is asking now.
+        ask = key.max_concurrency is None and key.id not in self._granting
+        if ask:
+            self._granting[key.id] = asyncio.Event()
+        cmd = b"%s$%d\r\n%d\r\n%s$%d\r\n%s\r\n%s%s" % (
+            head, len(str(now_ms)), now_ms, mid, len(member), member, tail, b"$1\r\n1\r\n" if ask else b"$1\r\n0\r\n")
+        try:
+            return self._admitted(key, now, member, ask, await self._ask(cmd))
+        finally:
+            if ask:
+                self._granting.pop(key.id).set()
+
+    async def _ask(self, cmd: bytes) -> list[int] | None:
+        """The admission script's reply to ``cmd``, or None when Redis
+        failed (counted as such)."""
         try:
             try:
                 res = await self._fast.send(cmd)
@@ -314,16 +424,23 @@ class RedisLimiter:
                 res = await self._fast.send(cmd)
         except (RespError, *FAILURES) as e:
             self._failed("admit", e)
-            return self._degraded(key)
-        if not (isinstance(res, list) and len(res) == 7 and all(type(x) is int for x in res)):
+            return None
+        if not (isinstance(res, list) and len(res) == 8 and all(type(x) is int for x in res)):
             # Not the script's answer: a Redis (or something on its port)
             # that cannot be trusted to have counted anything.
             self._failed("admit", RespError("unexpected reply to the admission script"))
-            return self._degraded(key)
+            return None
         self._recovered()
-        code, wait_ms, seeded, used, treset, requests, rreset = res
+        return res
+
+    def _admitted(self, key: KeyInfo, now: float, member: bytes, ask: bool, res: list[int] | None) -> Headers | None:
+        if res is None:
+            return self._degraded(key)
+        code, wait_ms, seeded, used, treset, requests, rreset, permits = res
         if not seeded:
             self._reseed()
+        if ask and not permits:
+            self._leasable.discard(key.id)  # its next requests need not wait for permits
         if code:
             reason, message, err = _MESSAGES[code]
             wait = wait_ms / 1000
@@ -340,6 +457,9 @@ class RedisLimiter:
                          headers)
         if key.max_concurrency is not None:
             self._held[key.id].append(member.decode())
+        if permits > 0:
+            self._grant(key, member.decode(), permits, now, key.rpm - requests if key.rpm is not None else 0,
+                        rreset, used, treset)
         out: Headers | None = None
         if key.tpm is not None:
             out = token_headers(key.tpm, used, treset / 1000)
@@ -347,6 +467,61 @@ class RedisLimiter:
             rh = request_headers(key.rpm, key.rpm - requests, rreset / 1000)
             out = rh if out is None else rh + out
         return out
+
+    def _grant(self, key: KeyInfo, member: str, permits: int, now: float, remaining: int, rreset_ms: int,
+               tokens_used: int, treset_ms: int) -> None:
+        """Keep the ``permits`` Redis granted with this admission, for
+        GRANT_TTL_S."""
+        old = self._grants.get(key.id)
+        if old is not None:
+            self._end_grant(key.id, old)
+        if len(self._leasable) > 10_000:
+            self._leasable.clear()
+        self._leasable.add(key.id)
+        g = _Grant(_limits(key), member, permits, remaining, now + rreset_ms / 1000, tokens_used,
+                   now + treset_ms / 1000)
+        g.timer = asyncio.get_running_loop().call_later(GRANT_TTL_S, self._end_grant, key.id, g)
+        self._grants[key.id] = g
+
+    def _use_grant(self, key: KeyInfo, g: _Grant) -> Headers | None:
+        """Admit one request of ``key`` on a permit of ``g``, without asking
+        Redis: its rate-limit headers (empty for a key with neither RPM nor
+        TPM); None (and the grant given back) when it cannot: the key's
+        limits changed, or its token rate or quotas, as this instance counts
+        them since the grant, have reached their limits."""
+        if g.limits != _limits(key) or (key.tpm is not None and g.tokens_used + g.tokens >= key.tpm) \
+                or not self.local.within(key):
+            self._end_grant(key.id, g)
+            return None
+        g.used += 1
+        now = self.clock()
+        if key.rpm is not None:
+            # The permit was taken at the grant's time: its place in the
+            # window moves to now, the request's own time.
+            self._rescore.append((f"{self._prefix}:r:{key.id}", f"{g.member}:{g.used}", int(now * 1000)))
+            self._schedule()
+        if g.used >= g.permits:
+            self._end_grant(key.id, g)
+        out: Headers = []
+        if key.rpm is not None:
+            out = request_headers(key.rpm, g.remaining - g.used, g.rreset_at - now)
+        if key.tpm is not None:
+            out += token_headers(key.tpm, g.tokens_used + g.tokens, g.treset_at - now)
+        return out
+
+    def _end_grant(self, kid: int, g: _Grant) -> None:
+        """``g`` is used up, expired or given up: the permits it did not use
+        go back to the RPM window (in the next settle batch)."""
+        if self._grants.get(kid) is g:
+            del self._grants[kid]
+        if g.timer is not None:
+            g.timer.cancel()
+            g.timer = None
+        if g.used < g.permits and g.limits[0] is not None:
+            rkey = f"{self._prefix}:r:{kid}"
+            self._zrem.extend((rkey, f"{g.member}:{i}") for i in range(g.used + 1, g.permits + 1))
+            g.used = g.permits
+            self._schedule()
 
     def _command(self, key: KeyInfo, month: str) -> tuple[bytes, bytes, bytes]:
         """The admission's EVALSHA for ``key``, encoded (RESP) but for the
@@ -359,7 +534,7 @@ class RedisLimiter:
             if len(self._commands) > 10_000:
                 self._commands.clear()
             p = self._prefix
-            head = (b"*19\r\n" + bulk("EVALSHA") + bulk(ADMIT_SHA) + bulk(4)
+            head = (b"*20\r\n" + bulk("EVALSHA") + bulk(ADMIT_SHA) + bulk(4)
                     + b"".join(bulk(k) for k in (f"{p}:r:{key.id}", f"{p}:t:{key.id}", f"{p}:c:{key.id}", month)))
             mid = b"".join(bulk(_limit(v)) for v in (key.rpm, key.tpm, key.max_concurrency, key.spend_limit,
                                                      key.workspace_spend_limit, key.workspace_token_limit))
@@ -388,7 +563,7 @@ class RedisLimiter:
             return
         held = self._held.get(key.id)
         if held:
-            self._released.append((key.id, held.pop(0)))
+            self._zrem.append((f"{self._prefix}:c:{key.id}", held.pop(0)))
             if not held:
                 del self._held[key.id]
             self._schedule()
@@ -401,6 +576,9 @@ class RedisLimiter:
         self.local.settle(key, tokens, cost)
         if not tokens and not cost:
             return
+        g = self._grants.get(key.id)
+        if g is not None:
+            g.tokens += tokens
         now = self.clock()
         if key.tpm is not None and tokens:
             self._tokens[(key.id, int(now))] += tokens
@@ -449,7 +627,8 @@ class RedisLimiter:
         """What was settled and released since the last batch, as a batch."""
         tokens, self._tokens = self._tokens, defaultdict(int)
         quota, self._quota = self._quota, defaultdict(float)
-        released, self._released = self._released, []
+        zrem, self._zrem = self._zrem, []
+        rescore, self._rescore = self._rescore, []
         p = self._prefix
         keys = [f"{p}:b:{self._instance}"]
         index: dict[str, int] = {}
@@ -468,8 +647,10 @@ class RedisLimiter:
         for field, amount in quota.items():
             if amount:
                 op("f", month, field, repr(amount))
-        for kid, member in released:
-            op("z", f"{p}:c:{kid}", member, "")
+        for key, member in zrem:
+            op("z", key, member, "")
+        for key, member, ms in rescore:
+            op("x", key, member, ms)
         if not args:
             return None
         self._batch_id += 1
@@ -575,6 +756,8 @@ class RedisLimiter:
 
     async def close(self) -> None:
         self._closing = True
+        for kid, g in list(self._grants.items()):
+            self._end_grant(kid, g)
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None

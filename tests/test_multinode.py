@@ -28,11 +28,13 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.mock.ark import ARK
+from gateway.redis_limits import GRANT_TTL_S
 from gateway.store.base import KeyLimits, Store, open_store
 
 from . import services
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Upstream, config_toml
 from .test_production import Served
+from .test_redis_limits import admissions
 
 pytestmark = pytest.mark.multinode
 
@@ -240,6 +242,11 @@ async def test_workspace_quota_across_instances(cluster: Cluster, shared_redis: 
     got = []
     async with aiohttp.ClientSession() as http:
         for n in range(12):
+            if n == 7:
+                # Admissions under 75 % of the quota came with grants: for
+                # GRANT_TTL_S an instance admits on its own count of it
+                # (45 at most here). Past it, every one asks Redis again.
+                await asyncio.sleep(GRANT_TTL_S + 0.05)
             got.append(await chat(http, cluster.urls[n % 3], keys[n % 3], **{"x-mock-chunks": "10"}))
             await asyncio.sleep(0.02)  # the settle reaches Redis a few ms after the response
     assert got == [200] * 7 + [429] * 5  # 7 x 15 = 105 >= 100: the 8th is refused, on any instance
@@ -373,7 +380,7 @@ async def test_redis_stopped_mid_load(cluster: Cluster, upstream: Upstream) -> N
                          'retry_s = 0.2\nfailure = "open"\n')
         for i in range(2):
             cluster.start(i)
-        key = await cluster.key(rpm=1_000_000)  # limited: every request goes to Redis
+        key = await cluster.key(rpm=1_000_000)  # limited: Redis grants permits, or refuses (down)
         state = Load()
         runner = asyncio.create_task(load(cluster, key, state, clients=4))
         await asyncio.sleep(1.0)
@@ -430,3 +437,48 @@ async def test_postgres_restarted_mid_load(tmp_path: Path, upstream: Upstream) -
             c.stop_all()
             if c.store is not None:
                 await c.store.close()
+
+
+async def test_grants_never_admit_more_than_rpm_across_instances(cluster: Cluster, shared_redis: str) -> None:
+    """rpm = 300 over three instances: admissions come with grants of
+    permits (taken in the shared window at once), so Redis runs far fewer
+    admission scripts than requests are admitted; never more than 300 in
+    the window, and exactly 300 once requests go on past GRANT_TTL_S (the
+    permits an instance did not use are given back and used elsewhere)."""
+    cluster.redis = shared_redis
+    for i in range(3):
+        cluster.start(i)
+    key = await cluster.key(rpm=300)
+    url = services.shared_redis_url()
+    prefix = shared_redis.split('key_prefix = "')[1].split('"')[0]
+    got: list[tuple[int, dict[str, str]]] = []
+
+    async def send(http: aiohttp.ClientSession, n: int, spread: list[int]) -> None:
+        """``n`` requests, 6 at a time, over the instances in ``spread``."""
+        todo = iter(range(n))
+
+        async def client() -> None:
+            for i in todo:
+                async with http.post(cluster.urls[spread[i % len(spread)]] + CHAT, json=BODY,
+                                     headers=auth(key)) as r:
+                    await r.read()
+                    got.append((r.status, dict(r.headers)))
+
+        await asyncio.gather(*(client() for _ in range(6)))
+
+    async with aiohttp.ClientSession() as http, admissions(url, prefix) as seen:
+        await send(http, 200, [0, 0, 0, 1, 2])  # uneven: instance 0 gets more
+        assert [s for s, _ in got] == [200] * 200
+        assert len(seen) <= 50, len(seen)  # far fewer admission scripts than requests admitted
+        await send(http, 150, [0, 1, 2])  # the window fills up: refusals
+        assert 250 <= [s for s, _ in got].count(200) <= 300
+        await asyncio.sleep(GRANT_TTL_S + 0.1)  # permits not used are given back
+        await send(http, 100, [2, 1, 0])
+    ok = [h for s, h in got if s == 200]
+    refused = [h for s, h in got if s == 429]
+    assert len(ok) == 300, (len(ok), len(refused))
+    for h in ok:
+        assert h["x-ratelimit-limit-requests"] == "300" and 0 <= int(h["x-ratelimit-remaining-requests"]) < 300
+    for h in refused:
+        assert h["x-ratelimit-remaining-requests"] == "0" and 1 <= int(h["Retry-After"]) <= 60
+    assert not [line for s in cluster.instances.values() for line in s.lines() if "redis unreachable" in str(line)]

@@ -6,13 +6,16 @@ limits resume when it is back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from gateway.redis_limits import ADMIT_SHA, GRANT_TTL_S
 from gateway.resp import RespClient
 
 from .conftest import FakeClock, Gateway, GatewayFactory, Upstream, config_toml
@@ -112,7 +115,10 @@ async def test_workspace_token_quota_across_gateways(
     assert (await chat(http, a, key_a, words=5, chunks=10))[0] == 200  # 15 tokens
     await asyncio.sleep(0.05)  # the settle pipeline (5 ms)
     assert (await chat(http, b, key_b, words=5, chunks=10))[0] == 200  # 15 < 20: admitted, now 30
-    await asyncio.sleep(0.05)
+    # Each admission under 75 % of the quota came with a grant: for
+    # GRANT_TTL_S the gateway admits on its own count of the quota (15 for
+    # each here). Past it, each asks Redis again and learns of the other's.
+    await asyncio.sleep(GRANT_TTL_S + 0.05)
     for gw, key in ((a, key_a), (b, key_b)):
         status, _, body = await chat(http, gw, key)
         assert status == 429 and body["error"]["code"] == "insufficient_quota"
@@ -173,6 +179,9 @@ async def test_fail_closed(
     free = await gw.key()
     assert (await chat(http, gw, limited))[0] == 200
     private_redis.stop()
+    # The permits Redis granted with that admission, taken in its window
+    # before it went away, may be used for GRANT_TTL_S: then Redis is asked.
+    await asyncio.sleep(GRANT_TTL_S + 0.05)
     status, headers, body = await chat(http, gw, limited)
     assert status == 503 and body["error"]["code"] == "limits_unavailable"
     assert headers["Retry-After"] == "1"
@@ -249,3 +258,78 @@ async def test_reply_read_late_is_not_a_timeout(shared_redis: tuple[str, str]) -
         assert await call == "PONG"
     finally:
         await client.close()
+
+
+@contextlib.asynccontextmanager
+async def admissions(url: str, prefix: str) -> AsyncIterator[list[str]]:
+    """The admission scripts Redis runs for keys under ``prefix`` while the
+    block runs (MONITOR: what Redis received, not what the gateway says)."""
+    seen: list[str] = []
+    r = aioredis.Redis.from_url(url)
+    started = asyncio.Event()
+
+    async def watch() -> None:
+        async with r.monitor() as m:
+            started.set()
+            async for c in m.listen():
+                if ADMIT_SHA in c["command"] and prefix in c["command"]:
+                    seen.append(c["command"])
+
+    task = asyncio.create_task(watch())
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.05)
+    try:
+        yield seen
+        await asyncio.sleep(0.05)  # the last ones reach the monitor
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await r.aclose()
+
+
+async def test_grant_admits_without_asking_redis_until_its_ttl(
+    make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
+) -> None:
+    """A key with rpm = 300: its first admission takes its own place and 32
+    permits in the shared window at once; the next requests are admitted on
+    them with no call to Redis, each moved to its own time in the window;
+    the permits left at GRANT_TTL_S go back, and the next request asks Redis."""
+    url, prefix = shared_redis
+    gw = await make_gateway(config_toml(upstream.base_url, redis_section(url, prefix)))
+    key = await gw.key(rpm=300)
+    (kid,) = [r[0] for r in gw.conn.execute("SELECT id FROM api_keys").fetchall()]
+    window = f"{prefix}:r:{kid}"
+    r = aioredis.Redis.from_url(url)
+    try:
+        async with admissions(url, prefix) as seen:
+            started = time.time()
+            remaining = []
+            for _ in range(10):
+                status, headers, _ = await chat(http, gw, key)
+                assert status == 200 and headers["x-ratelimit-limit-requests"] == "300"
+                remaining.append(int(headers["x-ratelimit-remaining-requests"]))
+                assert 0 < parse_duration(headers["x-ratelimit-reset-requests"]) <= 60
+            assert remaining == list(range(299, 289, -1))
+            assert len(seen) == 1
+            assert await r.zcard(window) == 33
+            await asyncio.sleep(0.05)  # the settle batch: permits used move to their request's time
+            scores = [s for _, s in await r.zrange(window, 0, -1, withscores=True)]
+            # The granting request and the 23 permits not used yet at the
+            # grant's time; the 9 used, each at its own (later) time.
+            assert set(scores[:24]) == {scores[0]} and len(set(scores[24:])) == 9 and scores[24] > scores[0]
+            assert all(started * 1000 <= s <= time.time() * 1000 for s in scores)
+            await asyncio.sleep(GRANT_TTL_S)  # the grant ends: its 23 unused permits are given back
+            assert await r.zcard(window) == 10
+            assert (await chat(http, gw, key))[0] == 200
+            assert len(seen) == 2  # past its TTL the grant is not used
+        assert await r.zcard(window) == 11 + 32
+    finally:
+        await r.aclose()
+
+
+def parse_duration(text: str) -> float:
+    """OpenAI's reset format (gateway.limits.duration) back to seconds."""
+    m = re.fullmatch(r"(?:(\d+)m)?([\d.]+)(ms|s)", text)
+    assert m, text
+    return int(m[1] or 0) * 60 + float(m[2]) / (1000 if m[3] == "ms" else 1)
