@@ -12,6 +12,7 @@ Doors: the model endpoints (gateway.proxy), video tasks and assets
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from time import perf_counter
 from typing import Any
@@ -25,7 +26,7 @@ from .config import PRICE_FIELDS, STORED_FIELDS, ModelConfig
 from .context import Gateway, RequestContext
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .logs import log_request
-from .protocols.base import Usage
+from .protocols.base import Usage, refuse_variant
 from .translate.common import estimate_tokens
 
 
@@ -166,9 +167,25 @@ def _check_list(tools: list[Any], at: str, model_cfg: ModelConfig, anthropic: bo
     for i, t in enumerate(tools):
         # The common case inline: a function tool (no type: OpenAI's function,
         # Anthropic's custom; not a tool at all: the upstream's 400).
-        kind = t.get("type") if t.__class__ is dict else None
+        if t.__class__ is not dict:
+            continue
+        kind = t.get("type")
         if kind is not None and (kind.__class__ is not str or kind not in client):
             _check_tool(t, kind, f"{at}[{i}]", model_cfg, anthropic, top)
+        if not _TYPE_VARIANTS.isdisjoint(t):
+            _refuse_type_variants(t, f"{at}[{i}].")
+
+
+# "Type", "TYPE", ... beside (or instead of) a tool's "type": the type a
+# case-insensitive decoder reads (protocols.base.folded; no letter of "type"
+# has a non-ASCII fold). A set test per tool.
+_TYPE_VARIANTS = frozenset(v for v in ("".join(c) for c in itertools.product("tT", "yY", "pP", "eE")) if v != "type")
+
+
+def _refuse_type_variants(obj: dict[str, Any], at: str) -> None:
+    for k in obj:
+        if k in _TYPE_VARIANTS:
+            refuse_variant(k, "type", at)
 
 
 def _check_tool(t: dict[str, Any], kind: Any, where: str, model_cfg: ModelConfig, anthropic: bool,
@@ -185,6 +202,8 @@ def _check_tool(t: dict[str, Any], kind: Any, where: str, model_cfg: ModelConfig
             return
         elif kind == "shell":  # the client's shell, unless it asks for a hosted container
             env = t.get("environment")
+            if isinstance(env, dict) and not _TYPE_VARIANTS.isdisjoint(env):
+                _refuse_type_variants(env, f"{where}.environment.")
             if env is None or (isinstance(env, dict) and env.get("type") == "local"):
                 return
         m = _TOOL_NAME.fullmatch(kind)

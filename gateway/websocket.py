@@ -62,7 +62,17 @@ from .context import CTX, GATEWAY, Gateway, RequestContext
 from .errors import BadRequest, GatewayError, RateLimited, Unauthorized
 from .errors import Protocol as ErrorShape
 from .intake import admit, admit_free, check_body, finish, resolve_model
-from .protocols.base import Endpoint, Prepared, SSEEvents, Usage, UsageReader, check_model, event_data, parse_object
+from .protocols.base import (
+    Endpoint,
+    Prepared,
+    SSEEvents,
+    Usage,
+    UsageReader,
+    check_model,
+    event_data,
+    parse_object,
+    refuse_variants,
+)
 from .protocols.responses import HEAD_BYTES, Responses, response_id
 from .proxy import Bridge, forward, model_targets, read_chunk
 from .routing import Target
@@ -264,6 +274,7 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
             raise BadRequest("Frames must be text: one JSON object each.", code="invalid_frame")
         ctx.bytes_in = len(text)
         frame = parse_object(text.encode())
+        refuse_variants(frame)
         kind = frame.get("type")
         if kind != "response.create":
             if isinstance(kind, str):

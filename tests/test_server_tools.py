@@ -269,3 +269,56 @@ def test_allow_tools_and_allow_stored_config() -> None:
                        ({"allow_stored": "conversation"}, "allow_stored: expected an array")]:
         with pytest.raises(ConfigError, match=where):
             parse_config(model(**bad), env={})
+
+
+async def test_a_key_spelt_otherwise_is_refused(gw: Gateway, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    """Go's encoding/json (and decoders built like it) read "Tools",
+    "STREAM" or "\\u017ftream" (the long s folds to s) as the field the
+    gateway reads only as "tools" or "stream": an upstream written in Go
+    would run the search, the stream, the tier or the model the gateway
+    never saw. Refused on every door, before anything goes upstream."""
+    key = await gw.key()
+    search = [{"type": "web_search"}]
+    refused: list[tuple[str, bytes, str]] = [
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "Tools": search}), "tools"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "tools": [FN], "TOOLS": search}), "tools"),
+        (RESP, b'{"model":"gpt-test","input":"hi","\\u0054ools":[{"type":"web_search"}]}', "tools"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "tools": [{**FN, "Type": "web_search"}]}),
+         "tools[0].type"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "tools": [
+            {"type": "shell", "environment": {"type": "local", "TYPE": "container_auto"}}]}),
+         "tools[0].environment.type"),
+        (MSG, orjson.dumps({"model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                            "tools": [{**CLAUDE_FN, "tYpe": "web_search_20250305"}]}), "tools[0].type"),
+        (CHAT, orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}],
+                             "Web_Search_Options": {}}), "web_search_options"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "Conversation": "conv_6f2a"}), "conversation"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "\u017ftream": True}), "stream"),
+        (RESP, orjson.dumps({"model": "gpt-test", "input": "hi", "serv\u0131ce_tier": "priority"}), "service_tier"),
+        (CHAT, orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                             "stream_options": {"include_usage": True, "Include_Usage": False}}),
+         "stream_options.include_usage"),
+        (MSG, orjson.dumps({"model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                            "Model": "claude-opus"}), "model"),
+    ]
+    for path, raw, param in refused:
+        status, data = await post(http, gw, key, path, raw)
+        assert status == 400, (raw, data)
+        assert "spelt otherwise" in data["error"]["message"] and len(data["error"]["message"]) < 300, data
+        if path != MSG:
+            assert (data["error"]["code"], data["error"]["param"]) == ("ambiguous_key", param), data
+    headers = {"Authorization": f"Bearer {key}", "OpenAI-Beta": "responses_websockets=2026-02-06"}
+    async with http.ws_connect(gw.url + RESP, headers=headers) as ws:
+        for fields in ({"Tools": search}, {"tools": [{**FN, "TYPE": "web_search"}]}, {"Prompt": {"id": "pmpt_1"}}):
+            events = await ws_create(ws, model="gpt-test", **fields)
+            assert [e["type"] for e in events] == ["error"], events
+            assert events[0]["error"]["code"] == "ambiguous_key", events
+    assert upstream.state.requests == []
+    # Other keys, and the same names deeper down, are the client's own.
+    fine = orjson.dumps({"model": "gpt-test", "input": "hi", "metadata": {"Stream": "x", "Model": "y"}, "tools": [
+        {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"Type": {}}}}]})
+    status, data = await post(http, gw, key, RESP, fine)
+    assert status == 200, data
+    n = len(refused) + 3 + 1
+    rows = await gw.wait_usage(n)
+    assert [r["status"] for r in rows] == [400] * (n - 1) + [200]

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from ..bounds import shown
 from ..errors import BadRequest
 from ..errors import Protocol as ErrorShape
 
@@ -173,6 +174,7 @@ def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
     # one is there.
     if _maybe_ambiguous(raw) or "conversation" in obj or "prompt" in obj or "web_search_options" in obj:
         refuse_duplicates(raw)
+    refuse_variants(obj)
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", code="invalid_type", param="stream")
@@ -213,6 +215,47 @@ def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> 
         if text[i] == ",":
             i = _skip_ws(text, i + 1)
     return seen
+
+
+# A deciding key (or ``tools``, which gateway.intake.check_tools reads)
+# spelt otherwise. Go's encoding/json, and decoders built like it, match an
+# object key to a field case-insensitively, with Unicode's simple folding:
+# "Stream", "STREAM", "\u017ftream" (the long s) all set ``stream`` there,
+# the last one given winning, while the gateway reads only "stream". So an
+# upstream written in Go would stream, bill another model, a price tier or
+# run a server tool the gateway never saw. The folds to ASCII letters: the
+# long s and the Kelvin sign (Go), the dotless and dotted i (Turkish-locale
+# lower-casing elsewhere).
+_FOLD = str.maketrans({"\u017f": "s", "\u212a": "k", "\u0131": "i", "\u0130": "i"})
+_VARIANT_NAMES = frozenset((*DECIDING_KEYS, "tools"))
+
+
+def folded(key: str) -> str:
+    """``key`` as a case-insensitive decoder may read it (see ``_FOLD``)."""
+    return key.lower() if key.isascii() else key.translate(_FOLD).lower()
+
+
+def refuse_variants(obj: dict[str, Any]) -> None:
+    """400 for a top-level key (or one in ``stream_options``) that is a key
+    the gateway decides on spelt otherwise (``_FOLD``). A set lookup per
+    key, and a lower-casing for those that are not such a key exactly."""
+    names = _VARIANT_NAMES
+    for k in obj:
+        if k not in names:
+            f = k.lower() if k.isascii() else k.translate(_FOLD).lower()  # folded(k), inline
+            if f in names:
+                refuse_variant(k, f)
+    so = obj.get("stream_options")
+    if so.__class__ is dict:
+        for k in so:
+            if k != "include_usage" and folded(k) == "include_usage":
+                refuse_variant(k, "include_usage", "stream_options.")
+
+
+def refuse_variant(key: str, name: str, prefix: str = "") -> None:
+    raise BadRequest(f"'{prefix}{shown(key)}' is '{prefix}{name}' spelt otherwise, which upstreams read as "
+                     f"'{name}' or not at all; send '{name}' exactly, once.", code="ambiguous_key",
+                     param=prefix + name)
 
 
 def check_model(model: Any) -> str:
