@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .store.scope import Scope
 from .store.tx import Body, Tx
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.access")
 
 COOKIE = "gateway_session"
 COOKIE_PATH = "/admin/api"
@@ -56,6 +58,8 @@ DUMMY_HASH = ("$argon2id$v=19$m=65536,t=3,p=4$R5dnwN+3T2LA8G5Pa8SY5g$"
               "PNWR/7yzCk4Lc2GosiPTzKmldBk4rpTXyO6HIArnS+Y")
 
 HASHING = web.AppKey("hashing", asyncio.Semaphore)
+# Whether this process has warned of an untrusted X-Forwarded-For (once).
+FORWARDED_WARNED = web.AppKey("forwarded_warned", list[bool])
 
 
 class NotAllowed(GatewayError):
@@ -147,6 +151,14 @@ def client_address(request: web.Request) -> str:
         forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
         if forwarded:
             return forwarded[:64]
+    elif "X-Forwarded-For" in request.headers and not request.app[FORWARDED_WARNED]:
+        request.app[FORWARDED_WARNED].append(True)
+        log.warning(
+            "an admin request came through a proxy (X-Forwarded-For), but console.trust_forwarded_for is "
+            "false: sign-in throttling counts every client behind that proxy as one address (%s), so a few "
+            "wrong guesses from anyone there get every sign-in through it a 429, the operator token's "
+            "included. If the proxy is yours, set console.trust_forwarded_for = true (docs/security.md).",
+            request.remote, extra={"fields": {"event": "forwarded_for_untrusted"}})
     return request.remote or "unknown"
 
 
@@ -193,23 +205,26 @@ def _unauthorized(message: str = "Sign in, or send the admin token as Authorizat
 async def _check_operator(request: web.Request, right: bool) -> None:
     """Throttle guesses at the operator token like failed sign-ins from the
     same address (it is typed into the sign-in page and may be no stronger
-    than a password): a wrong token counts, in one transaction with the
-    check, and past the limit the address gets 429 whatever it sends, so
-    the right token does not stand out."""
+    than a password): a wrong token counts, and past the limit the address
+    gets 429 whatever it sends, so the right token does not stand out."""
     gw = request.app[GATEWAY]
     if gw.config.admin.token is None:
         return
     now = gw.clock()
 
-    async def check(tx: Tx) -> None:
-        err = await _over_address(tx, request, now)
+    async def over(tx: Tx) -> TooManyAttempts | None:
+        return await _over_address(tx, request, now)
+
+    async def count(tx: Tx) -> None:
+        await users.add_failure(tx, "address", address_subject(request), now)
+        await users.prune_failures(tx, now - _window_s(request))
+
+    if right:
+        err = await db(request, over)
         if err is not None:
             raise err
-        if not right:
-            await users.add_failure(tx, "address", address_subject(request), now)
-            await users.prune_failures(tx, now - _window_s(request))
-
-    await db(request, check, write=not right)
+    else:
+        await guarded(request, over, count)
 
 
 async def authenticate(request: web.Request) -> Principal:
@@ -304,21 +319,25 @@ def _window_s(request: web.Request) -> float:
     return request.app[GATEWAY].config.console.login_window_minutes * 60
 
 
-async def _over(tx: Tx, request: web.Request, scope: str, subject: str, limit: int, what: str,
-                now: float) -> TooManyAttempts | None:
+async def over(tx: Tx, request: web.Request, scope: str, subject: str, limit: int, what: str,
+               now: float) -> TooManyAttempts | None:
+    """A 429 saying when to come back if ``subject`` has ``limit`` failures
+    (rows of ``scope``) within the sign-in window, else None. ``what``
+    begins the message ("Too many failed sign-ins for this account")."""
     window = _window_s(request)
     count, oldest = await users.failures(tx, scope, subject, now - window)
     if count < limit or oldest is None:
         return None
     wait = max(1, math.ceil(oldest + window - now))
     minutes = (wait + 59) // 60
-    return TooManyAttempts(f"Too many failed sign-ins {what}. Try again in {minutes} minute{'s' * (minutes != 1)}.",
+    return TooManyAttempts(f"{what}. Try again in {minutes} minute{'s' * (minutes != 1)}.",
                            headers={"Retry-After": str(wait)})
 
 
 async def _over_address(tx: Tx, request: web.Request, now: float) -> TooManyAttempts | None:
     limit = request.app[GATEWAY].config.console.login_failures_per_address
-    return await _over(tx, request, "address", address_subject(request), limit, "from your address", now)
+    return await over(tx, request, "address", address_subject(request), limit,
+                      "Too many failed sign-ins from your address", now)
 
 
 async def throttled(tx: Tx, request: web.Request, email: str, now: float) -> TooManyAttempts | None:
@@ -326,23 +345,46 @@ async def throttled(tx: Tx, request: web.Request, email: str, now: float) -> Too
     often within the window, else None. Keyed by the email as typed, so an
     unknown account is throttled exactly like a real one."""
     limit = request.app[GATEWAY].config.console.login_failures_per_account
-    return (await _over(tx, request, "account", email, limit, "for this account", now)
+    return (await over(tx, request, "account", email, limit, "Too many failed sign-ins for this account", now)
             or await _over_address(tx, request, now))
 
 
-async def attempt(tx: Tx, request: web.Request, email: str, now: float) -> Attempt:
-    """Count a sign-in attempt for ``email`` from this address before its
-    password is checked, or raise TooManyAttempts. The check and the count
-    are one write transaction: attempts sent all at once cannot all pass the
-    check before any of them is counted (and make argon2 work for each).
-    Run it in a write body (``db(..., write=True)``)."""
-    err = await throttled(tx, request, email, now)
+async def guarded(request: web.Request, check: Body[TooManyAttempts | None], count: Body[T]) -> T:
+    """``count(tx)`` in a write transaction, unless ``check(tx)`` gives a
+    429 (raised). ``check`` runs first in a plain read: a flood of
+    attempts that are already throttled never takes the write lock, so it
+    cannot queue ahead of the usage writer (SQLite) or of admin writes
+    (PostgreSQL). It runs again inside the write, with the count: attempts
+    sent all at once cannot all pass the check before any of them is
+    counted (and make argon2 work for each)."""
+    err = await db(request, check)
     if err is not None:
         raise err
-    await users.add_failure(tx, "account", email, now)
-    row = await users.add_failure(tx, "address", address_subject(request), now)
-    await users.prune_failures(tx, now - _window_s(request))
-    return Attempt(email, row)
+
+    async def checked(tx: Tx) -> T:
+        err = await check(tx)
+        if err is not None:
+            raise err
+        return await count(tx)
+
+    return await db(request, checked, write=True)
+
+
+async def attempt(request: web.Request, email: str, now: float, also: Body[T]) -> tuple[Attempt, T]:
+    """Count a sign-in attempt for ``email`` from this address before its
+    password is checked, or raise TooManyAttempts (gateway.access.guarded);
+    ``also(tx)`` runs in the same transaction (the password hash's lookup)."""
+
+    async def check(tx: Tx) -> TooManyAttempts | None:
+        return await throttled(tx, request, email, now)
+
+    async def count(tx: Tx) -> tuple[Attempt, T]:
+        await users.add_failure(tx, "account", email, now)
+        row = await users.add_failure(tx, "address", address_subject(request), now)
+        await users.prune_failures(tx, now - _window_s(request))
+        return Attempt(email, row), await also(tx)
+
+    return await guarded(request, check, count)
 
 
 async def passed(tx: Tx, attempt: Attempt) -> None:

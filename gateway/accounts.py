@@ -26,7 +26,6 @@ from aiohttp import web
 
 from .access import (
     HASHER,
-    Attempt,
     NotAllowed,
     Principal,
     TooManyAttempts,
@@ -35,7 +34,9 @@ from .access import (
     clear_session_cookie,
     client_address,
     db,
+    guarded,
     hash_password,
+    over,
     passed,
     set_session_cookie,
     verify_password,
@@ -161,10 +162,7 @@ async def _check_password(request: web.Request, email: str, password: str, now: 
     checked (gateway.access.attempt); the same work whether or not the
     account exists."""
 
-    async def lookup(tx: Tx) -> tuple[Attempt, tuple[int, str | None, bool] | None]:
-        return await attempt(tx, request, email, now), await users.password_hash(tx, email)
-
-    tried, row = await db(request, lookup, write=True)
+    tried, row = await attempt(request, email, now, lambda tx: users.password_hash(tx, email))
     hashed = row[1] if row is not None and not row[2] else None
     # Always verify (against a dummy hash when there is no usable one), so
     # the time taken does not tell whether the account exists.
@@ -366,6 +364,13 @@ async def accept_invitation(request: web.Request) -> web.Response:
         if not await users.close_invitation(tx, inv["id"], now, accepted=True):
             raise NotFound(INVALID_LINK, code="invalid_invitation")
         u = await users.find_user(tx, inv["email"])
+        # Read again in the write: what the checks above saw may have
+        # changed while the password was hashed.
+        if u is not None and u["status"] == "disabled":
+            raise NotAllowed("This account is disabled.")
+        if u is not None and u["status"] == "active" and new_hash is not None:
+            raise queries.ConflictError("This account has just been activated: open the link again "
+                                        "and confirm its password.")
         if u is None:
             u = await users.create_user(tx, inv["email"], now=now, name=name, password_hash=new_hash)
         elif new_hash is not None:
@@ -403,16 +408,14 @@ async def sign_up(request: web.Request) -> web.Response:
         raise BadRequest("workspace is required", param="workspace")
     now, address, subject = _now(request), client_address(request), address_subject(request)
 
+    async def check(tx: Tx) -> TooManyAttempts | None:
+        return await over(tx, request, "signup", subject, cfg.console.login_failures_per_address,
+                          "Too many sign-ups from your address", now)
+
     async def count(tx: Tx) -> None:
-        window = cfg.console.login_window_minutes * 60
-        n, oldest = await users.failures(tx, "signup", subject, now - window)
-        if n >= cfg.console.login_failures_per_address and oldest is not None:
-            wait = int(oldest + window - now) + 1
-            raise TooManyAttempts("Too many sign-ups from your address. Try again later.",
-                                  headers={"Retry-After": str(wait)})
         await users.add_failure(tx, "signup", subject, now)
 
-    await db(request, count, write=True)
+    await guarded(request, check, count)
     new_hash = await hash_password(request, password)
 
     async def run(tx: Tx) -> tuple[str, dict[str, Any]]:

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -33,11 +32,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 
 from .access import (
+    FORWARDED_WARNED,
     HASHING,
     HASHING_SLOTS,
     PRINCIPAL,
@@ -59,7 +58,7 @@ from .store import analytics, audit, catalog, queries
 from .store import tasks as task_store
 from .store.base import Store
 from .store.scope import Scope
-from .store.tx import Tx
+from .store.tx import Tx, unavailable
 
 PREFIX = "/admin/api"
 CONSOLE_DIR = Path(__file__).parent / "console"
@@ -69,7 +68,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC, USER, ADMIN = "public", "user", "admin"
 
 CIRCUIT_STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
-DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, sqlite3.OperationalError)
 log = logging.getLogger("gateway.admin")
 
 
@@ -101,13 +99,19 @@ def _guarded(handler: Handler, level: str) -> Handler:
             resp = render(e, Protocol.OPENAI)
         except (queries.NotFoundError, queries.ConflictError, analytics.QueryError, ValueError) as e:
             resp = render(_map_error(e), Protocol.OPENAI)
-        except DATABASE_DOWN as e:
-            # PostgreSQL away or restarting (or SQLite locked past its
-            # timeout): a 503 to retry, not a 500; the cause in one line.
-            log.warning("admin %s %s: database unavailable (%s)", request.method, shown(request.path),
-                        type(e).__name__)
-            resp = render(DatabaseUnavailable("The database is unavailable: try again shortly.",
-                                              headers={"Retry-After": "1"}), Protocol.OPENAI)
+        except Exception as e:
+            if not unavailable(e):
+                # A bug: the traceback in the log, a plain 500 to the client
+                # (as on /v1, gateway.app).
+                log.exception("unhandled error in admin %s %s", request.method, shown(request.path))
+                resp = render(GatewayError("Internal gateway error."), Protocol.OPENAI)
+            else:
+                # PostgreSQL away or restarting, SQLite locked past its
+                # timeout or its file gone: a 503 to retry; the cause in one line.
+                log.warning("admin %s %s: database unavailable (%s)", request.method, shown(request.path),
+                            type(e).__name__)
+                resp = render(DatabaseUnavailable("The database is unavailable: try again shortly.",
+                                                  headers={"Retry-After": "1"}), Protocol.OPENAI)
         # Answers carry user-controlled strings (names, emails): never let a
         # browser sniff them into HTML.
         resp.headers["X-Content-Type-Options"] = "nosniff"
@@ -716,6 +720,7 @@ def register(app: web.Application, more: tuple[Route, ...] = ()) -> None:
     """Add the admin API (ROUTES and ``more``: gateway.accounts') and the
     console to the gateway app."""
     app[HASHING] = asyncio.Semaphore(HASHING_SLOTS)
+    app[FORWARDED_WARNED] = []
     for method, path, handler, level in (*ROUTES, *more, ("*", "/{tail:.*}", not_found, USER)):
         app.router.add_route(method, PREFIX + path, _guarded(handler, level))
     app.router.add_get("/favicon.ico", favicon)

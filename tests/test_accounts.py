@@ -5,16 +5,22 @@ and what a user-controlled string can and cannot do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from gateway.admin import PREFIX
+from gateway.store.schema import connect
+from gateway.store.sql import numbered
+from gateway.store.tx import WRITE_LOCK
 
 from .conftest import ADMIN_TOKEN, PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
 from .test_admin import ADMIN, PUBLIC_ROUTES
@@ -944,3 +950,163 @@ async def test_guessing_the_operator_token_is_throttled_like_a_password(
     assert await workspaces(ADMIN_TOKEN, "203.0.113.10") == 200
     got = await asyncio.gather(*(workspaces(f"guess-{i}", "203.0.113.11") for i in range(8)))
     assert sorted(got) == [401] * 3 + [429] * 5  # all at once too
+
+
+Sql = Callable[..., Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def write_lock(gw: Gateway) -> AsyncIterator[Sql]:
+    """Hold the database's write lock from another connection, as a long
+    admin write (or on SQLite the usage writer) would: SQLite's BEGIN
+    IMMEDIATE, PostgreSQL's advisory lock that every write body takes.
+    Yields a function running one statement (``?`` placeholders) on that
+    connection, committed when the lock is let go."""
+    if gw.config.database.url is None:
+        conn = connect(gw.db_path)
+        conn.execute("BEGIN IMMEDIATE")
+
+        async def lite(sql: str, *args: Any) -> None:
+            conn.execute(sql, args)
+
+        try:
+            yield lite
+        finally:
+            conn.execute("COMMIT")
+            conn.close()
+        return
+    pg = await asyncpg.connect(gw.config.database.url)
+
+    async def post(sql: str, *args: Any) -> None:
+        await pg.execute(numbered(sql), *args)
+
+    try:
+        await pg.execute("SELECT pg_advisory_lock($1)", WRITE_LOCK)
+        yield post
+    finally:
+        await pg.close()  # ends the session, and its lock
+
+
+async def waiting_for_write_lock(gw: Gateway) -> None:
+    """Until a write body waits for the lock write_lock holds. PostgreSQL
+    shows it (pg_locks); SQLite's waiter sleeps in its busy handler, out of
+    sight, so there a generous pause stands in."""
+    if gw.config.database.url is None:
+        await asyncio.sleep(1.5)
+        return
+    pg = await asyncpg.connect(gw.config.database.url)
+    try:
+        for _ in range(500):
+            if await pg.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        await pg.close()
+    raise AssertionError("no write body waited for the lock")
+
+
+async def test_throttled_attempts_do_not_wait_for_the_write_lock(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, consoles: list[Console],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An address already throttled is answered from a read: while the write
+    lock is held elsewhere, a flood of wrong tokens, sign-ins and sign-ups
+    from it gets its 429s at once instead of queueing for the lock (where
+    it would hold up the usage writer and every admin write)."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    gw = await make_gateway(config_toml(upstream.base_url, "[console]\ntrust_forwarded_for = true\n"
+                                        "open_signup = true\nlogin_failures_per_address = 3\n"))
+    c = await console(consoles, gw)
+
+    async def token(value: str, address: str = "203.0.113.9") -> int:
+        async with http.get(gw.url + PREFIX + "/workspaces",
+                            headers={"Authorization": f"Bearer {value}", "X-Forwarded-For": address}) as r:
+            return r.status
+
+    async def post(path: str, i: int) -> int:
+        status, _ = await c.raw("POST", path, {"email": f"u{i}@example.com", "password": "wrong password!"},
+                                headers={"X-Forwarded-For": "203.0.113.9"})
+        return status
+
+    assert [await token(f"guess-{i}") for i in range(3)] == [401] * 3
+    for i in range(3):
+        await post("/signup", i)
+    waiting: list[asyncio.Future[int]] = []
+    try:
+        async with write_lock(gw):
+            # The lock is real: a guess from a fresh address must count, so it waits.
+            fresh = asyncio.ensure_future(token("guess", "203.0.113.77"))
+            waiting.append(fresh)
+            started = time.monotonic()
+            flood = [token(f"guess-{i}") for i in range(10)] + [token(ADMIN_TOKEN)]
+            flood += [post("/session", i) for i in range(10)] + [post("/signup", i) for i in range(10, 15)]
+            got = await asyncio.wait_for(asyncio.gather(*flood), 5)
+            took = time.monotonic() - started
+            assert not fresh.done()
+        assert got == [429] * len(flood) and took < 2.0
+        assert await asyncio.wait_for(fresh, 10) == 401
+    finally:
+        for f in waiting:
+            f.cancel()
+
+
+async def test_an_invitation_closed_while_the_password_is_hashed_does_not_let_in(
+    admin_gateway: Gateway, consoles: list[Console],
+) -> None:
+    """Accepting reads the invitation, hashes the new password, then writes:
+    an inviter disabled (or an invitation revoked) in between stops the
+    write with the answer an invalid link gets, and no account is made."""
+    gw = admin_gateway
+    owner = await gw.add_user("o@example.com", team="owner")
+    o = await console(consoles, gw, "o@example.com")
+    ws = gw.conn.execute("SELECT id FROM workspaces WHERE name = 'team'").fetchone()[0]
+    links = [(await o.call("POST", "/invitations", {"email": f"cy{i}@example.com", "workspace_id": ws},
+                           expect=201))["link"].split("#invite=")[1] for i in range(2)]
+    invitee = await console(consoles, gw)
+    for token, change, args in ((links[0], "UPDATE users SET disabled_at = ? WHERE id = ?", (time.time(), owner)),
+                                (links[1], "UPDATE invitations SET revoked_at = ? WHERE email = ?",
+                                 (time.time(), "cy1@example.com"))):
+        await invitee.call("POST", "/invitation/inspect", {"token": token})  # open until now
+        async with write_lock(gw) as sql:
+            accepting = asyncio.ensure_future(invitee.raw("POST", "/invitation/accept",
+                                                          {"token": token, "password": "long enough pw"}))
+            await waiting_for_write_lock(gw)
+            await sql(change, *args)
+        status, err = await asyncio.wait_for(accepting, 10)
+        assert (status, err["error"]["code"]) == (404, "invalid_invitation"), err
+        if change.startswith("UPDATE users"):
+            await gw.write(lambda conn: conn.execute("UPDATE users SET disabled_at = NULL WHERE id = ?", (owner,)))
+    assert gw.conn.execute("SELECT COUNT(*) FROM users WHERE email LIKE 'cy%'").fetchone()[0] == 0
+
+
+async def test_a_proxy_not_trusted_for_addresses_is_warned_of_once(
+    make_gateway: GatewayFactory, upstream: Upstream, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behind a proxy, without ``trust_forwarded_for`` every client has the
+    proxy's address: a few wrong guesses from anyone lock every sign-in out,
+    the operator token's too (by design: past the limit the right token must
+    not stand out). The first admin request that shows a proxy says so in
+    the log, once; with the setting on, nothing is said."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    untrusted = await make_gateway(config_toml(upstream.base_url, "[console]\nlogin_failures_per_address = 2\n"))
+    trusted = await make_gateway(config_toml(upstream.base_url, "[console]\ntrust_forwarded_for = true\n"
+                                             "login_failures_per_address = 2\n"), "trusted.toml")
+
+    async def workspaces(gw: Gateway, token: str, client: str) -> int:
+        async with http.get(gw.url + PREFIX + "/workspaces",
+                            headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": client}) as r:
+            return r.status
+
+    def warnings() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "trust_forwarded_for is false" in r.getMessage()]
+
+    # One client guesses twice; another, with the right token, is locked out too.
+    got = [await workspaces(untrusted, f"guess-{i}", "198.51.100.1") for i in range(2)]
+    got.append(await workspaces(untrusted, ADMIN_TOKEN, "198.51.100.2"))
+    assert got == [401, 401, 429]
+    assert len(warnings()) == 1 and warnings()[0].levelno == logging.WARNING
+    assert "198.51.100" not in warnings()[0].getMessage()  # the header's content is not logged
+    got = [await workspaces(trusted, f"guess-{i}", "198.51.100.1") for i in range(2)]
+    assert [*got, await workspaces(trusted, ADMIN_TOKEN, "198.51.100.2")] == [401, 401, 200]
+    assert len(warnings()) == 1

@@ -226,6 +226,37 @@ async def test_an_invitation_is_accepted_once(store: Store, tmp_path: Path) -> N
     assert await store.run(lambda tx: users.open_invitation(tx, token, NOW + 1)) is None
 
 
+async def test_accepting_checks_again_in_its_write_that_the_invitation_is_open(store: Store) -> None:
+    """The acceptance reads the invitation, hashes the password (a second or
+    more when busy), then writes: whatever happened in between (the inviter
+    disabled or demoted, the invitation expired) must stop the write, as
+    it would have stopped the read."""
+    ws = await store.create_workspace("acme")
+
+    async def setup(tx: Tx) -> tuple[int, int, str]:
+        owner = await users.create_user(tx, "o@example.com", now=NOW, password_hash="h")
+        await users.set_membership(tx, owner["id"], ws["id"], "owner", NOW)
+        inv, token = await users.create_invitation(tx, "cy@example.com", workspace_id=ws["id"], role="member",
+                                                   invited_by=owner["id"], now=NOW, ttl_s=3600)
+        return owner["id"], inv["id"], token
+
+    owner, inv_id, token = await store.run(setup, write=True)
+
+    async def accept(now: float = NOW + 1) -> bool:
+        return await store.run(lambda tx: users.close_invitation(tx, inv_id, now, accepted=True), write=True)
+
+    assert await store.run(lambda tx: users.open_invitation(tx, token, NOW + 1)) is not None  # the read
+    await store.run(lambda tx: users.update_user(tx, owner, now=NOW, disabled=True), write=True)
+    assert await accept() is False
+    await store.run(lambda tx: users.update_user(tx, owner, now=NOW, disabled=False), write=True)
+    await store.run(lambda tx: users.set_membership(tx, owner, ws["id"], "member", NOW), write=True)
+    assert await accept() is False
+    await store.run(lambda tx: users.set_membership(tx, owner, ws["id"], "owner", NOW), write=True)
+    assert await accept(NOW + 3601) is False  # expired meanwhile
+    assert await accept() is True
+    assert await accept() is False
+
+
 @pytest.mark.parametrize("text", ["ann\x00@example.com", "ann\ud800@example.com"])
 async def test_text_postgresql_cannot_hold_is_refused_by_either_store(store: Store, text: str) -> None:
     """A NUL or a lone surrogate (``%00`` in a path, a query string decoded

@@ -328,3 +328,37 @@ async def test_a_key_cannot_be_created_or_set_to_expire_in_the_past(
     await api(http, gw, "PATCH", f"/keys/{key['id']}", {"expires_at": "2000-01-01"}, expect=400)
     soon = await api(http, gw, "PATCH", f"/keys/{key['id']}", {"expires_at": time.time() + 3600})
     assert soon["status"] == "active" and soon["expires_at"] > time.time()
+
+
+async def test_a_bug_is_a_500_and_only_an_unreachable_database_a_503(
+    admin_gateway: Gateway, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A statement that cannot work (here: a table gone from the schema) is
+    a bug: 500 internal_error without a traceback in the answer (it goes to
+    the log), not a 503 that would have the client retry for ever."""
+    gw = admin_gateway
+    await gw.write(lambda conn: conn.execute("ALTER TABLE invitations RENAME TO invitations_gone"))
+    async with http.get(gw.url + PREFIX + "/invitations", headers=ADMIN) as r:
+        text = await r.text()
+        assert r.status == 500 and "Retry-After" not in r.headers
+    assert (await r.json(content_type=None))["error"]["code"] == "internal_error"
+    assert "Traceback" not in text and "invitations" not in text
+    assert any(rec.exc_info and "unhandled error in admin GET" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.sqlite_only("the database file removed under a running gateway")
+async def test_a_removed_database_file_is_a_503_not_a_fresh_database(
+    admin_gateway: Gateway, http: aiohttp.ClientSession,
+) -> None:
+    """Once the SQLite file is removed, admin reads and writes answer 503
+    database_unavailable: they neither see nor write a new empty file made
+    at the path (gateway.store.dbfile)."""
+    gw = admin_gateway
+    await api(http, gw, "POST", "/workspaces", {"name": "acme"}, expect=201)
+    for suffix in ("", "-wal", "-shm"):
+        gw.db_path.with_name(gw.db_path.name + suffix).unlink(missing_ok=True)
+    for method, body in (("GET", None), ("POST", {"name": "other"})):
+        async with http.request(method, gw.url + PREFIX + "/workspaces", json=body, headers=ADMIN) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"]["code"] == "database_unavailable"
+    assert not gw.db_path.exists()

@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .dbfile import DatabaseLost
 from .sql import numbered
 
 T = TypeVar("T")
@@ -51,6 +52,31 @@ PgConn = asyncpg.Connection | PoolConnectionProxy
 
 # A constraint the statement broke (unique, foreign key, check), either store.
 INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+
+# Errors that say the database cannot be reached or used just now, not that
+# the statement is wrong: ``unavailable`` below.
+_UNREACHABLE = (
+    OSError, TimeoutError, DatabaseLost, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+# SQLite's primary result codes for the same: busy or locked past the
+# timeout, an I/O error, a file it cannot open, a full disk.
+_SQLITE_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR,
+                                 sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL})
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether ``e`` means the database is away (PostgreSQL down or
+    restarting, its connection lost, SQLite locked, unreadable or removed):
+    worth a 503 and a retry. Anything else (a missing table, a bad
+    statement) is a bug, and must not pass for one."""
+    if isinstance(e, _UNREACHABLE):
+        return True
+    if isinstance(e, sqlite3.OperationalError):
+        code = getattr(e, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
+    return False
 
 
 class Tx(Protocol):

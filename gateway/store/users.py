@@ -244,11 +244,20 @@ async def open_invitation(tx: Tx, token: str, now: float) -> dict[str, Any] | No
 
 
 async def close_invitation(tx: Tx, inv_id: int, now: float, *, accepted: bool) -> bool:
-    """Mark an open invitation accepted (or revoked); False if it was no
-    longer open: the guard makes a link work once, whoever races."""
-    col = "accepted_at" if accepted else "revoked_at"
+    """Mark an invitation accepted, if it is still open (``_INVITE_OPEN``),
+    or revoked, if it was neither accepted nor revoked; False if not. The
+    condition is in the UPDATE, so whatever changed since the caller read
+    the invitation (revoked, used, expired, its inviter disabled or
+    demoted while the invitee's password was hashed) stops it here, and a
+    link works once whoever races."""
+    if accepted:
+        return await tx.execute(
+            f"UPDATE invitations SET accepted_at = ? WHERE id = "
+            f"(SELECT i.id FROM {_INVITE_FROM} WHERE i.id = ? AND {_INVITE_OPEN})",
+            now, inv_id, now, *ROLES,
+        ) == 1
     return await tx.execute(
-        f"UPDATE invitations SET {col} = ? WHERE id = ? AND accepted_at IS NULL AND revoked_at IS NULL",
+        "UPDATE invitations SET revoked_at = ? WHERE id = ? AND accepted_at IS NULL AND revoked_at IS NULL",
         now, inv_id,
     ) == 1
 

@@ -63,8 +63,18 @@ class SqliteStore:
         return await asyncio.to_thread(self.run_sync, fn)
 
     async def run(self, body: Body[T], *, write: bool = False) -> T:
-        # The whole body in one worker thread (gateway.store.tx).
-        return await self._run(lambda c: run_sqlite(c, body, write=write))
+        # The whole body in one worker thread (gateway.store.tx), on the file
+        # this process opened: once it was removed or replaced, DatabaseLost
+        # (a new empty file at the path is not the gateway's database).
+        # Checked before connecting, which would make that file.
+        db_file = self.db_file
+
+        def run() -> T:
+            if db_file is not None:
+                db_file.check()
+            return self.run_sync(lambda conn: run_sqlite(conn, body, write=write))
+
+        return await asyncio.to_thread(run)
 
     # ------------------------------------------------------------ workspaces and keys
 
