@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__, cli_users, logs
+from .cli_users import on_db
 from .config import MOCK_UPSTREAM, Config, ConfigError, embedded_config, load_config
 from .store import audit, catalog, queries
 from .store.base import KeyLimits, Store, migrate_schema, run_on_store
 from .store.schema import connect
-from .store.tx import Body, Tx
+from .store.tx import Tx
 
 T = TypeVar("T")
 
@@ -86,12 +87,6 @@ def resolve_config(path: str | None, *, secrets: bool = True) -> Config:
 def _on_store(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
     """``fn`` on the config's database through the Store."""
     return run_on_store(cfg.database, fn)
-
-
-def _in_tx(cfg: Config, body: Body[T]) -> T:
-    """``body`` as one write transaction on the config's database, SQLite or
-    PostgreSQL: a change and its audit row together (gateway.store.tx)."""
-    return run_on_store(cfg.database, lambda store: store.run(body, write=True))
 
 
 # ------------------------------------------------------------------ output
@@ -246,13 +241,13 @@ def cmd_workspaces_create(args: argparse.Namespace, cfg: Config) -> int:
                            target_id=ws["id"], workspace_id=ws["id"], after=ws)
         return ws
 
-    ws = _in_tx(cfg, run)
+    ws = on_db(cfg, run, write=True)
     print(f"created workspace {ws['name']} (id {ws['id']}, group {ws['default_group']})")
     return 0
 
 
 def cmd_workspaces_list(args: argparse.Namespace, cfg: Config) -> int:
-    rows = _on_store(cfg, lambda s: s.list_workspaces())
+    rows = on_db(cfg, catalog.list_workspaces)
     _table(rows, ["id", "name", "default_group"])
     return 0
 
@@ -276,7 +271,7 @@ def cmd_keys_create(args: argparse.Namespace, cfg: Config) -> int:
                            target_id=row["id"], workspace_id=ws["id"], after=row)
         return ws, (row, plaintext)
 
-    ws, (row, plaintext) = _in_tx(cfg, run)
+    ws, (row, plaintext) = on_db(cfg, run, write=True)
     print(f"created key {row['id']} ({row['prefix']}...) in workspace {ws['name']}")
     print("the key is shown once; store it now:")
     print(plaintext)
@@ -292,11 +287,11 @@ def key_status(key: dict[str, Any], now: float) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace, cfg: Config) -> int:
-    async def listing(s: Store) -> list[dict[str, Any]]:
-        ws_id = (await s.find_workspace(args.workspace))["id"] if args.workspace else None
-        return await s.list_keys(ws_id)
+    async def listing(tx: Tx) -> list[dict[str, Any]]:
+        ws_id = (await catalog.find_workspace(tx, args.workspace))["id"] if args.workspace else None
+        return await catalog.list_keys(tx, ws_id)
 
-    rows = _on_store(cfg, listing)
+    rows = on_db(cfg, listing)
     now = time.time()
     for r in rows:
         expires = r["expires_at"]
@@ -315,7 +310,7 @@ def cmd_keys_revoke(args: argparse.Namespace, cfg: Config) -> int:
                                target_id=row["id"], workspace_id=row["workspace_id"], before=before, after=row)
         return row
 
-    row = _in_tx(cfg, run)
+    row = on_db(cfg, run, write=True)
     print(f"revoked key {row['id']} ({row['prefix']}...)")
     return 0
 
@@ -324,9 +319,9 @@ async def _usage_labels(store: Store, by: str) -> dict[Any, str]:
     """Names for the ids usage rows hold: keys as ``name (prefix...)``."""
     if by == "key":
         return {k["id"]: f"{k['name']} ({k['prefix']}...)" if k["name"] else f"{k['prefix']}..."
-                for k in await store.list_keys()}
+                for k in await store.run(catalog.list_keys)}
     if by == "workspace":
-        return {w["id"]: w["name"] for w in await store.list_workspaces()}
+        return {w["id"]: w["name"] for w in await store.run(catalog.list_workspaces)}
     return {}
 
 

@@ -102,7 +102,7 @@ def create(args: argparse.Namespace, cfg: Config) -> None:
                            workspace_id=ws_id, after={**u, "role": role or None})
         return u
 
-    u = _on_db(cfg, run, write=True)
+    u = on_db(cfg, run, write=True)
     where = "admin" if role == "admin" else f"{role} of {args.workspace}" if ws_name else "no workspace yet"
     print(f"created user {u['id']} {email} ({where})")
 
@@ -121,14 +121,14 @@ def invite(args: argparse.Namespace, cfg: Config) -> None:
                            target_id=inv["id"], workspace_id=ws_id, after=inv)
         return inv, token
 
-    inv, token = _on_db(cfg, run, write=True)
+    inv, token = on_db(cfg, run, write=True)
     print(f"invitation {inv['id']} for {email} ({role}{' of ' + args.workspace if ws_name else ''}), "
           f"valid {hours:g} hours; the link works once:")
     print(f"{_base_url(args, cfg)}/console/#invite={token}")
 
 
 def list_users(args: argparse.Namespace, cfg: Config) -> None:
-    rows = _on_db(cfg, users.list_users)
+    rows = on_db(cfg, users.list_users)
     if not rows:
         print("(none)")
         return
@@ -154,7 +154,7 @@ def _set_disabled(disabled: bool) -> Action:
             await audit.record(tx, cli_actor(), "user.disable" if disabled else "user.enable", now=now,
                                target_type="user", target_id=u["id"], before=u, after=after)
 
-        _on_db(cfg, run, write=True)
+        on_db(cfg, run, write=True)
         if disabled:
             print(f"disabled {email}: signed out everywhere; their keys stop working until enabled again")
         else:
@@ -163,8 +163,9 @@ def _set_disabled(disabled: bool) -> Action:
     return action
 
 
-def _on_db(cfg: Config, body: Body[T], *, write: bool = False) -> T:
-    """``body`` on the configured store, SQLite or PostgreSQL (gateway.store.tx)."""
+def on_db(cfg: Config, body: Body[T], *, write: bool = False) -> T:
+    """``body`` on the configured store, SQLite or PostgreSQL (gateway.store.tx);
+    with ``write``, one transaction: a change and its audit row together."""
     return run_on_store(cfg.database, lambda store: store.run(body, write=write))
 
 

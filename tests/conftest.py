@@ -494,7 +494,7 @@ def create_key(conn: Any, workspace: str = "acme", **kw: Any) -> str:
 def revoke_key(conn: Any, key_id: int) -> None:
     """Revoke a key on a sqlite3 connection or a PgConn."""
     if isinstance(conn, PgConn):
-        conn.bridge.run(conn.store.revoke_key(key_id))
+        conn.bridge.run(conn.store.run(lambda tx: catalog.revoke_key(tx, key_id), write=True))
     else:
         queries.revoke_key(conn, key_id)
 
@@ -503,14 +503,15 @@ async def _pg_create_key(store: Any, workspace: str, kw: dict[str, Any]) -> str:
     from gateway.store.base import ConflictError, KeyLimits, NotFoundError
 
     try:
-        ws = await store.find_workspace(workspace)
+        ws = await store.run(lambda tx: catalog.find_workspace(tx, workspace))
     except NotFoundError:
         try:
-            ws = await store.create_workspace(workspace)
+            ws = await store.run(lambda tx: catalog.create_workspace(tx, workspace), write=True)
         except ConflictError:
-            ws = await store.find_workspace(workspace)
+            ws = await store.run(lambda tx: catalog.find_workspace(tx, workspace))
     limit_fields = {k: kw.pop(k) for k in list(kw) if k in KeyLimits.__slots__}
-    _, plaintext = await store.create_key(ws["id"], limits=KeyLimits(**limit_fields), **kw)
+    _, plaintext = await store.run(lambda tx: catalog.create_key(tx, ws["id"], limits=KeyLimits(**limit_fields), **kw),
+                                   write=True)
     return str(plaintext)
 
 
@@ -545,6 +546,18 @@ base_url = "{base_url}"
 api_key_env = "MOCK_UPSTREAM_KEY"
 {lines}
 """
+
+
+def wire_upstreams(url: str, *protocols: str) -> str:
+    """An ``[[upstreams]]`` entry ``wire-<protocol>`` on the mock at ``url``
+    for each protocol named, speaking that one only: ``chat`` and
+    ``responses`` (OpenAI), ``messages`` (Anthropic). For translated routes."""
+    out = []
+    for p in protocols:
+        kind, only = ("anthropic", "") if p == "messages" else ("openai", f'protocols = ["{p}"]\n')
+        out.append(f'\n[[upstreams]]\nname = "wire-{p}"\nkind = "{kind}"\n{only}base_url = "{url}"\n'
+                   'api_key_env = "MOCK_UPSTREAM_KEY"\nidle_timeout_s = 10\n')
+    return "".join(out)
 
 
 def config_toml(upstream_url: str, extra: str = "", *, api_key_env: str = "MOCK_UPSTREAM_KEY") -> str:

@@ -42,7 +42,7 @@ async def other_store(store: Store, tmp_path: Path) -> Store:
 
 
 async def test_users_memberships_and_their_constraints(store: Store) -> None:
-    ws = await store.create_workspace("acme")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
 
     async def make(tx: Tx) -> dict[str, Any]:
         u = await users.create_user(tx, "ann@example.com", now=NOW, name="Ann", password_hash="h")
@@ -74,7 +74,7 @@ async def test_users_memberships_and_their_constraints(store: Store) -> None:
 
 async def test_a_write_body_is_one_transaction(store: Store) -> None:
     """A change and its audit row commit together or not at all."""
-    ws = await store.create_workspace("acme")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
 
     async def half(tx: Tx) -> None:
         key, _ = await catalog.create_key(tx, ws["id"], name="k")
@@ -84,14 +84,14 @@ async def test_a_write_body_is_one_transaction(store: Store) -> None:
 
     with pytest.raises(NotFoundError):
         await store.run(half, write=True)
-    assert await store.list_keys() == []
+    assert await store.run(catalog.list_keys) == []
     page = await store.run(lambda tx: audit.query(tx, since=0, until=NOW + 60))
     assert page["items"] == []
 
 
 async def test_audit_rows_filters_and_scope(store: Store) -> None:
-    a = await store.create_workspace("a")
-    b = await store.create_workspace("b")
+    a = await store.run(lambda tx: catalog.create_workspace(tx, "a"), write=True)
+    b = await store.run(lambda tx: catalog.create_workspace(tx, "b"), write=True)
 
     async def log(tx: Tx) -> None:
         for i, (action, ws) in enumerate([("key.create", a), ("key.revoke", a), ("user.disable", None),
@@ -130,7 +130,7 @@ async def test_throttle_check_and_count_are_serialized(store: Store, tmp_path: P
         n, _ = await users.failures(tx, "address", "192.0.2.7", NOW - 600)
         if n >= limit:
             raise ConflictError("too many")
-        if tx.kind == "postgres":
+        if store.kind == "postgres":
             await tx.execute("SELECT pg_sleep(0.01)")  # widen the window a race would need
         await users.add_failure(tx, "address", "192.0.2.7", NOW)
         passed.append(i)
@@ -163,7 +163,7 @@ async def test_failures_rows_dropped_and_pruned(store: Store) -> None:
 
 
 async def test_sessions_end_and_disabling_suspends_keys(store: Store) -> None:
-    ws = await store.create_workspace("acme")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
 
     async def setup(tx: Tx) -> tuple[int, str, str, str]:
         u = await users.create_user(tx, "bob@example.com", now=NOW, password_hash="h")
@@ -192,7 +192,7 @@ async def test_sessions_end_and_disabling_suspends_keys(store: Store) -> None:
     assert await store.run(lambda tx: users.session(tx, h1, now=NOW + 1, idle_s=600)) is None
     assert (await store.fetch_key(key_hash))[1] is None
     assert await store.keys_generation() > generation
-    assert [k["user_suspended"] for k in await store.list_keys()] == [True]
+    assert [k["user_suspended"] for k in await store.run(catalog.list_keys)] == [True]
 
     await store.run(lambda tx: users.update_user(tx, user_id, now=NOW, disabled=False), write=True)
     assert (await store.fetch_key(key_hash))[1] is not None
@@ -208,7 +208,7 @@ async def test_sessions_end_and_disabling_suspends_keys(store: Store) -> None:
 
 
 async def test_an_invitation_is_accepted_once(store: Store, tmp_path: Path) -> None:
-    ws = await store.create_workspace("acme")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
     inv, token = await store.run(lambda tx: users.create_invitation(
         tx, "cy@example.com", workspace_id=ws["id"], role="member", invited_by=None, now=NOW, ttl_s=3600),
         write=True)
@@ -231,7 +231,7 @@ async def test_accepting_checks_again_in_its_write_that_the_invitation_is_open(s
     more when busy), then writes: whatever happened in between (the inviter
     disabled or demoted, the invitation expired) must stop the write, as
     it would have stopped the read."""
-    ws = await store.create_workspace("acme")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
 
     async def setup(tx: Tx) -> tuple[int, int, str]:
         owner = await users.create_user(tx, "o@example.com", now=NOW, password_hash="h")
@@ -267,4 +267,4 @@ async def test_text_postgresql_cannot_hold_is_refused_by_either_store(store: Sto
         await store.run(lambda tx: users.find_user(tx, text))
     with pytest.raises(ValueError, match=r"NUL|Unicode"):
         await store.run(lambda tx: catalog.create_workspace(tx, text), write=True)
-    assert await store.list_workspaces() == []
+    assert await store.run(catalog.list_workspaces) == []

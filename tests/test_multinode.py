@@ -29,6 +29,7 @@ import pytest
 from gateway.config import DatabaseConfig
 from gateway.mock.ark import ARK
 from gateway.redis_limits import GRANT_TTL_S
+from gateway.store import catalog
 from gateway.store.base import KeyLimits, Store, open_store
 
 from . import services
@@ -104,12 +105,16 @@ class Cluster:
     async def key(self, workspace: str = "acme", *, tokens: int | None = None, **limits: Any) -> str:
         assert self.store is not None
         try:
-            ws = await self.store.find_workspace(workspace)
+            ws = await self.store.run(lambda tx: catalog.find_workspace(tx, workspace))
         except LookupError:
-            ws = await self.store.create_workspace(workspace)
+            ws = await self.store.run(lambda tx: catalog.create_workspace(tx, workspace), write=True)
             if tokens is not None:
-                ws = await self.store.update_workspace(ws["id"], {"monthly_token_limit": tokens})
-        _, plaintext = await self.store.create_key(ws["id"], limits=KeyLimits(**limits))
+                ws_id = ws["id"]
+                ws = await self.store.run(lambda tx: catalog.update_workspace(
+                    tx, ws_id, {"monthly_token_limit": tokens}), write=True)
+        ws_id = ws["id"]
+        _, plaintext = await self.store.run(lambda tx: catalog.create_key(tx, ws_id, limits=KeyLimits(**limits)),
+                                            write=True)
         async with aiohttp.ClientSession() as http:
             for url in self.urls:
                 await live(http, url, plaintext)
@@ -262,11 +267,11 @@ async def test_revocation_reaches_every_instance_within_100ms(cluster: Cluster) 
     # three would miss by far.
     for _ in range(3):
         key = await cluster.key()
-        key_id = max(k["id"] for k in await cluster.store.list_keys())
+        key_id = max(k["id"] for k in await cluster.store.run(catalog.list_keys))
         async with aiohttp.ClientSession() as http:
             # Revoked by another PostgreSQL client (as the CLI does): the
             # trigger's NOTIFY, not the 10 s poll, must reach all three.
-            await cluster.store.revoke_key(key_id)
+            await cluster.store.run(lambda tx, key_id=key_id: catalog.revoke_key(tx, key_id), write=True)
             revoked = time.monotonic()
 
             async def refused(url: str, key: str = key, revoked: float = revoked) -> float:

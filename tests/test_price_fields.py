@@ -20,55 +20,40 @@ import pytest
 from gateway.config import PRICE_FIELD_NAMES, ConfigError, parse_config
 from gateway.protocols.base import DECIDING_KEYS
 
-from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml, wire_upstreams
 
 CHAT = "/v1/chat/completions"
 MSG = "/v1/messages"
 RESP = "/v1/responses"
 
 EXTRA = """
-[[upstreams]]
-name = "wire-responses"
-kind = "openai"
-protocols = ["responses"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
-[[upstreams]]
-name = "wire-chat"
-kind = "openai"
-protocols = ["chat"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
 [[models]]
 name = "via-responses"
-routes = [{{ upstream = "wire-responses", model = "via-responses" }}]
+routes = [{ upstream = "wire-responses", model = "via-responses" }]
 
 [[models]]
 name = "via-chat"
-routes = [{{ upstream = "wire-chat", model = "via-chat" }}]
+routes = [{ upstream = "wire-chat", model = "via-chat" }]
 
 [[models]]
 name = "gpt-priority"
-routes = [{{ upstream = "mock", model = "gpt-priority" }}]
-price = {{ input = 2.0, output = 4.0 }}
-allow_fields = {{ service_tier = ["priority", "flex"] }}
+routes = [{ upstream = "mock", model = "gpt-priority" }]
+price = { input = 2.0, output = 4.0 }
+allow_fields = { service_tier = ["priority", "flex"] }
 
 [[models]]
 name = "claude-fast"
-routes = [{{ upstream = "mock-anthropic", model = "claude-fast" }}]
-price = {{ input = 30.0, output = 150.0 }}
-allow_fields = {{ speed = ["fast"], inference_geo = ["us"] }}
+routes = [{ upstream = "mock-anthropic", model = "claude-fast" }]
+price = { input = 30.0, output = 150.0 }
+allow_fields = { speed = ["fast"], inference_geo = ["us"] }
 """
 
 
 @pytest.fixture
 async def gw(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
     url = upstream.base_url
-    return await make_gateway(config_toml(url, PROTOCOL_MODELS.format(url=url) + EXTRA.format(url=url)))
+    extra = PROTOCOL_MODELS.format(url=url) + wire_upstreams(url, "responses", "chat") + EXTRA
+    return await make_gateway(config_toml(url, extra))
 
 
 def body(path: str, model: str, **fields: Any) -> dict[str, Any]:

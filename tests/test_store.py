@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.config import DatabaseConfig
+from gateway.store import catalog
 from gateway.store.base import ConflictError, KeyLimits, NotFoundError, Store, open_store
 from gateway.store.columns import COLUMNS
 from gateway.store.tasks import TaskRow
@@ -58,26 +59,28 @@ async def write(store: Store, rows: list[tuple[Any, ...]], mark: tuple[str, int]
 
 
 async def test_workspaces_and_keys(store: Store) -> None:
-    ws = await store.create_workspace("acme", "cheap")
+    ws = await store.run(lambda tx: catalog.create_workspace(tx, "acme", "cheap"), write=True)
     assert ws["name"] == "acme" and ws["default_group"] == "cheap" and ws["allowed_models"] is None
     with pytest.raises(ConflictError):
-        await store.create_workspace("acme")
-    assert (await store.find_workspace("acme"))["id"] == ws["id"]
+        await store.run(lambda tx: catalog.create_workspace(tx, "acme"), write=True)
+    assert (await store.run(lambda tx: catalog.find_workspace(tx, "acme")))["id"] == ws["id"]
     with pytest.raises(NotFoundError):
-        await store.get_workspace(999)
-    ws = await store.update_workspace(ws["id"], {"allowed_models": ["gpt-*"], "monthly_token_limit": 1000})
+        await store.run(lambda tx: catalog.get_workspace(tx, 999))
+    ws = await store.run(lambda tx: catalog.update_workspace(
+        tx, ws["id"], {"allowed_models": ["gpt-*"], "monthly_token_limit": 1000}), write=True)
     assert ws["allowed_models"] == ["gpt-*"] and ws["monthly_token_limit"] == 1000
     with pytest.raises(ValueError, match="unknown field"):
-        await store.update_workspace(ws["id"], {"id": 5})
+        await store.run(lambda tx: catalog.update_workspace(tx, ws["id"], {"id": 5}), write=True)
 
     generation = await store.keys_generation()
-    key, plaintext = await store.create_key(ws["id"], name="ci", models=["gpt-4o"], limits=KeyLimits(rpm=30))
+    key, plaintext = await store.run(lambda tx: catalog.create_key(
+        tx, ws["id"], name="ci", models=["gpt-4o"], limits=KeyLimits(rpm=30)), write=True)
     assert plaintext.startswith("gw-") and len(plaintext) > 40 and key["prefix"] == plaintext[:10]
     assert "key_hash" not in key and key["rpm"] == 30 and key["workspace"] == "acme"
     assert await store.keys_generation() > generation
-    other, _ = await store.create_key(ws["id"])
-    assert [k["id"] for k in await store.list_keys(ws["id"])] == [key["id"], other["id"]]
-    key = await store.update_key(key["id"], {"tpm": 500, "name": "renamed"})
+    other, _ = await store.run(lambda tx: catalog.create_key(tx, ws["id"]), write=True)
+    assert [k["id"] for k in await store.run(lambda tx: catalog.list_keys(tx, ws["id"]))] == [key["id"], other["id"]]
+    key = await store.run(lambda tx: catalog.update_key(tx, key["id"], {"tpm": 500, "name": "renamed"}), write=True)
     assert key["tpm"] == 500 and key["name"] == "renamed"
     live = {r[0]: r for r in await store.live_keys()}
     assert set(live) == {key["id"], other["id"]}
@@ -85,11 +88,11 @@ async def test_workspaces_and_keys(store: Store) -> None:
     generation, one = await store.fetch_key(live[key["id"]][1])
     assert one == live[key["id"]] and generation == await store.keys_generation()
     assert (await store.fetch_key("0" * 64))[1] is None
-    revoked = await store.revoke_key(key["id"])
+    revoked = await store.run(lambda tx: catalog.revoke_key(tx, key["id"]), write=True)
     assert revoked["revoked_at"] is not None
     assert {r[0] for r in await store.live_keys()} == {other["id"]}
     with pytest.raises(NotFoundError):
-        await store.get_key(12345)
+        await store.run(lambda tx: catalog.get_key(tx, 12345))
 
 
 async def test_usage_batches_rollups_and_reads(store: Store) -> None:
@@ -118,7 +121,7 @@ async def test_usage_batches_rollups_and_reads(store: Store) -> None:
     errors = await store.request_log(since=0, until=NOW + 60, status="5xx")
     assert [r["request_id"] for r in errors["items"]] == ["b"]
 
-    totals = await store.key_usage_totals()
+    totals = await store.run(catalog.key_usage_totals)
     assert totals[2]["requests"] == 2 and totals[2]["cost"] == pytest.approx(1.25)
     summary = {s["model"]: s for s in await store.usage_summary(by="model")}
     assert summary["m1"]["requests"] == 2 and summary["m1"]["errors"] == 1
@@ -223,7 +226,7 @@ async def test_tasks_claimed_once_and_billed_once(store: Store, tmp_path: Path) 
         stored = await b.get("vt_0")
         assert stored is not None and stored.status == "succeeded" and stored.billed
         assert [r["request_id"] for r in await store.usage_rows()] == ["vt_0"]
-        assert (await store.key_usage_totals())[1]["cost"] == pytest.approx(2.0)
+        assert (await store.run(catalog.key_usage_totals))[1]["cost"] == pytest.approx(2.0)
 
         await a.add_asset("asset-1", "volc", 1, "JIMENG", "g1")
         await b.add_asset("asset-1", "volc", 2, "JIMENG", "g1")  # taken: the first owner stays
@@ -244,12 +247,12 @@ async def test_key_changes_are_announced(store: Store, tmp_path: Path) -> None:
     assert stop is not None
     try:
         second = await other_store(store, tmp_path)
-        ws = await second.create_workspace("w")
+        ws = await second.run(lambda tx: catalog.create_workspace(tx, "w"), write=True)
         await seen.wait()
         seen.clear()
-        key, _ = await second.create_key(ws["id"])
+        key, _ = await second.run(lambda tx: catalog.create_key(tx, ws["id"]), write=True)
         t0 = time.monotonic()
-        await second.revoke_key(key["id"])
+        await second.run(lambda tx: catalog.revoke_key(tx, key["id"]), write=True)
         await asyncio.wait_for(seen.wait(), 1.0)
         assert time.monotonic() - t0 < 0.1
         await second.announce_config("elsewhere")

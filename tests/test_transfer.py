@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from gateway.config import DatabaseConfig
+from gateway.store import catalog
 from gateway.store.base import open_store
 
 from .conftest import UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
@@ -73,7 +74,7 @@ async def test_sqlite_installation_moves_to_postgres(
     await new.stop()  # flushes its queue
     store = await open_store(DatabaseConfig(tmp_path / "x.db", pg_database))
     try:
-        totals = await store.key_usage_totals()
+        totals = await store.run(catalog.key_usage_totals)
         assert sum(t["requests"] for t in totals.values()) >= 26
         rows = await store.usage_rows(limit=100000)
         assert len(rows) >= len(exported) + 2  # the new keycheck and t0

@@ -10,39 +10,23 @@ import aiohttp
 import orjson
 import pytest
 
-from .conftest import GatewayFactory, Upstream, config_toml
+from .conftest import GatewayFactory, Upstream, config_toml, wire_upstreams
 
 WIRES = """
-[[upstreams]]
-name = "wire-responses"
-kind = "openai"
-protocols = ["responses"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
-[[upstreams]]
-name = "wire-chat"
-kind = "openai"
-protocols = ["chat"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
 [[models]]
 name = "via-responses"
-routes = [{{ upstream = "wire-responses", model = "up-responses" }}]
-price = {{ input = 1.0, output = 2.0 }}
+routes = [{ upstream = "wire-responses", model = "up-responses" }]
+price = { input = 1.0, output = 2.0 }
 
 [[models]]
 name = "via-chat"
-routes = [{{ upstream = "wire-chat", model = "up-chat" }}]
-price = {{ input = 1.0, output = 2.0 }}
+routes = [{ upstream = "wire-chat", model = "up-chat" }]
+price = { input = 1.0, output = 2.0 }
 """
 
 
 def _toml(upstream: Upstream) -> str:
-    return config_toml(upstream.base_url, WIRES.format(url=upstream.base_url)).replace(
+    return config_toml(upstream.base_url, wire_upstreams(upstream.base_url, "responses", "chat") + WIRES).replace(
         "max_body_mb = 1", "max_body_mb = 8")
 
 

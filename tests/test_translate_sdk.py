@@ -26,47 +26,24 @@ import openai
 import orjson
 import pytest
 
-from .conftest import Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import Gateway, GatewayFactory, Upstream, config_toml, wire_upstreams
 
 CLIENTS = ("chat", "messages", "responses")
 WIRES = ("chat", "messages", "responses")
 
-WIRE_UPSTREAMS = """
-[[upstreams]]
-name = "wire-chat"
-kind = "openai"
-protocols = ["chat"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
-[[upstreams]]
-name = "wire-messages"
-kind = "anthropic"
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
-[[upstreams]]
-name = "wire-responses"
-kind = "openai"
-protocols = ["responses"]
-base_url = "{url}"
-api_key_env = "MOCK_UPSTREAM_KEY"
-idle_timeout_s = 10
-
+WIRE_MODELS = """
 [[models]]
 name = "via-chat"
-routes = [{{ upstream = "wire-chat", model = "up-chat" }}]
+routes = [{ upstream = "wire-chat", model = "up-chat" }]
 
 [[models]]
 name = "via-messages"
-routes = [{{ upstream = "wire-messages", model = "up-messages" }}]
+routes = [{ upstream = "wire-messages", model = "up-messages" }]
 max_output_tokens = 1000
 
 [[models]]
 name = "via-responses"
-routes = [{{ upstream = "wire-responses", model = "up-responses" }}]
+routes = [{ upstream = "wire-responses", model = "up-responses" }]
 """
 
 USAGE = {"input": 30, "output": 12, "cached": 8, "cache_write": 4, "reasoning": 5}
@@ -217,7 +194,7 @@ class Clients:
 
 @pytest.fixture
 async def clients(make_gateway: GatewayFactory, upstream: Upstream) -> AsyncIterator[Clients]:
-    gw = await make_gateway(config_toml(upstream.base_url, WIRE_UPSTREAMS.format(url=upstream.base_url)))
+    gw = await make_gateway(config_toml(upstream.base_url, wire_upstreams(upstream.base_url, *WIRES) + WIRE_MODELS))
     key = await gw.key()
     async with httpx2.AsyncClient(trust_env=False, timeout=20) as http:
         yield Clients(openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, http_client=http, max_retries=0),

@@ -1,13 +1,12 @@
 """Workspace, key and usage queries on a synchronous sqlite3 connection:
-the SQLite spellings of gateway.store.catalog's (the one SQL for both
-stores), for the CLI and the tests. Never on the request path (the key cache
+gateway.store.catalog's (the one SQL for both stores) run in place, for
+the CLI's demo, the tests and the benchmarks that fill an SQLite file. Never on the request path (the key cache
 and the usage writer cover that).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection
 from typing import Any
 
 from . import catalog
@@ -25,17 +24,8 @@ def create_workspace(conn: sqlite3.Connection, name: str, group: str = "default"
     return on_conn(conn, catalog.create_workspace, name, group)
 
 
-def get_workspace(conn: sqlite3.Connection, ws_id: int) -> dict[str, Any]:
-    return on_conn(conn, catalog.get_workspace, ws_id)
-
-
 def find_workspace(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
     return on_conn(conn, catalog.find_workspace, name)
-
-
-def list_workspaces(conn: sqlite3.Connection, ids: Collection[int] | None = None) -> list[dict[str, Any]]:
-    """Every workspace, or those of ``ids``."""
-    return on_conn(conn, catalog.list_workspaces, ids)
 
 
 def create_key(
@@ -52,10 +42,6 @@ def create_key(
     row and the plaintext, which is not stored."""
     return on_conn(conn, catalog.create_key, workspace_id, name=name, group=group, models=models, limits=limits,
                    user_id=user_id)
-
-
-def get_key(conn: sqlite3.Connection, key_id: int) -> dict[str, Any]:
-    return on_conn(conn, catalog.get_key, key_id)
 
 
 def list_keys(conn: sqlite3.Connection, workspace_id: int | None = None, *, scope: Scope | None = None,
@@ -94,17 +80,6 @@ def usage_summary(conn: sqlite3.Connection, *, since: float = 0.0, by: str = "mo
         (since,),
     )
     return [dict(r) for r in rows]
-
-
-def update_workspace(conn: sqlite3.Connection, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-    """Change a workspace's default group, model allow-list or monthly quotas
-    (``None`` clears a quota or the allow-list)."""
-    return on_conn(conn, catalog.update_workspace, ws_id, fields)
-
-
-def update_key(conn: sqlite3.Connection, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-    """Change a key's name, group, allowed models or limits (``None`` clears)."""
-    return on_conn(conn, catalog.update_key, key_id, fields)
 
 
 def key_usage_totals(conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:

@@ -83,8 +83,6 @@ class Tx(Protocol):
     """A connection as the shared SQL sees it: ``?`` placeholders, rows as
     dicts (column name -> value)."""
 
-    kind: str  # "sqlite" or "postgres"
-
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
     async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None: ...
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
@@ -110,8 +108,6 @@ def _no_nul(args: tuple[Any, ...]) -> None:
 class SqliteTx:
     """A Tx on a sqlite3 connection; its coroutines never suspend (``drive``)."""
 
-    kind = "sqlite"
-
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
@@ -136,8 +132,6 @@ class SqliteTx:
 
 class PgTx:
     """A Tx on an asyncpg connection."""
-
-    kind = "postgres"
 
     def __init__(self, conn: PgConn) -> None:
         self.conn = conn

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from .. import analytics, catalog, origins
-from ..base import NO_LIMITS, BatchSink, KeyLimits, MonthTotals, QuotaDelta
+from .. import analytics, origins
+from ..base import BatchSink, MonthTotals, QuotaDelta
 from ..dbfile import DatabaseFile
 from ..queries import LIVE_KEYS, USAGE_GROUPS
 from ..sql import numbered
@@ -61,44 +61,7 @@ class PgStore:
         async with self.pool.acquire() as conn:
             return await run_pg(conn, body, write=write)
 
-    # ------------------------------------------------------------ workspaces and keys (gateway.store.catalog)
-
-    async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.create_workspace(tx, name, group), write=True)
-
-    async def get_workspace(self, ws_id: int) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.get_workspace(tx, ws_id))
-
-    async def find_workspace(self, name: str) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.find_workspace(tx, name))
-
-    async def list_workspaces(self) -> list[dict[str, Any]]:
-        return await self.run(catalog.list_workspaces)
-
-    async def update_workspace(self, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.update_workspace(tx, ws_id, fields), write=True)
-
-    async def create_key(
-        self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
-        limits: KeyLimits = NO_LIMITS, user_id: int | None = None,
-    ) -> tuple[dict[str, Any], str]:
-        return await self.run(lambda tx: catalog.create_key(tx, workspace_id, name=name, group=group, models=models,
-                                                            limits=limits, user_id=user_id), write=True)
-
-    async def get_key(self, key_id: int) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.get_key(tx, key_id))
-
-    async def list_keys(self, workspace_id: int | None = None) -> list[dict[str, Any]]:
-        return await self.run(lambda tx: catalog.list_keys(tx, workspace_id))
-
-    async def update_key(self, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.update_key(tx, key_id, fields), write=True)
-
-    async def revoke_key(self, key_id: int) -> dict[str, Any]:
-        return await self.run(lambda tx: catalog.revoke_key(tx, key_id), write=True)
-
-    async def key_usage_totals(self) -> dict[int, dict[str, Any]]:
-        return await self.run(catalog.key_usage_totals)
+    # ------------------------------------------------------------ the key cache
 
     async def keys_generation(self) -> int:
         return int(await self.pool.fetchval("SELECT value FROM meta WHERE name = 'keys_generation'") or 0)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from .. import analytics, queries
-from ..base import NO_LIMITS, BatchSink, KeyLimits, MonthTotals, QuotaDelta
+from ..base import BatchSink, MonthTotals, QuotaDelta
 from ..dbfile import DatabaseFile
 from ..origins import find_origin
 from ..retention import delete_older_than
@@ -76,46 +76,7 @@ class SqliteStore:
 
         return await asyncio.to_thread(run)
 
-    # ------------------------------------------------------------ workspaces and keys
-
-    async def create_workspace(self, name: str, group: str = "default") -> dict[str, Any]:
-        return await self._run(lambda c: queries.create_workspace(c, name, group))
-
-    async def get_workspace(self, ws_id: int) -> dict[str, Any]:
-        return await self._run(lambda c: queries.get_workspace(c, ws_id))
-
-    async def find_workspace(self, name: str) -> dict[str, Any]:
-        return await self._run(lambda c: queries.find_workspace(c, name))
-
-    async def list_workspaces(self) -> list[dict[str, Any]]:
-        return await self._run(queries.list_workspaces)
-
-    async def update_workspace(self, ws_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return await self._run(lambda c: queries.update_workspace(c, ws_id, fields))
-
-    async def create_key(
-        self, workspace_id: int, *, name: str = "", group: str | None = None, models: list[str] | None = None,
-        limits: KeyLimits = NO_LIMITS, user_id: int | None = None,
-    ) -> tuple[dict[str, Any], str]:
-        return await self._run(
-            lambda c: queries.create_key(c, workspace_id, name=name, group=group, models=models, limits=limits,
-                                         user_id=user_id)
-        )
-
-    async def get_key(self, key_id: int) -> dict[str, Any]:
-        return await self._run(lambda c: queries.get_key(c, key_id))
-
-    async def list_keys(self, workspace_id: int | None = None) -> list[dict[str, Any]]:
-        return await self._run(lambda c: queries.list_keys(c, workspace_id))
-
-    async def update_key(self, key_id: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return await self._run(lambda c: queries.update_key(c, key_id, fields))
-
-    async def revoke_key(self, key_id: int) -> dict[str, Any]:
-        return await self._run(lambda c: queries.revoke_key(c, key_id))
-
-    async def key_usage_totals(self) -> dict[int, dict[str, Any]]:
-        return await self._run(queries.key_usage_totals)
+    # ------------------------------------------------------------ the key cache
 
     async def keys_generation(self) -> int:
         async with self.db.execute("SELECT value FROM meta WHERE name = 'keys_generation'") as cur:
