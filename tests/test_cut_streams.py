@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import Gateway, GatewayFactory, Upstream, config_toml, wire_upstreams
 from .test_translate_attacks import WIRES
 
 
@@ -45,7 +45,8 @@ async def test_a_stream_cut_before_its_usage_is_still_billed(
     (0 input, 0 output tokens) although the client had most of the answer.
     What the upstream did not get to report is estimated now: the input
     from the request, the output as one token per event relayed."""
-    gw = await make_gateway(config_toml(upstream.base_url, WIRES.format(url=upstream.base_url)))
+    url = upstream.base_url
+    gw = await make_gateway(config_toml(url, wire_upstreams(url, "responses", "chat") + WIRES))
     key = await gw.key()
     body = {"model": model, "stream": True, "max_tokens": 500,
             "messages": [{"role": "user", "content": "hello " * 200}]}
