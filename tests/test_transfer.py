@@ -10,14 +10,17 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.store import catalog
 from gateway.store.base import open_store
+from gateway.store.tx import run_sqlite
 
 from .conftest import UPSTREAM_KEY, Gateway, GatewayFactory, Upstream, config_toml
+from .test_accounts import Console
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -98,3 +101,56 @@ async def test_export_file_imports_into_postgres(
     assert r.returncode == 0, r.stderr
     n = len(out.read_bytes().splitlines())
     assert f"imported {n} usage_events" in r.stdout
+
+
+@pytest.mark.sqlite_only("moves an SQLite installation (its first gateway runs on SQLite)")
+async def test_console_accounts_move_to_postgres(
+    pg_database: str, make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Users keep their passwords, roles and keys, open invitation links keep
+    working, the audit log comes along; sessions do not (everyone signs in
+    again), and new rows after the move get new ids."""
+    old = await make_gateway(config_toml(upstream.base_url))
+    await old.add_user("o@example.com", team="owner")
+    member = await old.add_user("m@example.com", team="member")
+    ws = old.conn.execute("SELECT id FROM workspaces WHERE name = 'team'").fetchone()[0]
+    _, key = await old.write(lambda conn: run_sqlite(
+        conn, lambda tx: catalog.create_key(tx, ws, name="m's", user_id=member), write=True))
+    owner = Console(old)
+    try:
+        await owner.sign_in("o@example.com")
+        made = await owner.call("POST", "/invitations", {"email": "new@example.com", "workspace_id": ws}, expect=201)
+        token = made["link"].split("#invite=")[1]
+        await old.stop()
+        pg_toml = tmp_path / "pg.toml"
+        pg_toml.write_text(config_toml(upstream.base_url).replace(
+            'path = "gateway.db"', f'path = "pg-spool.db"\nurl = "{pg_database}"'))
+        r = cli("import", str(tmp_path / "gateway.db"), "--config", "pg.toml", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "2 users" in r.stdout and "2 memberships" in r.stdout and "1 invitations" in r.stdout, r.stdout
+
+        new = await make_gateway(pg_toml.read_text(), "pg.toml")
+        owner.gw = new  # the same browser, the same cookie: the session did not move
+        status, _ = await owner.raw("GET", "/session")
+        assert status == 401
+        await owner.sign_in("o@example.com")
+        log = await owner.call("GET", "/audit", workspace_id=ws)
+        assert "invitation.create" in [row["action"] for row in log["items"]]
+        m = Console(new)
+        try:
+            me = await m.sign_in("m@example.com")
+            assert [(w["name"], w["role"]) for w in me["workspaces"]] == [("team", "member")]
+            await new.wait_key_live(key)
+            invitee = await m.call("POST", "/invitation/accept", {"token": token, "password": "long enough pw"})
+            assert invitee["user"]["id"] > member and invitee["workspaces"][0]["role"] == "member"
+        finally:
+            await m.close()
+        members = await owner.call("GET", f"/workspaces/{ws}/members")
+        assert {u["email"] for u in members["data"]} == {"o@example.com", "m@example.com", "new@example.com"}
+    finally:
+        await owner.close()
+    conn = await asyncpg.connect(pg_database)
+    try:
+        assert await conn.fetchval("SELECT user_id FROM api_keys WHERE name = $1", "m's") == member
+    finally:
+        await conn.close()

@@ -1,10 +1,11 @@
 """Moving an SQLite installation to PostgreSQL (``gateway import``), and
 usage rows out of either (``gateway export-usage``).
 
-The import copies every table the gateway keeps, ids included (keys keep
-their hashes, so every key keeps working; usage rows keep their ids, so an
-export and an import can be compared row by row), in one transaction: it
-lands whole or not at all. Usage rows go by COPY in batches through the
+The import copies every table the gateway keeps (but console sessions and
+other passing state: ``TABLES``), ids included (keys keep their hashes, so
+every key keeps working; users their password hashes, so everyone signs in
+as before; usage rows keep their ids, so an export and an import can be
+compared row by row), in one transaction: it lands whole or not at all. Usage rows go by COPY in batches through the
 same staging path as the live writer, so the rollups are built as they
 arrive. It refuses a target that already holds usage rows, so running it
 twice cannot double anything. At the end it counts: the rows in the
@@ -27,11 +28,21 @@ from ..tasks import _COLUMNS as TASK_COLUMNS
 from . import usage
 
 BATCH = 5000
+# In an order that meets every foreign key. Not copied: console sessions
+# (everyone signs in again on the new database: a session id copied is one
+# more place it lives), failed sign-ins (they expire within minutes), the
+# rollups (built again from the usage rows), the SQLite spool marks.
 TABLES = (
     ("workspaces", ("id", "name", "default_group", "allowed_models", "monthly_spend_limit", "monthly_token_limit",
                     "created_at")),
+    ("users", ("id", "email", "name", "password_hash", "is_admin", "disabled_at", "created_at", "last_login_at")),
     ("api_keys", ("id", "workspace_id", "name", "prefix", "key_hash", "group_name", "allowed_models", "rpm", "tpm",
-                  "max_concurrency", "spend_limit", "expires_at", "revoked_at", "created_at")),
+                  "max_concurrency", "spend_limit", "expires_at", "revoked_at", "created_at", "user_id")),
+    ("memberships", ("user_id", "workspace_id", "role", "created_at")),
+    ("invitations", ("id", "token_hash", "email", "workspace_id", "role", "invited_by", "created_at", "expires_at",
+                     "accepted_at", "revoked_at")),
+    ("audit_log", ("id", "ts", "actor_user_id", "actor", "address", "action", "target_type", "target_id",
+                   "workspace_id", "before", "after")),
     ("video_tasks", tuple(c.strip() for c in TASK_COLUMNS.split(","))),
     ("asset_groups", ("id", "upstream", "workspace_id", "platform", "created_at")),
     ("assets", ("id", "upstream", "workspace_id", "platform", "group_id", "created_at")),
@@ -78,7 +89,12 @@ async def _import(conn: asyncpg.Connection, src: sqlite3.Connection) -> dict[str
         for table, columns in TABLES:
             rows = [tuple(r) for r in src.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid")]
             if rows:
-                await conn.copy_records_to_table(table, records=rows, columns=columns)
+                try:
+                    await conn.copy_records_to_table(table, records=rows, columns=columns)
+                except asyncpg.IntegrityConstraintViolationError as e:
+                    # Emails are unique whatever their case on PostgreSQL only.
+                    raise TransferError(f"{table}: {e.__class__.__name__}: {e.detail or e}; nothing committed"
+                                        ) from None
             counts[table] = len(rows)
         n = 0
         for batch in usage_batches(src):
@@ -90,7 +106,7 @@ async def _import(conn: asyncpg.Connection, src: sqlite3.Connection) -> dict[str
         if have != want or n != want:
             raise TransferError(f"usage rows do not add up: {want} in the source, {have} written; nothing committed")
         # Sequences past the copied ids, so new rows never reuse one.
-        for table in ("workspaces", "api_keys"):
+        for table in ("workspaces", "api_keys", "users", "invitations", "audit_log"):
             await conn.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST((SELECT MAX(id) FROM {table}), 1))"
             )
