@@ -61,7 +61,14 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
+  // Bumped by every sign-in and sign-out. Work started for an earlier one
+  // (a page that opened signed in and was signed out at once, still
+  // loading) must not fill the page with that user's data, nor, when its
+  // requests fail for the ended session, sign out whoever came next.
+  let epoch = 0;
+
   async function api(method, path, body, params, opts) {
+    const mine = epoch;
     const url = new URL(API + path, location.origin);
     for (const [k, v] of Object.entries(params || {})) {
       if (v !== null && v !== undefined && v !== "") url.searchParams.set(k, v);
@@ -73,7 +80,7 @@
     const r = await fetch(url, { method, headers, credentials: "same-origin",
       body: body === undefined ? undefined : JSON.stringify(body) });
     const data = await r.json().catch(() => ({}));
-    if (r.status === 401 && !(opts && opts.quiet) && !$("app").hidden) {
+    if (r.status === 401 && !(opts && opts.quiet) && !$("app").hidden && mine === epoch) {
       signedOut(state.mode === "token" ? "The admin token was not accepted: sign in again."
         : "Your session has ended: sign in again.");
     }
@@ -105,15 +112,25 @@
   // ---------------------------------------------------------------- signing in
 
   async function enter(me) {
-    state.me = me || await api("GET", "/session", undefined, undefined, { quiet: true });
-    state.csrf = state.me.csrf_token;
-    state.config = await api("GET", "/config");
-    $("signin").hidden = true;
-    $("app").hidden = false;
-    applyRole();
-    fillStaticOptions();
-    await loadDirectory();
-    route();
+    const mine = ++epoch;
+    try {
+      const who = me || await api("GET", "/session", undefined, undefined, { quiet: true });
+      if (mine !== epoch) return;
+      state.me = who;
+      state.csrf = who.csrf_token;
+      const config = await api("GET", "/config");
+      if (mine !== epoch) return;
+      state.config = config;
+      $("signin").hidden = true;
+      $("app").hidden = false;
+      applyRole();
+      fillStaticOptions();
+      await loadDirectory();
+      if (mine !== epoch) return;
+      route();
+    } catch (e) {
+      if (mine === epoch) throw e; // a stale entry's failure is no one's business
+    }
   }
 
   function showForm(id) {
@@ -129,6 +146,7 @@
   }
 
   function signedOut(message) {
+    epoch++;
     if (state.mode === "token") sessionStorage.removeItem(TOKEN);
     state.mode = null;
     state.me = state.csrf = null;
@@ -282,7 +300,9 @@
   }
 
   async function loadDirectory() {
+    const mine = epoch;
     const [ws, keys] = await Promise.all([api("GET", "/workspaces"), api("GET", "/keys")]);
+    if (mine !== epoch) return; // signed out (or in as someone else) meanwhile
     state.workspaces = ws.data;
     state.keys = keys.data;
     const wsOptions = (list) => list.map((w) => el("option", { value: w.id }, w.name));
