@@ -31,6 +31,7 @@ def placed(position: str, cfg: str, *command: str) -> list[str]:
     return [*command, "--config", cfg]
 
 
+@pytest.mark.sqlite_only("the SQLite file is found next to the config, never in the working directory")
 @pytest.mark.parametrize("position", POSITIONS)
 def test_config_is_read_wherever_it_is_placed(tmp_path: Path, upstream: Upstream, position: str) -> None:
     """Before the fix, ``gateway --config F keys list`` ignored F and used

@@ -136,6 +136,7 @@ async def test_killed_workers_rows_recovered_by_the_supervisor(
     assert len(s.rows()) == 13
 
 
+@pytest.mark.sqlite_only("spool recovery into an SQLite file replaced under it")
 def test_a_recovered_spool_is_never_recovered_twice(tmp_path: Path) -> None:
     """Recovery commits a file's rows and marks it recovered in one
     transaction; if the file then survives (here: it is kept because the
@@ -207,6 +208,7 @@ async def test_killed_process_mid_websocket_response(
         499, "worker_lost", "gpt-test", "/v1/responses")
 
 
+@pytest.mark.sqlite_only("the spool lines of a writer on an SQLite file, recovered into it")
 async def test_start_lines_one_per_turn_and_recovered(tmp_path: Path) -> None:
     """The requests that start in one loop turn and are still running at
     its end share one compact spool line (a full 26-column row each cost
