@@ -20,7 +20,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 
-from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml
+from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml, wire_upstreams
 from .test_price_fields import CHAT, MSG, RESP, body, post, ws_create
 from .test_price_fields import EXTRA as PRICE_MODELS
 
@@ -28,13 +28,13 @@ from .test_price_fields import EXTRA as PRICE_MODELS
 EXTRA = PRICE_MODELS + """
 [[models]]
 name = "gpt-search"
-routes = [{{ upstream = "mock", model = "gpt-search" }}]
+routes = [{ upstream = "mock", model = "gpt-search" }]
 allow_tools = ["web_search"]
 allow_stored = ["conversation", "prompt"]
 
 [[models]]
 name = "claude-search"
-routes = [{{ upstream = "mock-anthropic", model = "claude-search" }}]
+routes = [{ upstream = "mock-anthropic", model = "claude-search" }]
 allow_tools = ["web_search", "code_execution"]
 """
 
@@ -46,7 +46,8 @@ CLAUDE_FN = {"name": "lookup", "input_schema": {"type": "object", "properties": 
 @pytest.fixture
 async def gw(make_gateway: GatewayFactory, upstream: Upstream) -> Gateway:
     url = upstream.base_url
-    return await make_gateway(config_toml(url, PROTOCOL_MODELS.format(url=url) + EXTRA.format(url=url)))
+    extra = PROTOCOL_MODELS.format(url=url) + wire_upstreams(url, "responses", "chat") + EXTRA
+    return await make_gateway(config_toml(url, extra))
 
 
 # (door, model, fields, param, shown): refused before anything goes upstream.
