@@ -121,20 +121,28 @@ def key(cfg: Path, **limits: int) -> str:
     return out.strip().splitlines()[-1]
 
 
-def gateways(duration: float) -> list[str]:
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-mn-"))
-    db = "gwbench_" + uuid.uuid4().hex[:8]
+def instances(kind: str, names: tuple[tuple[str, int, bool], ...]) -> tuple[str, str, dict[str, Path]]:
+    """A fresh PostgreSQL database, a Redis key prefix and one config file
+    per ``(name, port, shared)`` (shared: on that database and Redis;
+    otherwise SQLite). Returns the database, the prefix and the configs."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"gateway-bench-{kind}-"))
+    db = f"gwbench_{kind}_" + uuid.uuid4().hex[:8]
     prefix = "gwbench-" + uuid.uuid4().hex[:8]
     admin_sql(f"CREATE DATABASE {db}")
-    url = PG + db
     redis = f'[redis]\nurl = "{REDIS}"\nkey_prefix = "{prefix}"'
     cfgs = {}
-    for name, port, u, r in (("sqlite", SQLITE_GW, "", ""), ("pg1", PG_GW1, f'url = "{url}"', redis),
-                             ("pg2", PG_GW2, f'url = "{url}"', redis)):
+    for name, port, shared in names:
         d = tmp / name
         d.mkdir()
         cfgs[name] = d / "gateway.toml"
-        cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=u, redis=r, mock=MOCK))
+        cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=f'url = "{PG + db}"' if shared else "",
+                                            redis=redis if shared else "", mock=MOCK))
+    return db, prefix, cfgs
+
+
+def gateways(duration: float) -> list[str]:
+    db, prefix, cfgs = instances("mn", (("sqlite", SQLITE_GW, False), ("pg1", PG_GW1, True), ("pg2", PG_GW2, True)))
+    url = PG + db
     keys = {"sqlite": key(cfgs["sqlite"]), "sqlite-rpm": key(cfgs["sqlite"], rpm=RPM),
             "pg": key(cfgs["pg1"]), "pg-rpm": key(cfgs["pg1"], rpm=RPM)}
     chat = "/v1/chat/completions"
@@ -178,7 +186,7 @@ def gateways(duration: float) -> list[str]:
         pg_rows = pg_value(url, "SELECT COUNT(*) FROM usage_events")
         import sqlite3
 
-        conn = sqlite3.connect(tmp / "sqlite" / "gateway.db")
+        conn = sqlite3.connect(cfgs["sqlite"].parent / "gateway.db")
         sqlite_rows = conn.execute("SELECT COUNT(*) FROM usage_events").fetchone()[0]
         conn.close()
     finally:
@@ -226,20 +234,9 @@ def redis_stats() -> tuple[float, int]:
 def cpu(compare: Path, rounds: int, duration: float) -> list[str]:
     """This code and the code in ``compare`` side by side (see the module
     docstring)."""
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-cpu-"))
-    db = "gwbench_c_" + uuid.uuid4().hex[:8]
-    prefix = "gwbench-" + uuid.uuid4().hex[:8]
-    admin_sql(f"CREATE DATABASE {db}")
-    url = PG + db
-    redis = f'[redis]\nurl = "{REDIS}"\nkey_prefix = "{prefix}"'
+    db, prefix, cfgs = instances("c", (("sqlite", SQLITE_GW, False), ("this", PG_GW1, True),
+                                       ("other", OTHER_GW, True)))
     here = str(HERE.parent)
-    cfgs = {}
-    for name, port, u, r in (("sqlite", SQLITE_GW, "", ""), ("this", PG_GW1, f'url = "{url}"', redis),
-                             ("other", OTHER_GW, f'url = "{url}"', redis)):
-        d = tmp / name
-        d.mkdir()
-        cfgs[name] = d / "gateway.toml"
-        cfgs[name].write_text(CONFIG.format(port=port, path="gateway.db", url=u, redis=r, mock=MOCK))
     keys = {"sqlite": key(cfgs["sqlite"], rpm=RPM), "pg": key(cfgs["this"], rpm=RPM), "free": key(cfgs["this"])}
     env = {name: {**os.environ, "PYTHONPATH": str(compare) if name == "other" else here} for name in cfgs}
     # -P: the code comes from PYTHONPATH, not from the current directory.
