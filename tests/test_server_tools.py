@@ -21,7 +21,7 @@ import pytest
 from gateway.config import ConfigError, parse_config
 
 from .conftest import PROTOCOL_MODELS, Gateway, GatewayFactory, Upstream, config_toml, wire_upstreams
-from .test_price_fields import CHAT, MSG, RESP, body, post, ws_create
+from .test_price_fields import CHAT, MSG, RESP, body, passed_byte_for_byte, post, ws_create
 from .test_price_fields import EXTRA as PRICE_MODELS
 
 # The price flag tests' models (via-chat: a Responses client translated to chat) and two opted in.
@@ -174,15 +174,7 @@ PASSED: list[tuple[str, str, dict[str, Any]]] = [
 
 async def test_client_tools_and_opted_in_ones_pass_byte_for_byte(gw: Gateway, upstream: Upstream,
                                                                   http: aiohttp.ClientSession) -> None:
-    key = await gw.key()
-    for path, model, fields in PASSED:
-        raw = orjson.dumps(body(path, model, **fields)).replace(b'","', b'", "')
-        status, data = await post(http, gw, key, path, raw)
-        assert status == 200, (path, model, fields, data)
-        assert upstream.state.requests[-1].body == raw, (path, model, fields)
-    assert len(upstream.state.requests) == len(PASSED)
-    rows = await gw.wait_usage(len(PASSED))
-    assert [(r["status"], r["model"]) for r in rows] == [(200, m) for _, m, _ in PASSED]
+    await passed_byte_for_byte(gw, upstream, http, PASSED)
 
 
 async def test_a_conversation_of_another_workspace_cannot_be_named(gw: Gateway, upstream: Upstream,
