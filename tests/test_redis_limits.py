@@ -316,8 +316,11 @@ async def test_grant_admits_without_asking_redis_until_its_ttl(
             await asyncio.sleep(0.05)  # the settle batch: permits used move to their request's time
             scores = [s for _, s in await r.zrange(window, 0, -1, withscores=True)]
             # The granting request and the 23 permits not used yet at the
-            # grant's time; the 9 used, each at its own (later) time.
-            assert set(scores[:24]) == {scores[0]} and len(set(scores[24:])) == 9 and scores[24] > scores[0]
+            # grant's time; the 9 used, each at its own time: later, but to
+            # the millisecond, so two (or the first and the grant) may share one.
+            moved = [x for x in scores if x != scores[0]]
+            assert 1 <= len(moved) <= 9 and all(x > scores[0] for x in moved)
+            assert len(set(moved)) >= 3  # nine requests through a gateway take more than 3 ms
             assert all(started * 1000 <= s <= time.time() * 1000 for s in scores)
             await asyncio.sleep(GRANT_TTL_S)  # the grant ends: its 23 unused permits are given back
             assert await r.zcard(window) == 10
