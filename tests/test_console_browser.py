@@ -9,8 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .browser import post_chat, require_browser, start_chrome
 from .conftest import ADMIN_TOKEN, PASSWORD, Gateway
+
+# A group of its own (pyproject.toml markers), run by .ci/run on both stores.
+pytestmark = pytest.mark.browser
 
 
 def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.1, what: str = "condition") -> Any:
