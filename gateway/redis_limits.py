@@ -286,7 +286,7 @@ class _Grant:
     until GRANT_TTL_S after the grant, and what the grant's reply said
     (for the rate-limit headers of the requests admitted on it)."""
 
-    __slots__ = ("limits", "member", "permits", "remaining", "rreset_at", "timer", "tokens", "tokens_used",
+    __slots__ = ("ends", "limits", "member", "permits", "remaining", "rreset_at", "timer", "tokens", "tokens_used",
                  "treset_at", "used")
 
     def __init__(self, limits: tuple[object, ...], member: str, permits: int, remaining: int, rreset_at: float,
@@ -298,6 +298,7 @@ class _Grant:
         self.remaining = remaining  # requests left in the window after the granting one
         self.rreset_at = rreset_at
         self.tokens_used = tokens_used  # in the TPM window at the grant
+        self.ends = 0.0  # the grant's time + GRANT_TTL_S, on the limiter's clock
         self.tokens = 0  # settled by this instance since
         self.treset_at = treset_at
         self.timer: asyncio.TimerHandle | None = None
@@ -480,6 +481,9 @@ class RedisLimiter:
         self._leasable.add(key.id)
         g = _Grant(_limits(key), member, permits, remaining, now + rreset_ms / 1000, tokens_used,
                    now + treset_ms / 1000)
+        # The timer gives the unused permits back; a busy loop may run it
+        # late, so _use_grant checks ``ends`` too.
+        g.ends = now + GRANT_TTL_S
         g.timer = asyncio.get_running_loop().call_later(GRANT_TTL_S, self._end_grant, key.id, g)
         self._grants[key.id] = g
 
@@ -488,13 +492,13 @@ class RedisLimiter:
         Redis: its rate-limit headers (empty for a key with neither RPM nor
         TPM); None (and the grant given back) when it cannot: the key's
         limits changed, or its token rate or quotas, as this instance counts
-        them since the grant, have reached their limits."""
+        them since the grant, have reached their limits, or its TTL is past."""
+        now = self.clock()
         if g.limits != _limits(key) or (key.tpm is not None and g.tokens_used + g.tokens >= key.tpm) \
-                or not self.local.within(key):
+                or not self.local.within(key) or now >= g.ends:
             self._end_grant(key.id, g)
             return None
         g.used += 1
-        now = self.clock()
         if key.rpm is not None:
             # The permit was taken at the grant's time: its place in the
             # window moves to now, the request's own time.

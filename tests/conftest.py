@@ -515,6 +515,14 @@ async def _pg_create_key(store: Any, workspace: str, kw: dict[str, Any]) -> str:
     return str(plaintext)
 
 
+async def wait_for(pred: Callable[[], object], timeout: float = 15.0) -> None:
+    """Poll ``pred`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 class FakeClock:
     """Wall time that only moves when a test says so; passed to the gateway
     (make_gateway(clock=...)) for rate-limit windows, quotas and breakers."""

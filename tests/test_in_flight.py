@@ -27,7 +27,7 @@ from gateway.store.schema import connect
 from gateway.store.spool import recover, spool_dir
 from gateway.store.usage import UsageWriter
 
-from .conftest import PROTOCOL_MODELS, Upstream
+from .conftest import PROTOCOL_MODELS, Upstream, wait_for
 from .test_production import chat, make_key, prod_toml, serve  # noqa: F401 (serve: a fixture)
 
 HANG = {"x-mock-head-delay-ms": "60000"}
@@ -51,13 +51,6 @@ async def stall_stream(http: aiohttp.ClientSession, url: str, key: str, rid: str
             async for chunk in r.content.iter_any():
                 got += chunk
     return got
-
-
-async def wait_for(pred: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 def rows_by_id(rows: list[sqlite3.Row]) -> dict[str, dict[str, Any]]:

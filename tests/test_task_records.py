@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import Gateway, GatewayFactory, Upstream
+from .conftest import Gateway, GatewayFactory, Upstream, wait_for
 from .test_tasks import TASKS, ark, auth, billing_rows, keys, poll, task_row, tasks_toml, wait_billing
 
 BODY = {"model": "seedance", "prompt": "a cat surfing", "provider_options": {"mock": {"queued_polls": 1}}}
@@ -60,13 +60,6 @@ async def post(http: aiohttp.ClientSession, gw: Gateway, key: str, body: dict[st
 
 def creates(upstream: Upstream) -> int:
     return ark(upstream).creates
-
-
-async def wait_for(pred: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_started_while_the_database_is_locked_is_recorded_polled_and_billed_once(
