@@ -112,6 +112,7 @@ class DatabaseConfig:
     path: Path = Path("gateway.db")
     url: str | None = field(default=None, repr=False)  # may hold a password
     pool_size: int = 4
+    busy_timeout_ms: int = 10_000  # SQLite: see gateway.store.schema.BUSY_TIMEOUT_MS
 
     @property
     def postgres(self) -> bool:
@@ -579,6 +580,7 @@ def parse_config(data: dict[str, Any], *, env: Mapping[str, str] | None = None, 
     database = DatabaseConfig(
         db_path if db_path.is_absolute() else base_dir / db_path, db_url,
         int(d.num("pool_size", 4, minimum=1, integer=True)),
+        int(d.num("busy_timeout_ms", 10_000, minimum=1, integer=True)),
     )
     d.done()
 

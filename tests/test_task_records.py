@@ -58,6 +58,14 @@ async def post(http: aiohttp.ClientSession, gw: Gateway, key: str, body: dict[st
         return r.status, await r.json(), r
 
 
+def locked_toml(toml: str) -> str:
+    """``toml`` with a write that waits 1 s for a lock held elsewhere
+    (rather than 10 s) before it gives up: [database] busy_timeout_ms."""
+    out = toml.replace("[database]\n", "[database]\nbusy_timeout_ms = 1000\n", 1)
+    assert out != toml
+    return out
+
+
 def creates(upstream: Upstream) -> int:
     return ark(upstream).creates
 
@@ -69,7 +77,7 @@ async def test_started_while_the_database_is_locked_is_recorded_polled_and_bille
     than the busy timeout) while the upstream starts the task. The client
     still gets its task; once the lock is gone the task is recorded, polled
     and billed, once; the upstream was asked once."""
-    gw = await make_gateway(tasks_toml(upstream))
+    gw = await make_gateway(locked_toml(tasks_toml(upstream)))
     key = await gw.key()
     body = {**BODY, "provider_options": {"mock": {"queued_polls": 1, "create_delay_ms": 300}}}
     answer = asyncio.create_task(post(http, gw, key, body))
@@ -93,10 +101,12 @@ async def test_locked_before_the_upstream_call_nothing_is_started(
 ) -> None:
     """If the task cannot be recorded first, the upstream is not asked: a
     503 with Retry-After, and a retry once the lock is gone works."""
-    gw = await make_gateway(tasks_toml(upstream, poller=False))
+    gw = await make_gateway(locked_toml(tasks_toml(upstream, poller=False)))
     key = await gw.key()
     async with WriteLock(gw.db_path):
+        started = time.monotonic()
         status, data, r = await post(http, gw, key, BODY)
+        assert 0.9 < time.monotonic() - started < 5  # busy_timeout_ms = 1000, not the default 10 s
     assert status == 503 and data["error"]["code"] == "task_store_unavailable", data
     assert r.headers["Retry-After"] == "1"
     assert creates(upstream) == 0

@@ -174,7 +174,7 @@ async def open_store(db: DatabaseConfig) -> Store:
         return await PgStore.open(db.url, pool_size=db.pool_size)
     from .sqlite.store import SqliteStore
 
-    return await SqliteStore.open(db.path)
+    return await SqliteStore.open(db.path, db.busy_timeout_ms)
 
 
 def run_on_store(db: DatabaseConfig, fn: Callable[[Store], Awaitable[T]]) -> T:

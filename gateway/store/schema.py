@@ -304,15 +304,19 @@ SCHEMA_VERSION = len(MIGRATIONS)
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
-    "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 
+# How long a write waits for another connection's write lock (another
+# worker's batch, a CLI command, a backup) before ``database is locked``:
+# [database] busy_timeout_ms.
+BUSY_TIMEOUT_MS = 10_000
 
-def connect(path: Path) -> sqlite3.Connection:
+
+def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A synchronous connection, migrated to the current schema (CLI, admin)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
     conn.row_factory = sqlite3.Row
     for p in PRAGMAS:
         conn.execute(p)
@@ -345,10 +349,10 @@ def _statements(script: str) -> list[str]:
     return [s for s in out if s.strip(" ;\n")]
 
 
-async def connect_async(path: Path) -> aiosqlite.Connection:
+async def connect_async(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
     """An aiosqlite connection on a database migrated by ``connect``."""
-    connect(path).close()
-    db = await aiosqlite.connect(path, timeout=10.0, isolation_level=None)
+    connect(path, busy_timeout_ms).close()
+    db = await aiosqlite.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
     for p in PRAGMAS:
         await db.execute(p)
     return db

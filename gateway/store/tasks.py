@@ -40,7 +40,7 @@ import orjson
 from . import rollup
 from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
-from .schema import connect_async
+from .schema import BUSY_TIMEOUT_MS, connect_async
 from .scope import Scope, conditions
 from .tx import Tx
 
@@ -145,8 +145,9 @@ class TaskStore:
         self._db_file = db_file
 
     @classmethod
-    async def open(cls, path: Path, db_file: DatabaseFile | None = None) -> TaskStore:
-        return cls(await connect_async(path), db_file)
+    async def open(cls, path: Path, db_file: DatabaseFile | None = None,
+                   busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> TaskStore:
+        return cls(await connect_async(path, busy_timeout_ms), db_file)
 
     def _check(self) -> None:
         if self._db_file is not None:

@@ -93,9 +93,11 @@ class SqliteSink:
     batch checks before it writes and after it commits that the file is
     still the one at its path (DatabaseLost otherwise)."""
 
-    def __init__(self, path: Path, db_file: DatabaseFile | None = None) -> None:
+    def __init__(self, path: Path, db_file: DatabaseFile | None = None,
+                 busy_timeout_ms: int = schema.BUSY_TIMEOUT_MS) -> None:
         self._path = path
         self._db_file = db_file
+        self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="usage-writer")
 
@@ -110,7 +112,7 @@ class SqliteSink:
         if db_file is not None:
             db_file.check()
         if self._conn is None:
-            self._conn = schema.connect(self._path)
+            self._conn = schema.connect(self._path, self._busy_timeout_ms)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:

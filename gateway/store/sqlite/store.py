@@ -23,7 +23,7 @@ from ..base import BatchSink, MonthTotals, QuotaDelta
 from ..dbfile import DatabaseFile
 from ..origins import find_origin
 from ..retention import delete_older_than
-from ..schema import connect, connect_async
+from ..schema import BUSY_TIMEOUT_MS, connect, connect_async
 from ..spool import recover
 from ..tasks import TaskStore
 from ..tx import Body, run_sqlite
@@ -38,22 +38,24 @@ class SqliteStore:
     kind = "sqlite"
     ordered_ids = True
 
-    def __init__(self, path: Path, db: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, db: aiosqlite.Connection, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
         # The key cache's and the quota sync's reads, as before the Store.
         self.db = db
         # The file opened: writes check it is still the one at the path.
         self.db_file: DatabaseFile | None = DatabaseFile(path)
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
-        return cls(path, await connect_async(path))  # migrated by connect_async
+    async def open(cls, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> SqliteStore:
+        # migrated by connect_async
+        return cls(path, await connect_async(path, busy_timeout_ms), busy_timeout_ms)
 
     async def close(self) -> None:
         await self.db.close()
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = connect(self.path)
+        conn = connect(self.path, self.busy_timeout_ms)
         try:
             return fn(conn)
         finally:
@@ -96,7 +98,7 @@ class SqliteStore:
     # ------------------------------------------------------------ usage
 
     def batch_sink(self) -> BatchSink:
-        return SqliteSink(self.path, self.db_file)
+        return SqliteSink(self.path, self.db_file, self.busy_timeout_ms)
 
     async def recover_spools(self, directory: Path) -> int:
         return await self._run(lambda c: recover(c, directory, self.db_file))
@@ -158,7 +160,7 @@ class SqliteStore:
     # ------------------------------------------------------------ tasks
 
     async def task_store(self) -> TaskStore:
-        return await TaskStore.open(self.path, self.db_file)
+        return await TaskStore.open(self.path, self.db_file, self.busy_timeout_ms)
 
     # ------------------------------------------------------------ notices
 
