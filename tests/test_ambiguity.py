@@ -4,12 +4,17 @@ before it goes upstream; the ordinary bodies that look alike still pass."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.protocols.base import DECIDING_KEYS
+from gateway.errors import BadRequest
+from gateway.protocols.base import DECIDING_KEYS, _maybe_ambiguous, refuse_duplicates
 
 from .conftest import Gateway, Upstream
 
@@ -50,6 +55,12 @@ async def test_json_with_a_deciding_key_twice_is_refused(
         (CHAT, f'{{"model":"gpt-test","stream":true,"stream_options":{{"include_usage":false,'
                f'"include_usage":true}},{MESSAGES}}}', "stream_options.include_usage"),
         (MSG, f'{{"model":"claude-test","max_tokens":5,{MESSAGES},"model":"claude-renamed"}}', "model"),
+        # A server tool declared, then hidden by an empty list the gateway would check.
+        (CHAT, f'{{"model":"gpt-test",{MESSAGES},"tools":[{{"type":"web_search"}}],"tools":[]}}', "tools"),
+        (MSG, f'{{"model":"claude-test","max_tokens":5,{MESSAGES},"tools":[{{"type":"web_search_20250305",'
+              '"name":"web_search"}], "tools" : []}', "tools"),
+        # The second "model" hidden from a count of the name: a quote spelt \u0022 before "model".
+        (CHAT, f'{{"model":"renamed","x":"\\u0022model",{MESSAGES},"model":"gpt-test"}}', "model"),
         ("/v1/responses", '{"model":"gpt-test","input":"hi","model":"renamed"}', "model"),
     ]
     for path, raw, param in ambiguous:
@@ -185,3 +196,88 @@ async def test_multipart_read_two_ways_is_refused(
     rows = await gw.wait_usage(len(ambiguous) + 1)
     assert len(rows) == len(ambiguous) + 1
     assert [r["status"] for r in rows].count(400) == len(ambiguous)
+
+
+def ambiguous(raw: bytes) -> bool:
+    """What the careful parse says: a deciding key given twice."""
+    try:
+        refuse_duplicates(raw)
+    except BadRequest:
+        return True
+    return False
+
+
+AGENT_TOOLS = [{"name": "Task", "input_schema": {"type": "object", "properties": {
+    "prompt": {"type": "string"}, "model": {"type": "string", "enum": ["sonnet", "opus"]}}}},
+    {"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+
+
+@pytest.mark.parametrize("dumps", [
+    orjson.dumps,  # what Claude Code and Codex send
+    lambda o: json.dumps(o).encode(),  # json's defaults: spaces, non-ASCII escaped
+    lambda o: json.dumps(o, indent=2).encode(),
+], ids=["compact", "spaced", "indented"])
+def test_names_repeated_below_the_top_level_take_no_second_parse(dumps: Any) -> None:
+    """An agent's tools name "model" and "prompt" as properties: the body
+    holds those names twice, but no key twice, and the careful parse
+    (104 us on a 49 KB Claude Code body) is not run for it, however the
+    body is spelt. The same body with a key given twice is still caught."""
+    body = {"model": "claude-test", "max_tokens": 5, "stream": True, "tools": AGENT_TOOLS,
+            "messages": [{"role": "user", "content": 'caf\u00e9 "model" \u4f60 <b>'}]}
+    raw = dumps(body)
+    assert not _maybe_ambiguous(raw, orjson.loads(raw))
+    assert not ambiguous(raw)
+    twice = raw[:-1] + b',"model":"renamed"}'
+    assert _maybe_ambiguous(twice, orjson.loads(twice)) and ambiguous(twice)
+
+
+# Keys and strings that make the byte checks' life hard: deciding names
+# (few, so that they repeat), the same with a quote before them (a string
+# ending in quote + name), and names near them.
+NAMES = ["model", "stream_options", "include_usage", "x"]
+STRINGS = st.sampled_from([*NAMES, *(f'"{n}' for n in NAMES), *(f'say "{n}' for n in NAMES), "caf\u00e9"])
+
+
+def spell(s: str, how: int) -> str:
+    """A JSON string for ``s``: plain, with the quote or every character
+    escaped as \\uXXXX, or with one letter escaped."""
+    if how == 0:
+        return json.dumps(s, ensure_ascii=False)
+    if how == 1:
+        return '"' + json.dumps(s)[1:-1].replace('\\"', "\\u0022") + '"'
+    if how == 2 and s:
+        return '"' + "".join(f"\\u{ord(c):04x}" for c in s) + '"'
+    return json.dumps(s)
+
+
+@st.composite
+def json_texts(draw: st.DrawFn, depth: int = 2) -> str:
+    """A JSON object as a careless or hostile client may write it: keys
+    repeated at any level, strings spelt in several ways, spaces or none."""
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " : ")]))
+    items = []
+    for key in draw(st.lists(st.sampled_from(NAMES), max_size=5)):
+        kind = draw(st.integers(0, 3 if depth else 1))
+        if kind == 0:
+            # Often the key's own name, or a string ending in a quote and it.
+            text = draw(st.sampled_from([key, f'"{key}', f'say "{key}']) | STRINGS)
+            value = spell(text, draw(st.sampled_from([0, 0, 0, 1, 1, 1, 1, 3, 3, 2])))
+        elif kind == 1:
+            value = draw(st.sampled_from(["true", "null", "1", "[]"]))
+        elif kind == 2:
+            value = draw(json_texts(depth - 1))
+        else:
+            value = "[" + sep[0].join(draw(st.lists(json_texts(depth - 1), max_size=2))) + "]"
+        items.append(spell(key, draw(st.sampled_from([0] * 9 + [2]))) + sep[1] + value)
+    return "{" + sep[0].join(items) + "}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=json_texts())
+def test_the_byte_checks_miss_no_key_given_twice(text: str) -> None:
+    """Whatever the spelling, a body the careful parse refuses is one the
+    cheap checks send to it."""
+    raw = text.encode()
+    obj = orjson.loads(raw)
+    if ambiguous(raw):
+        assert _maybe_ambiguous(raw, obj)

@@ -110,11 +110,9 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 # Top-level keys the gateway reads to decide (what to route and bill, how to
 # read usage, which price tier, server tool and stored object it lets through:
 # config.PRICE_FIELDS, gateway.intake.check_tools), and the nested one inside
-# stream_options. Not ``tools``: it is in most agent requests, and recurs
-# nested (Responses namespaces), so neither the byte scan below nor the
-# careful check can afford it (docs/security.md, "Server tools").
+# stream_options.
 DECIDING_KEYS = ("model", "stream", "stream_options", "service_tier", "speed", "inference_geo",
-                 "web_search_options", "conversation", "prompt")
+                 "web_search_options", "conversation", "prompt", "tools")
 
 
 _NAMES = (*DECIDING_KEYS, "include_usage")
@@ -132,21 +130,44 @@ def _escapes_of(chars: str) -> re.Pattern[bytes]:
     return re.compile(rb"\\u00(?:" + "|".join(groups).encode() + rb")")
 
 
-# The escapes that can spell a character of those names: the only way to
-# write one of them without its plain bytes. Escaped text in values
-# (non-ASCII, controls, an HTML-safe encoder's \u003c) is none of them, and
-# costs no second parse.
-_NAME_ESCAPES = _escapes_of("".join(_NAMES))
+# The escapes that can spell a character of those names (the only way to
+# write one of them without its plain bytes), or a quote (see
+# _maybe_ambiguous). Escaped text in values (non-ASCII, controls, an
+# HTML-safe encoder's \u003c) is none of them, and costs no second parse.
+_NAME_ESCAPES = _escapes_of("".join(_NAMES) + '"')
 
 
-def _maybe_ambiguous(raw: bytes) -> bool:
-    """The cheap byte checks, on every JSON request: a key given twice needs
-    its name twice, or an escape that spells part of it (``"mod\\u0065l"``;
-    JSON encoders never escape printable ASCII). One regex pass, a memchr
-    and (for a body with escapes) one more search, about as fast as orjson's
-    own parse; the careful parse runs only when they say it might be needed."""
+def _maybe_ambiguous(raw: bytes, obj: dict[str, Any]) -> bool:
+    """The cheap checks, on every JSON request, that a key the gateway
+    decides on may be given twice in ``raw`` (parsed as ``obj``, where the
+    last one won); the careful parse runs only when they say it may.
+
+    - A body that is orjson's own spelling of ``obj`` has no key twice
+      (Claude Code's and Codex's are: a 49 KB Claude Code body costs 7 us
+      to write again and compare, against 32 us for the scan below and
+      104 us for the careful parse that its tools' "model" and "prompt"
+      properties set off).
+    - Otherwise a key given twice needs its name twice, or an escape that
+      spells part of it (``"mod\\u0065l"``; JSON encoders never escape
+      printable ASCII). A name found twice may be a nested key or a value
+      (a tool's "model" property): then the parsed object holds as many of
+      it as the body. Every ``"model"`` in a JSON text is the string
+      "model" or the end of a string that ends in a quote and "model" (the
+      quote escaped); with no escape of a quote or of a letter of the
+      name, the body holds exactly the object's, plus those of every
+      entry a repeated key dropped."""
+    try:
+        canon = orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
+        canon = None
+    if canon == raw:
+        return False
+    if b"\\u00" in raw and _NAME_ESCAPES.search(raw) is not None:
+        return True
     found = _DECIDING_NAMES.findall(raw)
-    return len(found) != len(set(found)) or (b"\\u00" in raw and _NAME_ESCAPES.search(raw) is not None)
+    if len(found) == len(set(found)):
+        return False
+    return canon is None or sorted(found) != sorted(_DECIDING_NAMES.findall(canon))
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -168,11 +189,7 @@ def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
     upstream that reads ``1`` or ``"true"`` as true would stream while the
     gateway reads the answer as a plain body)."""
     obj = parse_object(raw)
-    # The last three deciding keys are rare at the top level (an images or
-    # completions prompt, or what a model must allow): rather than the byte
-    # scan looking for them in every body, the careful check runs whenever
-    # one is there.
-    if _maybe_ambiguous(raw) or "conversation" in obj or "prompt" in obj or "web_search_options" in obj:
+    if _maybe_ambiguous(raw, obj):
         refuse_duplicates(raw)
     refuse_variants(obj)
     stream = obj.get("stream")
@@ -217,8 +234,7 @@ def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> 
     return seen
 
 
-# A deciding key (or ``tools``, which gateway.intake.check_tools reads)
-# spelt otherwise. Go's encoding/json, and decoders built like it, match an
+# A deciding key spelt otherwise. Go's encoding/json, and decoders built like it, match an
 # object key to a field case-insensitively, with Unicode's simple folding:
 # "Stream", "STREAM", "\u017ftream" (the long s) all set ``stream`` there,
 # the last one given winning, while the gateway reads only "stream". So an
@@ -227,7 +243,7 @@ def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> 
 # long s and the Kelvin sign (Go), the dotless and dotted i (Turkish-locale
 # lower-casing elsewhere).
 _FOLD = str.maketrans({"\u017f": "s", "\u212a": "k", "\u0131": "i", "\u0130": "i"})
-_VARIANT_NAMES = frozenset((*DECIDING_KEYS, "tools"))
+_VARIANT_NAMES = frozenset(DECIDING_KEYS)
 
 
 def folded(key: str) -> str:
