@@ -221,7 +221,7 @@ async def test_busy_event_loop_is_not_an_unreachable_redis(
     behind a stall longer than timeout_ms was admitted on the local limits
     of the instance, so two gateways let through twice the key's RPM.)"""
     clock = FakeClock()
-    toml = config_toml(upstream.base_url, redis_section(*shared_redis, "timeout_ms = 150"))
+    toml = config_toml(upstream.base_url, redis_section(*shared_redis, "timeout_ms = 50"))
     a = await make_gateway(toml, "a.toml", clock=clock)
     b = await make_gateway(toml, "b.toml", clock=clock)
     key = await a.key(rpm=2)
@@ -230,7 +230,7 @@ async def test_busy_event_loop_is_not_an_unreachable_redis(
 
     async def hog() -> None:
         while busy:
-            time.sleep(0.2)  # blocks the event loop for longer than timeout_ms
+            time.sleep(0.08)  # blocks the event loop for longer than timeout_ms
             await asyncio.sleep(0)
 
     task = asyncio.create_task(hog())

@@ -234,8 +234,9 @@ def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> 
     return seen
 
 
-# A deciding key spelt otherwise. Go's encoding/json, and decoders built like it, match an
-# object key to a field case-insensitively, with Unicode's simple folding:
+# A deciding key spelt otherwise. Go's encoding/json, and decoders built
+# like it, match an object key to a field case-insensitively, with Unicode's
+# simple folding:
 # "Stream", "STREAM", "\u017ftream" (the long s) all set ``stream`` there,
 # the last one given winning, while the gateway reads only "stream". So an
 # upstream written in Go would stream, bill another model, a price tier or
