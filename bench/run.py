@@ -14,6 +14,7 @@ usage rows equals the number of requests sent.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -42,6 +43,35 @@ CHAT = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello t
 STREAM = '{"model":"bench-stream","stream":true,"messages":[{"role":"user","content":"Stream to the bench."}]}'
 ANTH = ('{"model":"bench-claude","max_tokens":512,"stream":true,'
         '"messages":[{"role":"user","content":"Stream to the bench."}]}')
+
+
+def agent_body() -> str:
+    """A coding agent's request as it looks on the wire: about 50 KB, most
+    of it tool definitions (whose schemas name "model" and "prompt" as
+    properties, as a sub-agent tool does) and a few turns of history,
+    written compactly like Claude Code and Codex write theirs."""
+    words = ["the", "file", "read", "write", "edit", "search", "run", "test", "build", "diff", "patch", "shell",
+             "command", "output", "line", "path", "function", "class", "module", "error", "result", "model"]
+
+    def text(n: int, seed: int) -> str:
+        return " ".join(words[(seed * 7 + i * 13) % len(words)] for i in range(n))
+
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": text(220, i),
+        "parameters": {"type": "object", "properties": {
+            "prompt": {"type": "string", "description": text(20, i + 1)},
+            "model": {"type": "string", "enum": ["small", "large"]},
+            "path": {"type": "string"}, "limit": {"type": "integer"}}, "required": ["prompt"]}}}
+        for i in range(20)]
+    messages = [{"role": "system", "content": text(900, 99)}]
+    for turn in range(6):
+        messages.append({"role": "user", "content": text(250, turn)})
+        messages.append({"role": "assistant", "content": text(120, turn + 50)})
+    body = {"model": "bench-model", "messages": messages, "tools": tools, "max_tokens": 32000}
+    return json.dumps(body, separators=(",", ":"))
+
+
+AGENT = agent_body()
 
 
 def port_free(port: int) -> bool:
@@ -296,10 +326,16 @@ def main() -> None:
         for conns in (1, 32):
             for name, (url, k) in targets.items():
                 res[(name, conns)] = r = wrk(url, CHAT, conns, d, k)
+        for name, (url, k) in targets.items():
+            res[(name, 0)] = wrk(url, AGENT, 1, d, k)  # 0: the agent-sized body, c=1
         for conns in (1, 32):
             for name in targets:
                 r = res[(name, conns)]
                 rows.append(f"| chat, c={conns} | {name} | {r.rps:,.0f} | {r.p50:.3f} | {r.p99:.3f} | {r.errors} |")
+        for name in targets:
+            r = res[(name, 0)]
+            rows.append(f"| agent-sized chat ({len(AGENT) / 1000:.0f} KB), c=1 | {name} | {r.rps:,.0f} | "
+                        f"{r.p50:.3f} | {r.p99:.3f} | {r.errors} |")
 
         stream_res = {
             "direct": stream_client(MOCK_STREAM_PORT, "/v1/chat/completions", STREAM, a.streams),
@@ -328,7 +364,7 @@ def main() -> None:
         gw_exit = gw.returncode
 
     sent_to_gateway += (
-        sum(res[("gateway", c)].sent - WRK_UNSENT for c in (1, 32)) + soak.sent
+        sum(res[("gateway", c)].sent - WRK_UNSENT for c in (0, 1, 32)) + soak.sent
         + stream_res["gateway"].sent + (anth_res["gateway"].sent if anth_res else 0)
     )
     db = sqlite3.connect(tmp / "bench.db")
@@ -339,6 +375,7 @@ def main() -> None:
     ).fetchone()[0]
     db.close()
 
+    g0, f0, d0 = res[("gateway", 0)], res[("forwarder", 0)], res[("direct", 0)]
     g1, f1, d1 = res[("gateway", 1)], res[("forwarder", 1)], res[("direct", 1)]
     g32, f32, d32 = res[("gateway", 32)], res[("forwarder", 32)], res[("direct", 32)]
     lines = [
@@ -361,6 +398,8 @@ def main() -> None:
         "|---|---:|---|",
         f"| c=1 p50 added vs direct (gateway) | {g1.p50 - d1.p50:.3f} ms | <= 0.35 ms |",
         f"| c=1 p50 added vs direct (forwarder) | {f1.p50 - d1.p50:.3f} ms | (reference) |",
+        f"| agent-sized body, c=1 p50 added vs direct (gateway / forwarder) | {g0.p50 - d0.p50:.3f} / "
+        f"{f0.p50 - d0.p50:.3f} ms | |",
         f"| c=32 throughput gateway / forwarder | {g32.rps / f32.rps:.1%} | >= 90% |",
         f"| mock alone / gateway throughput (c=32) | {d32.rps / g32.rps:.1f}x | >= 3x |",
         f"| streaming TTFB added vs direct | {stream_res['gateway'].ttfb - stream_res['direct'].ttfb:.3f} ms "
