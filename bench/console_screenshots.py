@@ -22,8 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.access import HASHER  # noqa: E402
 from gateway.config import load_config  # noqa: E402
+from gateway.passwords import HASHER  # noqa: E402
 from gateway.server import start_gateway, start_mock  # noqa: E402
 from gateway.store import queries  # noqa: E402
 from gateway.store import users as accounts  # noqa: E402

@@ -7,12 +7,12 @@ Every session request that changes state must echo the session's CSRF token
 in ``X-CSRF-Token``. A session is looked up on every request, so disabling a
 user or signing out ends it on every worker at once.
 
-Passwords are argon2id hashes (argon2-cffi). Hashing runs in a worker thread,
-at most ``HASHING_SLOTS`` at a time per process: each takes 64 MiB and about
-0.1 s of CPU, and sign-in is the one unauthenticated door that costs that.
-A sign-in for an unknown, disabled or not yet activated account verifies
-against a fixed dummy hash of the same cost, so neither the answer nor its
-timing says whether the account exists.
+Passwords are argon2id hashes (gateway.passwords). Hashing runs in a worker
+thread, at most ``HASHING_SLOTS`` at a time per process: each takes 64 MiB and
+about 0.1 s of CPU, and sign-in is the one unauthenticated door that costs
+that. A sign-in for an unknown, disabled or not yet activated account
+verifies against a fixed dummy hash of the same cost, so neither the answer
+nor its timing says whether the account exists.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiohttp import web
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
 from .context import GATEWAY
 from .errors import GatewayError, NotFound, Unauthorized
+from .passwords import HASHER, matches
 from .store import users
 from .store.audit import Actor
 from .store.scope import Scope
@@ -49,13 +48,6 @@ HASHING_SLOTS = 2
 # Touch a session's last-seen time at most this often (a write per request
 # would make every console click a database write).
 TOUCH_EVERY_S = 60.0
-
-# RFC 9106's second recommended option (argon2id, t=3, 64 MiB, p=4), set here
-# rather than taken from the library's defaults so that DUMMY_HASH below
-# always costs what a real hash costs.
-HASHER = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4, hash_len=32, salt_len=16)
-DUMMY_HASH = ("$argon2id$v=19$m=65536,t=3,p=4$R5dnwN+3T2LA8G5Pa8SY5g$"
-              "PNWR/7yzCk4Lc2GosiPTzKmldBk4rpTXyO6HIArnS+Y")
 
 HASHING = web.AppKey("hashing", asyncio.Semaphore)
 # Whether this process has warned of an untrusted X-Forwarded-For (once).
@@ -291,17 +283,9 @@ async def hash_password(request: web.Request, password: str) -> str:
 
 async def verify_password(request: web.Request, hashed: str | None, password: str) -> bool:
     """Check a password against ``hashed``; with None, against the dummy hash
-    (same cost) and False whatever it says."""
-
-    def check() -> bool:
-        try:
-            return HASHER.verify(hashed or DUMMY_HASH, password)
-        except (VerificationError, InvalidHashError):
-            return False
-
+    (same cost) and False whatever it says (gateway.passwords.matches)."""
     async with request.app[HASHING]:
-        ok = await asyncio.to_thread(check)
-    return ok and hashed is not None
+        return await asyncio.to_thread(matches, hashed, password)
 
 
 # ------------------------------------------------------------------ sign-in throttling

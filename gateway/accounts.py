@@ -25,7 +25,6 @@ from typing import Any
 from aiohttp import web
 
 from .access import (
-    HASHER,
     NotAllowed,
     Principal,
     TooManyAttempts,
@@ -61,6 +60,7 @@ from .admin import (
 )
 from .context import GATEWAY
 from .errors import BadRequest, NotFound, Unauthorized
+from .passwords import HASHER
 from .store import audit, catalog, queries, users
 from .store.audit import Actor
 from .store.scope import Scope

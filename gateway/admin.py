@@ -57,8 +57,9 @@ from .reload import FORCED, reload_config
 from .store import analytics, audit, catalog, queries
 from .store import tasks as task_store
 from .store.base import Store
+from .store.outage import unavailable
 from .store.scope import Scope
-from .store.tx import Tx, unavailable
+from .store.tx import Tx
 
 PREFIX = "/admin/api"
 CONSOLE_DIR = Path(__file__).parent / "console"

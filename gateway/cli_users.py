@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .access import HASHER
 from .config import Config
+from .passwords import HASHER
 from .store import audit, catalog, queries, users
 from .store.audit import Actor
 from .store.base import run_on_store

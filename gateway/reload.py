@@ -51,7 +51,7 @@ from .store import audit
 from .store.audit import Actor
 from .store.base import run_on_store
 from .store.schema import connect
-from .store.tx import Body, Tx, run_sqlite
+from .store.tx import Body, IntegrityError, Tx, run_sqlite
 
 log = logging.getLogger("gateway.reload")
 
@@ -157,7 +157,7 @@ async def reload_config(app: web.Application, path: str | Path | None = None, *,
             await gw.store.run(body, write=True)
         else:  # no store open (not serving)
             await asyncio.to_thread(record_reload, old.database, actor, Path(path).resolve(), old, new)
-    except (sqlite3.Error, asyncpg.PostgresError, OSError) as e:
+    except (sqlite3.Error, asyncpg.PostgresError, IntegrityError, OSError) as e:
         # The reload stands; say loudly that its audit row is missing.
         log.error("config reload applied but not audited: %s", type(e).__name__)
     return new

@@ -36,11 +36,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.access import HASHER
 from gateway.config import Config, load_config
 from gateway.mock.app import create_mock_app
 from gateway.mock.common import MOCK, MockState
 from gateway.mock.volcengine import MOCK_ACCESS_KEY, MOCK_SECRET_KEY
+from gateway.passwords import HASHER
 from gateway.server import Running, start_app, start_gateway
 from gateway.store import catalog, queries, users
 from gateway.store.schema import connect

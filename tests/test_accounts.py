@@ -18,9 +18,9 @@ import asyncpg
 import pytest
 
 from gateway.admin import PREFIX
+from gateway.store.postgres.tx import WRITE_LOCK
 from gateway.store.schema import connect
 from gateway.store.sql import numbered
-from gateway.store.tx import WRITE_LOCK
 
 from .conftest import ADMIN_TOKEN, PASSWORD, FakeClock, Gateway, GatewayFactory, Upstream, config_toml
 from .test_admin import ADMIN, PUBLIC_ROUTES

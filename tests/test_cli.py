@@ -228,6 +228,27 @@ def test_help(tmp_path: Path, args: list[str]) -> None:
     assert "usage" in gw(*args, cwd=tmp_path).stdout
 
 
+# The server's libraries: the HTTP stack alone took 0.2 s of every command's
+# start (0.34 s for --help), which scripts and this suite pay per call.
+SERVER_LIBRARIES = ("aiohttp", "yarl", "multidict", "asyncpg", "redis", "prometheus_client")
+
+
+def test_commands_on_sqlite_do_not_import_the_server(tmp_path: Path) -> None:
+    """The commands scripts run against an SQLite database start without the
+    server's libraries (``serve`` needs them all; PostgreSQL needs asyncpg)."""
+    commands = [["--help"], ["check-config"], ["workspaces", "create", "acme"], ["workspaces", "list"],
+                ["keys", "create", "--workspace", "acme"], ["keys", "list"], ["keys", "revoke", "1"], ["usage"],
+                ["users", "create", "ann@example.com", "--admin", "--password-stdin"], ["users", "list"]]
+    for args in commands:
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "gateway", *args], cwd=tmp_path, env=ENV,
+                             input="a long enough password\n", capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, (args, run.stderr[-2000:])
+        modules = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
+                   if line.startswith("import time:")}
+        assert "gateway.cli" in modules
+        assert sorted(m for m in modules if m.split(".")[0] in SERVER_LIBRARIES) == [], args
+
+
 def test_usage_shows_names_dollars_and_video_tokens(
     tmp_path: Path, upstream: Upstream, config_files: ConfigFiles
 ) -> None:

@@ -17,7 +17,7 @@ import orjson
 
 from .base import NO_LIMITS, ConflictError, KeyLimits, NotFoundError
 from .scope import Scope, marks
-from .tx import INTEGRITY, Tx
+from .tx import IntegrityError, Tx
 
 KEY_PREFIX = "gw-"
 PREFIX_SHOWN = 10
@@ -57,7 +57,7 @@ async def create_workspace(tx: Tx, name: str, group: str = "default") -> dict[st
             "INSERT INTO workspaces (name, default_group, created_at) VALUES (?, ?, ?) RETURNING id",
             name, group, time.time(),
         )
-    except INTEGRITY:
+    except IntegrityError:
         raise ConflictError(f"workspace {name!r} already exists") from None
     return await get_workspace(tx, int(ws_id))
 

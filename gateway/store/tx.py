@@ -8,7 +8,8 @@ PostgreSQL both accept (``INSERT ... RETURNING``, ``ON CONFLICT``,
 ``IS DISTINCT FROM``, ``1 = 0``); only its ``?`` placeholders are numbered
 for PostgreSQL (``numbered``, as the analytics queries always were). There
 is no dialect translation beyond that: where the dialects differ, the
-schema is made to agree (gateway.store.postgres.schema, migration 5).
+schema is made to agree (gateway.store.postgres.schema, migration 5). A
+broken constraint comes out of either as ``IntegrityError``.
 
 How a body runs (``Store.run``):
 
@@ -19,7 +20,8 @@ How a body runs (``Store.run``):
   never waits on SQLite, and the transaction never waits on the event
   loop (a write lock held across loop turns could wait on the usage
   writer, which needs that loop).
-- PostgreSQL: on the event loop, on a pooled asyncpg connection, inside
+- PostgreSQL (gateway.store.postgres.tx: the CLI on SQLite does without
+  asyncpg): on the event loop, on a pooled asyncpg connection, inside
   ``conn.transaction()`` for writes. A write transaction first takes one
   transaction-level advisory lock (``WRITE_LOCK``): admin and console
   writes are serialized across every instance as SQLite serializes them,
@@ -35,48 +37,14 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
-from .dbfile import DatabaseLost
-from .sql import numbered
-
 T = TypeVar("T")
-
-# Taken by every write transaction of Store.run on PostgreSQL (see above).
-WRITE_LOCK = 0x67617465776179 + 16  # "gateway" + 16: apart from the schema and partition locks
 
 Body = Callable[["Tx"], Awaitable[T]]
 
-PgConn = asyncpg.Connection | PoolConnectionProxy
 
-# A constraint the statement broke (unique, foreign key, check), either store.
-INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
-
-# Errors that say the database cannot be reached or used just now, not that
-# the statement is wrong: ``unavailable`` below.
-_UNREACHABLE = (
-    OSError, TimeoutError, DatabaseLost, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-)
-# SQLite's primary result codes for the same: busy or locked past the
-# timeout, an I/O error, a file it cannot open, a full disk.
-_SQLITE_UNAVAILABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR,
-                                 sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL})
-
-
-def unavailable(e: BaseException) -> bool:
-    """Whether ``e`` means the database is away (PostgreSQL down or
-    restarting, its connection lost, SQLite locked, unreadable or removed):
-    worth a 503 and a retry. Anything else (a missing table, a bad
-    statement) is a bug, and must not pass for one."""
-    if isinstance(e, _UNREACHABLE):
-        return True
-    if isinstance(e, sqlite3.OperationalError):
-        code = getattr(e, "sqlite_errorcode", None)
-        return code is not None and code & 0xFF in _SQLITE_UNAVAILABLE
-    return False
+class IntegrityError(Exception):
+    """A statement broke a constraint (unique, foreign key, check), on either
+    store; the driver's own error is its ``__cause__``."""
 
 
 class Tx(Protocol):
@@ -91,10 +59,10 @@ class Tx(Protocol):
         ...
 
 
-def _no_nul(args: tuple[Any, ...]) -> None:
-    # PostgreSQL text cannot hold NUL or a lone surrogate (the driver or the
-    # server refuses them); SQLite's can. Refused the same way from either
-    # store (gateway.admin answers a ValueError with a 400).
+def no_nul(args: tuple[Any, ...]) -> None:
+    """PostgreSQL text cannot hold NUL or a lone surrogate (the driver or the
+    server refuses them); SQLite's can. Refused the same way from either
+    store (gateway.admin answers a ValueError with a 400)."""
     for a in args:
         if isinstance(a, str):
             if "\x00" in a:
@@ -111,50 +79,26 @@ class SqliteTx:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
+        no_nul(args)
+        try:
+            return self.conn.execute(sql, args)
+        except sqlite3.IntegrityError as e:
+            raise IntegrityError(str(e)) from e
+
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        _no_nul(args)
-        return [dict(r) for r in self.conn.execute(sql, args)]
+        return [dict(r) for r in self._execute(sql, args)]
 
     async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None:
-        _no_nul(args)
-        row = self.conn.execute(sql, args).fetchone()
+        row = self._execute(sql, args).fetchone()
         return None if row is None else dict(row)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        _no_nul(args)
-        row = self.conn.execute(sql, args).fetchone()
+        row = self._execute(sql, args).fetchone()
         return None if row is None else row[0]
 
     async def execute(self, sql: str, *args: Any) -> int:
-        _no_nul(args)
-        return self.conn.execute(sql, args).rowcount
-
-
-class PgTx:
-    """A Tx on an asyncpg connection."""
-
-    def __init__(self, conn: PgConn) -> None:
-        self.conn = conn
-
-    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        _no_nul(args)
-        return [dict(r) for r in await self.conn.fetch(numbered(sql), *args)]
-
-    async def fetchrow(self, sql: str, *args: Any) -> dict[str, Any] | None:
-        _no_nul(args)
-        row = await self.conn.fetchrow(numbered(sql), *args)
-        return None if row is None else dict(row)
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        _no_nul(args)
-        return await self.conn.fetchval(numbered(sql), *args)
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        _no_nul(args)
-        status = await self.conn.execute(numbered(sql), *args)
-        # "UPDATE 3", "DELETE 0", "INSERT 0 1": the count is the last word.
-        last = status.rsplit(" ", 1)[-1]
-        return int(last) if last.isdigit() else 0
+        return self._execute(sql, args).rowcount
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:
@@ -183,15 +127,6 @@ def run_sqlite(conn: sqlite3.Connection, body: Body[T], *, write: bool) -> T:
         raise
     conn.execute("COMMIT")
     return out
-
-
-async def run_pg(conn: PgConn, body: Body[T], *, write: bool) -> T:
-    """``body`` on ``conn``, in one transaction under WRITE_LOCK if ``write``."""
-    if not write:
-        return await body(PgTx(conn))
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-        return await body(PgTx(conn))
 
 
 async def _coro(body: Body[T], tx: Tx) -> T:

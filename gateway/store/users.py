@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import ConflictError, NotFoundError
 from .scope import Scope, marks
-from .tx import INTEGRITY, Tx
+from .tx import IntegrityError, Tx
 
 ROLES = ("owner", "member")
 
@@ -48,7 +48,7 @@ async def create_user(tx: Tx, email: str, *, now: float, name: str = "",
             "RETURNING id",
             email, name, password_hash, int(is_admin), now,
         )
-    except INTEGRITY:
+    except IntegrityError:
         raise ConflictError(f"a user with email {email!r} already exists") from None
     return await get_user(tx, int(user_id))
 

@@ -22,10 +22,11 @@ from ..base import BatchSink, MonthTotals, QuotaDelta
 from ..dbfile import DatabaseFile
 from ..queries import LIVE_KEYS, USAGE_GROUPS
 from ..sql import numbered
-from ..tx import Body, run_pg
+from ..tx import Body
 from . import usage
 from .schema import CONFIG_CHANNEL, KEYS_CHANNEL, migrate
 from .tasks import PgTaskStore
+from .tx import run_pg
 
 log = logging.getLogger("gateway.store")
 
