@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import safejson
 from .access import (
     FORWARDED_WARNED,
     HASHING,
@@ -132,7 +133,7 @@ def _map_error(e: Exception) -> GatewayError:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        data = orjson.loads(await read_body(request, request.app[GATEWAY]) or b"{}")
+        data = safejson.loads(await read_body(request, request.app[GATEWAY]) or b"{}")
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.") from None
     if not isinstance(data, dict):

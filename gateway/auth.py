@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from . import safejson
 from .config import Config
 from .errors import ServiceUnavailable, Unauthorized
 from .store.base import Store
@@ -85,7 +85,7 @@ class KeyInfo:
 def _patterns(raw: str | None) -> tuple[str, ...] | None:
     if raw is None:
         return None
-    v = orjson.loads(raw)
+    v = safejson.loads(raw)
     return tuple(str(x) for x in v) if isinstance(v, list) else None
 
 

@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import __version__
+from . import __version__, safejson
 from .auth import KeyInfo
 from .bounds import shown
 from .config import CHAT_PROTOCOLS, ModelConfig, UpstreamConfig
@@ -630,7 +630,7 @@ async def relay_translated(
         data = client_error(bridge.client, status, body, up.name)
     else:
         try:
-            answer = orjson.loads(body)
+            answer = safejson.loads(body)
             if not isinstance(answer, dict):
                 raise ValueError
             translated, ctx.usage = bridge.module.response(answer, bridge.req)
@@ -753,7 +753,7 @@ async def _upstream_count(
             return web.Response(status=resp.status, body=client_error("messages", resp.status, data, up.name),
                                 content_type="application/json")
         try:
-            n = orjson.loads(data).get("input_tokens")
+            n = safejson.loads(data).get("input_tokens")
         except (orjson.JSONDecodeError, AttributeError):
             n = None
         if not isinstance(n, int) or isinstance(n, bool):

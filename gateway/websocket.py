@@ -56,6 +56,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import safejson
 from .auth import KeyInfo
 from .bounds import shown
 from .context import CTX, GATEWAY, Gateway, RequestContext
@@ -427,7 +428,7 @@ class Relay:
             return
         if b'"response.output_item.done"' in data:
             try:
-                item = orjson.loads(data).get("item")
+                item = safejson.loads(data).get("item")
             except (orjson.JSONDecodeError, AttributeError):
                 item = None
             if item is not None:
@@ -460,7 +461,7 @@ class Relay:
         ctx.ttfb_ms = (perf_counter() - ctx.t0) * 1000
         ctx.bytes_out = len(body)
         try:
-            obj = orjson.loads(body)
+            obj = safejson.loads(body)
         except orjson.JSONDecodeError:
             obj = None
         if status < 400 and isinstance(obj, dict) and bridge is not None:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import safejson
 from gateway.errors import BadRequest
 from gateway.protocols.base import DECIDING_KEYS, _maybe_ambiguous, refuse_duplicates
 
@@ -123,18 +124,17 @@ async def test_escaped_text_takes_no_second_parse_escaped_keys_still_refused(
 ) -> None:
     """A body with escapes in its text (non-ASCII as json.dumps writes it,
     an HTML-safe encoder's \\u003c, a capital letter no deciding key has)
-    is not parsed a second time: any escape used to send it there, a whole
-    body's parse again (3.8 ms instead of 0.9 ms for 0.57 MB). Seen here by
-    a body nested deeper than that parse goes (test above): refused when
-    slow-pathed, relayed when not. Every character of every deciding key,
-    escaped in either hex case, still takes the careful parse."""
+    is not parsed a second time by the careful check: any escape used to
+    send it there, a whole body's parse again (3.8 ms instead of 0.9 ms for
+    0.57 MB). Every character of every deciding key, escaped in either hex
+    case, still takes the careful parse."""
     gw = pgateway
     key = await gw.key()
-    deep = "[" * 1000 + "]" * 1000
     text = '"content":"caf\\u00e9 \\u4f60\\u597d \\u003cb\\u003e \\u0041 \\u001b[1m"'
-    raw = f'{{"model":"gpt-test","messages":[{{"role":"user",{text}}}],"x":{deep}}}'
+    raw = f'{{"model":"gpt-test","messages":[{{"role":"user",{text}}}],"x":[[1]]}}'
+    assert not maybe_ambiguous(raw.encode())
     status, data = await send(http, gw, key, CHAT, raw.encode())
-    assert status != 400 and len(upstream.state.requests) == 1, data
+    assert status == 200 and len(upstream.state.requests) == 1, data
     refused = 0
     for name in (*DECIDING_KEYS, "include_usage"):
         for i, c in enumerate(name):
@@ -198,6 +198,12 @@ async def test_multipart_read_two_ways_is_refused(
     assert [r["status"] for r in rows].count(400) == len(ambiguous)
 
 
+def maybe_ambiguous(raw: bytes) -> bool:
+    """What the cheap checks say, on the body as parse_json_body parses it."""
+    obj, canon = safejson.parse(raw)
+    return _maybe_ambiguous(raw, obj, canon)
+
+
 def ambiguous(raw: bytes) -> bool:
     """What the careful parse says: a deciding key given twice."""
     try:
@@ -225,10 +231,10 @@ def test_names_repeated_below_the_top_level_take_no_second_parse(dumps: Any) -> 
     body = {"model": "claude-test", "max_tokens": 5, "stream": True, "tools": AGENT_TOOLS,
             "messages": [{"role": "user", "content": 'caf\u00e9 "model" \u4f60 <b>'}]}
     raw = dumps(body)
-    assert not _maybe_ambiguous(raw, orjson.loads(raw))
+    assert not maybe_ambiguous(raw)
     assert not ambiguous(raw)
     twice = raw[:-1] + b',"model":"renamed"}'
-    assert _maybe_ambiguous(twice, orjson.loads(twice)) and ambiguous(twice)
+    assert maybe_ambiguous(twice) and ambiguous(twice)
 
 
 # Keys and strings that make the byte checks' life hard: deciding names
@@ -278,6 +284,5 @@ def test_the_byte_checks_miss_no_key_given_twice(text: str) -> None:
     """Whatever the spelling, a body the careful parse refuses is one the
     cheap checks send to it."""
     raw = text.encode()
-    obj = orjson.loads(raw)
     if ambiguous(raw):
-        assert _maybe_ambiguous(raw, obj)
+        assert maybe_ambiguous(raw)

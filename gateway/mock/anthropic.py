@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
 from .common import MOCK, _check, _int, count_prompt_tokens
 from .tools import anthropic_tools, new_id, plan
 
@@ -74,7 +75,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     if early is not None:
         return _as_anthropic(early)
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         return anthropic_error(400, "There was an error parsing the body of your request.")
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
@@ -88,7 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if early is not None:
         return _as_anthropic(early)
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         return anthropic_error(400, "There was an error parsing the body of your request.")
     if not isinstance(obj, dict):

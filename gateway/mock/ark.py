@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
 from .common import _check
 
 BASE = "/api/v3/contents/generations/tasks"
@@ -74,7 +75,7 @@ async def create_task(request: web.Request) -> web.Response:
     if early is not None:
         return early
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         return ark_error(400, "InvalidParameter", "The request body is not valid JSON.")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), str):

@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
+
 
 @dataclass
 class Recorded:
@@ -151,7 +153,7 @@ async def json_body(request: web.Request) -> tuple[dict[str, Any] | None, web.Re
     if early is not None:
         return None, early
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         return None, openai_error(400, "We could not parse the JSON body of your request.")
     if not isinstance(obj, dict):

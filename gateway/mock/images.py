@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
 from .common import MOCK, _check, _int, json_body, openai_error
 
 
@@ -186,7 +187,7 @@ async def edits(request: web.Request) -> web.StreamResponse:
         images_in = sum(1 for f in form.files if f["name"] in ("image", "image[]"))
         return await _answer(request, dict(form.fields), images_in, "image_edit")
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         return openai_error(400, "Expected multipart/form-data or a JSON body.")
     if not isinstance(obj, dict):

@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from .. import safejson
 from .common import MOCK, MockState, _check, _int, count_words, json_body, openai_error
 from .tools import Plan, new_id, plan, responses_tools
 
@@ -283,7 +284,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
-                frame = orjson.loads(msg.data)
+                frame = safejson.loads(msg.data)
             except orjson.JSONDecodeError:
                 frame = None
             if not isinstance(frame, dict):

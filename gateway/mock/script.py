@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
 from .common import MOCK, _check
 
 Obj = dict[str, Any]
@@ -305,4 +306,4 @@ async def scripted(request: web.Request, handler: Handler) -> web.StreamResponse
     body, early = await _check(request, anthropic=protocol == "messages")
     if early is not None:
         return early  # the auth check failed: no script is played to a stranger
-    return await answer(request, Script(orjson.loads(raw), orjson.loads(body)), protocol)
+    return await answer(request, Script(safejson.loads(raw), safejson.loads(body)), protocol)

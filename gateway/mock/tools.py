@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import safejson
 from .common import WORDS, _int, _steer
 
 THINKING_WORDS = ("Let", " me", " think", " about", " this", " request", " first", ".")
@@ -51,7 +52,7 @@ class ToolCall:
 
     @property
     def input(self) -> Any:
-        return orjson.loads(self.arguments)
+        return safejson.loads(self.arguments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ def plan(request: web.Request, declared: list[str], result: str | None, *, call_
     if name and name in declared:
         raw = _steer(request, "x-mock-tool-args") or "{}"
         try:
-            args = orjson.dumps(orjson.loads(raw)).decode()
+            args = orjson.dumps(safejson.loads(raw)).decode()
         except orjson.JSONDecodeError:
             args = "{}"
         return Plan(ToolCall(name, args, new_id(call_prefix)), (), thinking, reasoning)

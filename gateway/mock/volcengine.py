@@ -27,6 +27,8 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
+from .. import safejson
+
 MOCK_ACCESS_KEY = "AKLTmock0123456789abcdef"
 MOCK_SECRET_KEY = "mock-secret-key-0123456789abcdef"
 REGION = "cn-beijing"
@@ -141,7 +143,7 @@ async def openapi(request: web.Request) -> web.Response:
     if request.query.get("Version") != VERSION:
         return _answer(action, state.region, error=("InvalidActionOrVersion", "Unknown version."), status=400)
     try:
-        p = orjson.loads(body)
+        p = safejson.loads(body)
     except orjson.JSONDecodeError:
         p = None
     if not isinstance(p, dict):

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .. import safejson
 from ..bounds import shown
 from ..errors import BadRequest
 from ..errors import Protocol as ErrorShape
@@ -98,13 +99,21 @@ class Endpoint(Protocol):
 
 def parse_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object; 400 otherwise."""
+    return _parse_object(raw)[0]
+
+
+def _parse_object(raw: bytes) -> tuple[dict[str, Any], bytes | None]:
+    """parse_object, and safejson.parse's verdict: ``raw`` when it is
+    orjson's own spelling of the object."""
     try:
-        obj = orjson.loads(raw)
+        obj, canon = safejson.parse(raw)
+    except safejson.TooDeep:
+        raise BadRequest("The request is nested too deeply.", code="invalid_request") from None
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    return obj
+    return obj, canon
 
 
 # Top-level keys the gateway reads to decide (what to route and bill, how to
@@ -137,16 +146,16 @@ def _escapes_of(chars: str) -> re.Pattern[bytes]:
 _NAME_ESCAPES = _escapes_of("".join(_NAMES) + '"')
 
 
-def _maybe_ambiguous(raw: bytes, obj: dict[str, Any]) -> bool:
+def _maybe_ambiguous(raw: bytes, obj: dict[str, Any], canon: bytes | None) -> bool:
     """The cheap checks, on every JSON request, that a key the gateway
     decides on may be given twice in ``raw`` (parsed as ``obj``, where the
     last one won); the careful parse runs only when they say it may.
 
-    - A body that is orjson's own spelling of ``obj`` has no key twice
-      (Claude Code's and Codex's are: a 49 KB Claude Code body costs 7 us
-      to write again and compare, against 32 us for the scan below and
-      104 us for the careful parse that its tools' "model" and "prompt"
-      properties set off).
+    - A body that is orjson's own spelling of ``obj`` (``canon`` is
+      ``raw``: safejson.parse found it so) has no key twice. Claude Code's
+      and Codex's are: that check costs a 49 KB Claude Code body 7 us,
+      against 32 us for the scan below and 104 us for the careful parse
+      that its tools' "model" and "prompt" properties set off.
     - Otherwise a key given twice needs its name twice, or an escape that
       spells part of it (``"mod\\u0065l"``; JSON encoders never escape
       printable ASCII). A name found twice may be a nested key or a value
@@ -156,18 +165,18 @@ def _maybe_ambiguous(raw: bytes, obj: dict[str, Any]) -> bool:
       quote escaped); with no escape of a quote or of a letter of the
       name, the body holds exactly the object's, plus those of every
       entry a repeated key dropped."""
-    try:
-        canon = orjson.dumps(obj)
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
-        canon = None
-    if canon == raw:
+    if canon is not None:
         return False
     if b"\\u00" in raw and _NAME_ESCAPES.search(raw) is not None:
         return True
     found = _DECIDING_NAMES.findall(raw)
     if len(found) == len(set(found)):
         return False
-    return canon is None or sorted(found) != sorted(_DECIDING_NAMES.findall(canon))
+    try:
+        written = orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
+        return True
+    return sorted(found) != sorted(_DECIDING_NAMES.findall(written))
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -188,8 +197,8 @@ def parse_json_body(raw: bytes) -> tuple[dict[str, Any], str]:
     the upstream acts on the other), or ``stream`` is not a boolean (an
     upstream that reads ``1`` or ``"true"`` as true would stream while the
     gateway reads the answer as a plain body)."""
-    obj = parse_object(raw)
-    if _maybe_ambiguous(raw, obj):
+    obj, canon = _parse_object(raw)
+    if _maybe_ambiguous(raw, obj, canon):
         refuse_duplicates(raw)
     refuse_variants(obj)
     stream = obj.get("stream")
@@ -236,32 +245,33 @@ def _object_keys(text: str, i: int, keys: tuple[str, ...], prefix: str = "") -> 
 
 # A deciding key spelt otherwise. Go's encoding/json, and decoders built
 # like it, match an object key to a field case-insensitively, with Unicode's
-# simple folding:
-# "Stream", "STREAM", "\u017ftream" (the long s) all set ``stream`` there,
-# the last one given winning, while the gateway reads only "stream". So an
-# upstream written in Go would stream, bill another model, a price tier or
-# run a server tool the gateway never saw. The folds to ASCII letters: the
-# long s and the Kelvin sign (Go), the dotless and dotted i (Turkish-locale
-# lower-casing elsewhere).
+# simple folding: "Stream", "STREAM", "\u017ftream" (the long s) all set
+# ``stream`` there, the last one given winning, while the gateway reads only
+# "stream". So an upstream written in Go would stream, bill another model, a
+# price tier or run a server tool the gateway never saw. The folds to ASCII
+# letters: the long s and the Kelvin sign (Go), the dotless and dotted i
+# (Turkish-locale lower-casing elsewhere), and full case folding's (the
+# ligatures: "\ufb06ream" is "stream" to Java's toUpperCase and Python's
+# casefold). And a key cut at a NUL ("model\u0000x"), as a decoder that
+# keeps keys as C strings reads it.
 _FOLD = str.maketrans({"\u017f": "s", "\u212a": "k", "\u0131": "i", "\u0130": "i"})
 _VARIANT_NAMES = frozenset(DECIDING_KEYS)
 
 
 def folded(key: str) -> str:
     """``key`` as a case-insensitive decoder may read it (see ``_FOLD``)."""
-    return key.lower() if key.isascii() else key.translate(_FOLD).lower()
+    f = key.lower() if key.isascii() else key.translate(_FOLD).casefold()
+    return f.partition("\x00")[0] if "\x00" in f else f
 
 
 def refuse_variants(obj: dict[str, Any]) -> None:
     """400 for a top-level key (or one in ``stream_options``) that is a key
     the gateway decides on spelt otherwise (``_FOLD``). A set lookup per
-    key, and a lower-casing for those that are not such a key exactly."""
+    key, and a folding for those that are not such a key exactly."""
     names = _VARIANT_NAMES
     for k in obj:
-        if k not in names:
-            f = k.lower() if k.isascii() else k.translate(_FOLD).lower()  # folded(k), inline
-            if f in names:
-                refuse_variant(k, f)
+        if k not in names and (f := folded(k)) in names:
+            refuse_variant(k, f)
     so = obj.get("stream_options")
     if so.__class__ is dict:
         for k in so:
@@ -352,7 +362,7 @@ def body_usage(tail: Tail) -> dict[str, Any] | None:
     data = tail.bytes()
     if tail.complete and data[:1] == b"{":
         try:
-            obj = orjson.loads(data)
+            obj = safejson.loads(data)
         except orjson.JSONDecodeError:
             obj = None
         if isinstance(obj, dict):
@@ -651,7 +661,7 @@ class EventScanner:
             if not any(m in ev for m in markers):
                 continue
             try:
-                obj = orjson.loads(event_data(ev))
+                obj = safejson.loads(event_data(ev))
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict):

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from .. import safejson
 from ..errors import Protocol as ErrorShape
 from .base import JsonBody, Prepared, SSEEvents, TailUsage, Usage, UsageReader, as_int, event_data, split_events
 
@@ -51,7 +52,7 @@ class HiddenUsageChunk:
                 data = event_data(ev)
                 if b'"usage"' in data and data.startswith(b"{"):
                     try:
-                        obj = orjson.loads(data)
+                        obj = safejson.loads(data)
                     except orjson.JSONDecodeError:
                         obj = None
                     if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):

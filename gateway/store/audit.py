@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from .. import safejson
 from .scope import Scope
 from .tx import Tx
 
@@ -92,7 +93,7 @@ async def query(tx: Tx, *, since: float, until: float, scope: Scope | None = Non
     )
     for r in rows:
         for col in ("before", "after"):
-            r[col] = None if r[col] is None else orjson.loads(r[col])
+            r[col] = None if r[col] is None else safejson.loads(r[col])
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from .. import safejson
 from .base import NO_LIMITS, ConflictError, KeyLimits, NotFoundError
 from .scope import Scope, marks
 from .tx import IntegrityError, Tx
@@ -44,7 +45,7 @@ def json_list(v: list[str] | None) -> str | None:
 def shape_row(row: Any) -> dict[str, Any]:
     """A workspace or key row as a dict, its model allow-list parsed."""
     d = dict(row)
-    d["allowed_models"] = None if d["allowed_models"] is None else orjson.loads(d["allowed_models"])
+    d["allowed_models"] = None if d["allowed_models"] is None else safejson.loads(d["allowed_models"])
     return d
 
 

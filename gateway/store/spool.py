@@ -55,6 +55,7 @@ from typing import Any
 
 import orjson
 
+from .. import safejson
 from .columns import COLUMNS
 from .dbfile import DatabaseFile
 from .rows import Row, insert_rows, pad_row
@@ -180,7 +181,7 @@ def read_rows(data: bytes, offset: int) -> tuple[list[Row], int]:
     for line in data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]:
         pos += len(line) + 1
         try:
-            values = orjson.loads(line)
+            values = safejson.loads(line)
         except orjson.JSONDecodeError:
             log.error("usage spool: skipped a line that is not JSON (%d bytes)", len(line))
             continue

@@ -37,6 +37,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from .. import safejson
 from . import rollup
 from .dbfile import DatabaseFile
 from .rows import INSERT as INSERT_USAGE
@@ -112,7 +113,7 @@ def _dumps(v: dict[str, Any] | None) -> str | None:
 def _loads(v: str | None) -> dict[str, Any] | None:
     if v is None:
         return None
-    obj = orjson.loads(v)
+    obj = safejson.loads(v)
     return obj if isinstance(obj, dict) else None
 
 

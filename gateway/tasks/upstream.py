@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from .. import safejson
 from ..config import UpstreamConfig
 from ..errors import BadGateway, GatewayError, GatewayTimeout
 
@@ -87,7 +88,7 @@ async def call(
             status=502,
         )
     try:
-        obj = orjson.loads(raw)
+        obj = safejson.loads(raw)
     except orjson.JSONDecodeError:
         obj = None
     return Answer(status, obj)

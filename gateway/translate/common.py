@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from .. import safejson
 from ..errors import BadRequest
 from ..protocols.anthropic import anthropic_usage
 from ..protocols.base import SSEEvents, Usage, event_data, first_object, last_object
@@ -138,7 +139,7 @@ def parse_arguments(args: Any, field: str) -> Obj:
     if args in (None, ""):
         return {}
     try:
-        v = orjson.loads(args)
+        v = safejson.loads(args)
     except (orjson.JSONDecodeError, TypeError):
         v = None
     if not isinstance(v, dict):
@@ -752,7 +753,7 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 def error_parts(body: bytes) -> tuple[str | None, str | None, str | None]:
     """(message, type, code) of an upstream error body in either shape."""
     try:
-        obj = orjson.loads(body)
+        obj = safejson.loads(body)
     except orjson.JSONDecodeError:
         return None, None, None
     err = obj.get("error") if isinstance(obj, dict) else None
@@ -1179,7 +1180,7 @@ class TranslatedStream:
                 obj = None
             else:
                 try:
-                    obj = orjson.loads(data)
+                    obj = safejson.loads(data)
                 except orjson.JSONDecodeError:
                     continue
                 if not isinstance(obj, dict):

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ... import safejson
 from ..columns import COLUMNS
 from ..schema import connect as sqlite_connect
 from ..tasks import _COLUMNS as TASK_COLUMNS
@@ -127,7 +128,7 @@ def read_export(path: Path) -> Iterator[list[tuple[Any, ...]]]:
         for line in f:
             if not line.strip():
                 continue
-            d = orjson.loads(line)
+            d = safejson.loads(line)
             batch.append(tuple(d.get(c) for c in USAGE_COLUMNS))
             if len(batch) >= BATCH:
                 yield batch
