@@ -294,11 +294,6 @@ async def forward(
             except GatewayError as e:  # a field this route's protocol cannot carry
                 failure = e
                 continue
-        breaker = target.breaker
-        grant = breaker.acquire(now)
-        if grant == DENIED:
-            continue
-        attempts_left -= 1
         up = target.upstream
         if bridge is None:
             prepared = endpoint.prepare(raw, obj, target.route.model, public_model)
@@ -308,6 +303,14 @@ async def forward(
             prepared = bridge.prepared
             url = target.url(PATHS[bridge.wire], "")  # the client's query string is its protocol's
             sent = bridge.headers(upstream_headers(client_headers, target))
+        # Taken once nothing but the upstream call can fail: a grant taken and
+        # not given back (a half-open breaker's one probe) would refuse every
+        # request to this upstream for good.
+        breaker = target.breaker
+        grant = breaker.acquire(now)
+        if grant == DENIED:
+            continue
+        attempts_left -= 1
         ctx.upstream = up.name
         ctx.t_upstream = perf_counter()
         try:

@@ -34,8 +34,16 @@ import orjson
 
 
 class TooDeep(orjson.JSONDecodeError):
-    """Nested deeper than the standard library's json parses (about 1,000
-    levels; orjson takes 1,024), in a body that needed it."""
+    """Nested deeper than orjson writes (255 levels; it reads 1,024): the
+    gateway could not write such a body again (for another model name, a
+    translation), so it takes none."""
+
+
+def _int(text: str) -> int | float:
+    """An integer as orjson reads it: beyond 64 bits, a float (which orjson
+    can write again; it cannot write such an int)."""
+    n = int(text)
+    return n if -(2**63) <= n < 2**64 else float(text)
 
 
 def parse(raw: bytes) -> tuple[Any, bytes | None]:
@@ -47,11 +55,11 @@ def parse(raw: bytes) -> tuple[Any, bytes | None]:
     try:
         if orjson.dumps(obj) == raw:
             return obj, raw
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
-        pass
+    except orjson.JSONEncodeError:
+        raise TooDeep("nested too deeply", "", 0) from None
     try:
-        return json.loads(raw), None
-    except RecursionError:  # deeper than json's decoder goes (orjson takes 1,024 levels)
+        return json.loads(raw, parse_int=_int), None
+    except RecursionError:  # not expected: json's decoder goes about 1,000 levels deep
         raise TooDeep("nested too deeply", "", 0) from None
     except ValueError as e:  # not expected: orjson, stricter, took it
         raise orjson.JSONDecodeError(type(e).__name__, "", 0) from None

@@ -20,6 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+
+from .conftest import Gateway, Upstream
+
 ROOT = Path(__file__).resolve().parent.parent
 COLLIDES_WITH_MODEL = "oD1hk84Qc0ioXhsnyhlb1Tgv61dbGc40H1R1iGv7Qxm9IrmEMtph8QFZIJeyUVKJ"
 EVICT = "evict1304"
@@ -136,3 +140,27 @@ def test_nothing_else_calls_orjson_loads() -> None:
              if p.name != "safejson.py"
              for i, line in enumerate(p.read_text().splitlines(), 1) if "orjson.loads" in line]
     assert found == []
+
+
+async def test_bodies_the_gateway_cannot_write_again_are_not_a_500(
+    gateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """An integer beyond 64 bits is read as a float, as orjson reads it
+    (json's exact int, which orjson cannot write, made a 500 of every body
+    the gateway writes again: a stream it asks usage for, a renamed
+    model); a body nested deeper than orjson writes (255) is a 400."""
+    key = await gateway.key()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    messages = '"messages":[{"role":"user","content":"hi"}]'
+    for model, stream in (("gpt-test", "true"), ("renamed", "false")):
+        body = f'{{"model": "{model}", "stream": {stream}, {messages}, "seed": 18446744073709551616}}'
+        async with http.post(gateway.url + "/v1/chat/completions", data=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+    assert json.loads(upstream.state.requests[-1].body)["seed"] == 18446744073709551616.0
+    deep = "[" * 300 + "]" * 300
+    async with http.post(gateway.url + "/v1/chat/completions", data=f'{{"model":"gpt-test",{messages},"x":{deep}}}',
+                         headers=headers) as r:
+        assert r.status == 400 and (await r.json())["error"]["message"] == "The request is nested too deeply."
+    rows = await gateway.wait_usage(3)
+    assert [r["status"] for r in rows] == [200, 200, 400]
