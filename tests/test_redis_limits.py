@@ -288,6 +288,17 @@ async def admissions(url: str, prefix: str) -> AsyncIterator[list[str]]:
         await r.aclose()
 
 
+async def rpm_300_key(make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str],
+                      clock: FakeClock | None = None) -> tuple[Gateway, str, str]:
+    """A gateway on the shared Redis, a key with rpm = 300, and the key of
+    its RPM window in Redis."""
+    url, prefix = shared_redis
+    gw = await make_gateway(config_toml(upstream.base_url, redis_section(url, prefix)), clock=clock)
+    key = await gw.key(rpm=300)
+    (kid,) = [r[0] for r in gw.conn.execute("SELECT id FROM api_keys").fetchall()]
+    return gw, key, f"{prefix}:r:{kid}"
+
+
 async def test_grant_admits_without_asking_redis_until_its_ttl(
     make_gateway: GatewayFactory, upstream: Upstream, shared_redis: tuple[str, str], http: aiohttp.ClientSession
 ) -> None:
@@ -296,10 +307,7 @@ async def test_grant_admits_without_asking_redis_until_its_ttl(
     them with no call to Redis, each moved to its own time in the window;
     the permits left at GRANT_TTL_S go back, and the next request asks Redis."""
     url, prefix = shared_redis
-    gw = await make_gateway(config_toml(upstream.base_url, redis_section(url, prefix)))
-    key = await gw.key(rpm=300)
-    (kid,) = [r[0] for r in gw.conn.execute("SELECT id FROM api_keys").fetchall()]
-    window = f"{prefix}:r:{kid}"
+    gw, key, window = await rpm_300_key(make_gateway, upstream, shared_redis)
     r = aioredis.Redis.from_url(url)
     try:
         async with admissions(url, prefix) as seen:
@@ -342,10 +350,7 @@ async def test_grant_past_its_ttl_is_not_used_though_its_timer_is_late(
     before it ran was admitted on a permit taken more than a TTL ago.)"""
     url, prefix = shared_redis
     clock = FakeClock()
-    gw = await make_gateway(config_toml(upstream.base_url, redis_section(url, prefix)), clock=clock)
-    key = await gw.key(rpm=300)
-    (kid,) = [r[0] for r in gw.conn.execute("SELECT id FROM api_keys").fetchall()]
-    window = f"{prefix}:r:{kid}"
+    gw, key, window = await rpm_300_key(make_gateway, upstream, shared_redis, clock)
     r = aioredis.Redis.from_url(url)
     try:
         async with admissions(url, prefix) as seen:
