@@ -132,8 +132,9 @@ def _map_error(e: Exception) -> GatewayError:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    # Console bodies come before any key (sign-in): parsed without orjson.
     try:
-        data = safejson.loads(await read_body(request, request.app[GATEWAY]) or b"{}")
+        data = safejson.loads_uncached(await read_body(request, request.app[GATEWAY]) or b"{}")
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.") from None
     if not isinstance(data, dict):

@@ -65,6 +65,25 @@ def parse(raw: bytes) -> tuple[Any, bytes | None]:
         raise orjson.JSONDecodeError(type(e).__name__, "", 0) from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_uncached(raw: bytes) -> Any:
+    """The JSON value of ``raw`` parsed without orjson, whose cache a body
+    fills: for bodies anyone may send without a key (the console's sign-in,
+    sign-up and invitations), so that they cannot slow every later parse
+    of the process down (module docstring). As strict as orjson: NaN and
+    Infinity, and what orjson cannot write (a lone surrogate, an integer
+    beyond 64 bits, nesting beyond 255 levels), are invalid JSON."""
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant)
+        orjson.dumps(obj)
+    except (ValueError, RecursionError, orjson.JSONEncodeError) as e:
+        raise orjson.JSONDecodeError(type(e).__name__, "", 0) from None
+    return obj
+
+
 def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     """``orjson.loads``, checked (see the module docstring)."""
     return parse(raw if isinstance(raw, bytes) else raw.encode() if isinstance(raw, str) else bytes(raw))[0]
