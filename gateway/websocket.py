@@ -300,6 +300,12 @@ async def respond(request: web.Request, gw: Gateway, conn: Connection, key: KeyI
         check_body(frame, model_cfg, False)
         body = {k: v for k, v in frame.items() if k not in ("type", "generate")}
         body["stream"] = True
+        inp = body.get("input")
+        if inp is not None and not isinstance(inp, str | list):
+            # (A chained frame's input is joined to the last response's here,
+            # where anything else would be dropped without a word.)
+            raise BadRequest("'input' must be a string or an array of input items.", code="invalid_type",
+                             param="input")
         whole = conn.expand(body)
         ctx.request_obj = body  # for a response the client cuts short (intake.estimate_cut)
         if frame.get("generate") is False:

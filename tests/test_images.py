@@ -219,3 +219,35 @@ async def test_edit_multipart_of_several_megabytes(
     assert sent.body == raw and sent.headers["Content-Type"] == f"multipart/form-data; boundary={BOUNDARY}"
     (got,) = upstream.running.runner.app[IMAGE_FORMS]
     assert got.files[0]["sha256"] == sha(big)
+
+
+async def test_the_mock_bounds_what_a_client_asks_of_it(
+    pgateway: Gateway, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """The bundled mock (the demo's upstream, in the gateway's process)
+    answers 400 to counts it cannot serve, as OpenAI does, rather than
+    building them: an embedding of 2**63 - 1 dimensions took the demo to
+    11.6 GB, 2**63 partial images streamed without end, a partial_images
+    that is no integer or a script's usage beyond 64 bits was a 500."""
+    key = await pgateway.key()
+    url = pgateway.url
+    body = {"model": "gpt-test", "input": "x", "dimensions": 2**63 - 1}
+    async with http.post(url + "/v1/embeddings", json=body, headers=auth(key)) as r:
+        assert r.status == 400 and "dimensions" in (await r.json())["error"]["message"]
+    for value in (2**63, 4, "x"):
+        body = {"model": "gpt-image-test", "prompt": "a cat", "stream": True, "partial_images": value}
+        async with http.post(url + "/v1/images/generations", json=body, headers=auth(key)) as r:
+            assert r.status == 400 and "partial_images" in (await r.json())["error"]["message"], value
+    raw = form([("model", "gpt-image-test"), ("prompt", "p"), ("stream", "true"), ("partial_images", "x")],
+               [("image", "a.png", tiny_png())])
+    async with http.post(url + "/v1/images/edits", data=raw, headers={**auth(key), **multipart()}) as r:
+        assert r.status == 400, await r.text()
+    chat = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    for script, status in (('{"usage":{"input":18446744073709551615,"output":18446744073709551615}}', 200),
+                           ('{"usage":{"input":"many"}}', 400)):
+        async with http.post(url + "/v1/chat/completions", json=chat,
+                             headers={**auth(key), "x-mock-script": script}) as r:
+            assert r.status == status, await r.text()
+    rows = await pgateway.wait_usage(7)
+    assert [r["status"] for r in rows] == [400] * 5 + [200, 400]
+    assert rows[5]["input_tokens"] == rows[5]["output_tokens"] == 0  # beyond 10**12: an upstream's garbage

@@ -107,6 +107,10 @@ async def test_error_frames_and_the_connection_goes_on(gateway: Gateway, upstrea
         await ws.send_str(orjson.dumps({"type": "response.processed", "response_id": "r"}).decode())  # ignored
         ok = await create(ws, input="fine")
         assert ok[-1]["type"] == "response.completed"
+        # Chained on the last response, an input that is no list of items (it
+        # was dropped: the upstream got the last turn again, with nothing new).
+        chained = await create(ws, previous_response_id=ok[-1]["response"]["id"], input={"a": 1})
+        assert chained[-1]["status"] == 400 and chained[-1]["error"]["param"] == "input", chained
         upstream.state.steer["x-mock-status"] = "400"
         up_err = await create(ws, input="x")
         assert up_err[-1]["type"] == "error" and up_err[-1]["status"] == 400
@@ -114,9 +118,10 @@ async def test_error_frames_and_the_connection_goes_on(gateway: Gateway, upstrea
         del upstream.state.steer["x-mock-status"]
         limited = await create(ws, input="again")  # the key's third admitted request this minute
         assert limited[-1]["status"] == 429 and limited[-1]["error"]["type"] == "rate_limit_error"
-    rows = await gateway.wait_usage(5)
+    rows = await gateway.wait_usage(6)
     assert [(r["status"], r["error_type"]) for r in rows] == [
-        (404, "model_not_found"), (400, "invalid_json"), (200, None), (400, None), (429, "rate_limit_exceeded")]
+        (404, "model_not_found"), (400, "invalid_json"), (200, None), (400, "invalid_type"), (400, None),
+        (429, "rate_limit_exceeded")]
     assert rows[0]["model"] == "nope"
 
 

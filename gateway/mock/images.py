@@ -96,26 +96,34 @@ def image_usage(prompt: str, images_in: int, n: int) -> dict[str, Any]:
 N_ERROR = "Invalid 'n': expected an integer from 1 to 10."
 
 
-def _count(value: Any) -> int | None:
-    """``n`` as OpenAI takes it (1 to 10, default 1); None if it is not."""
+def _count(value: Any, low: int = 1, high: int = 10, default: int = 1) -> int | None:
+    """``n`` as OpenAI takes it (1 to 10, default 1), or another count with
+    other bounds; None if it is not one."""
     if value is None or value == "":
-        return 1
+        return default
     if isinstance(value, bool) or not isinstance(value, int | str):
         return None
     try:
         n = int(value)
     except ValueError:
         return None
-    return n if 1 <= n <= 10 else None
+    return n if low <= n <= high else None
+
+
+# The largest image the mock makes when asked (x-mock-image-bytes).
+MAX_IMAGE_BYTES = 256 << 20
 
 
 async def _answer(request: web.Request, params: dict[str, Any], images_in: int, kind: str) -> web.StreamResponse:
     n = _count(params.get("n"))
     if n is None:
         return openai_error(400, N_ERROR)
+    partials = _count(params.get("partial_images"), 0, 3, 0)
+    if partials is None:
+        return openai_error(400, "Invalid 'partial_images': expected an integer from 0 to 3.")
     prompt = str(params.get("prompt", ""))
     u = image_usage(prompt, images_in, n)
-    size = _int(request, "x-mock-image-bytes")
+    size = min(_int(request, "x-mock-image-bytes"), MAX_IMAGE_BYTES)
     b64 = PNG_B64 if not size else base64.b64encode(bytes(range(256)) * (size // 256 + 1))[: size * 4 // 3]
     fail = request.headers.get("x-mock-fail")
     common = {"background": "opaque", "output_format": "png", "quality": "low", "size": "1024x1024"}
@@ -143,7 +151,6 @@ async def _answer(request: web.Request, params: dict[str, Any], images_in: int, 
                                 content_type="application/json")
         return web.Response(body=data, content_type="application/json")
 
-    partials = int(params.get("partial_images") or 0)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     delay = _int(request, "x-mock-delay-ms") / 1000

@@ -52,7 +52,11 @@ async def embeddings(request: web.Request) -> web.Response:
     if inputs is None:
         return openai_error(400, "'input' is a required property")
     items = inputs if isinstance(inputs, list) and not all(isinstance(x, int) for x in inputs) else [inputs]
-    dims = obj["dimensions"] if isinstance(obj.get("dimensions"), int) else 8
+    if len(items) > 2048:
+        return openai_error(400, "Invalid 'input': at most 2048 inputs.")
+    dims = obj.get("dimensions", 8)
+    if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= 4096:
+        return openai_error(400, "Invalid 'dimensions': expected an integer from 1 to 4096.")
     data = []
     for i, item in enumerate(items):
         vec = [round(((len(str(item)) + k) % 17) / 17 - 0.5, 6) for k in range(dims)]

@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from .. import safejson
-from .common import MOCK, _check
+from .common import MOCK, _check, openai_error
 
 Obj = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,17 +51,23 @@ def thirds(s: str) -> list[str]:
     return [s[:n], s[n : 2 * n], s[2 * n :]] if len(s) > 2 else [s]
 
 
+def _count(u: Obj, name: str, default: int) -> int:
+    """A token count of the script, up to 2**62 (garbage to the gateway past
+    10**12, and a sum of two that the mock can still write)."""
+    return max(0, min(int(u.get(name, default)), 2**62))
+
+
 class Script:
     def __init__(self, obj: Obj, request: Obj) -> None:
         self.pieces: list[Obj] = list(obj.get("pieces") or [{"text": "Hello from the script."}])
         self.tools = [p for p in self.pieces if "tool" in p]
         self.stop = obj.get("stop") or ("tool" if self.tools else "end")
         u = obj.get("usage") or {}
-        self.input = int(u.get("input", 10))
-        self.output = int(u.get("output", 20))
-        self.cached = int(u.get("cached", 0))
-        self.cache_write = int(u.get("cache_write", 0))
-        self.reasoning = int(u.get("reasoning", 0))
+        self.input = _count(u, "input", 10)
+        self.output = _count(u, "output", 20)
+        self.cached = _count(u, "cached", 0)
+        self.cache_write = _count(u, "cache_write", 0)
+        self.reasoning = _count(u, "reasoning", 0)
         self.cut = obj.get("cut")
         self.delay = float(obj.get("delay_ms", 0)) / 1000
         self.request = request
@@ -306,4 +312,8 @@ async def scripted(request: web.Request, handler: Handler) -> web.StreamResponse
     body, early = await _check(request, anthropic=protocol == "messages")
     if early is not None:
         return early  # the auth check failed: no script is played to a stranger
-    return await answer(request, Script(safejson.loads(raw), safejson.loads(body)), protocol)
+    try:
+        script = Script(safejson.loads(raw), safejson.loads(body))
+    except (ValueError, TypeError, AttributeError):  # orjson.JSONDecodeError is a ValueError
+        return openai_error(400, "x-mock-script: not a script (see gateway/mock/script.py)")
+    return await answer(request, script, protocol)
