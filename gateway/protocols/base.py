@@ -172,11 +172,8 @@ def _maybe_ambiguous(raw: bytes, obj: dict[str, Any], canon: bytes | None) -> bo
     found = _DECIDING_NAMES.findall(raw)
     if len(found) == len(set(found)):
         return False
-    try:
-        written = orjson.dumps(obj)
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
-        return True
-    return sorted(found) != sorted(_DECIDING_NAMES.findall(written))
+    # (safejson.parse has written the object once: it can be written again.)
+    return sorted(found) != sorted(_DECIDING_NAMES.findall(orjson.dumps(obj)))
 
 
 _WS = re.compile(r"[ \t\n\r]*")
