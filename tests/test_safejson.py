@@ -192,3 +192,17 @@ async def test_bodies_the_gateway_cannot_write_again_are_not_a_500(
         assert r.status == 400 and (await r.json())["error"]["message"] == "The request is nested too deeply."
     rows = await gateway.wait_usage(3)
     assert [r["status"] for r in rows] == [200, 200, 400]
+
+
+async def test_the_sign_in_body_is_parsed_without_orjson(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """The console's sign-in needs no key, so its body never reaches orjson
+    (whose cache it would fill): parsed by json, as strictly as orjson. An
+    integer orjson would read (as a float) is no JSON there: it shows
+    which parser ran."""
+    url = gateway.url + "/admin/api/session"
+    for extra, status in ((', "n": 1', 401), (', "n": 18446744073709551616', 400), (', "n": NaN', 400)):
+        body = f'{{"email": "nobody@example.com", "password": "x"{extra}}}'
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == status, (extra, await r.text())
